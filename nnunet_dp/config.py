@@ -1,0 +1,178 @@
+"""DPConfig: every DP setting, its default, JSON loading from env var ``nnUNet_dp_config`` and validation.
+
+Validation happens here, at the boundary: each bad value stops with the key, the value and what is allowed.
+Checks that need the dataset (delta < 1/N, sampling rate <= 1) run in ``DPConfig.check_against_dataset``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Literal, Mapping
+
+from nnunet_dp.errors import DPConfigError
+
+ENV_VAR = "nnUNet_dp_config"
+AccountantName = Literal["rdp", "prv", "gdp"]
+NormConversion = Literal["batchnorm", "all"]
+Strategy = Literal["auto", "loop", "vmap"]
+ACCOUNTANTS: tuple[str, ...] = ("rdp", "prv", "gdp")
+NORM_CONVERSIONS: tuple[str, ...] = ("batchnorm", "all")
+STRATEGIES: tuple[str, ...] = ("auto", "loop", "vmap")
+
+
+@dataclass(frozen=True)
+class DPConfig:
+    """Effective DP settings. ``None`` means "take nnU-Net's / the plans' value" where documented."""
+
+    target_epsilon: float | None = 8.0
+    delta: float = 1e-5
+    noise_multiplier: float | None = None
+    clip_norm: float = 1.0
+    expected_batch_size: float | None = None
+    sampling_rate: float | None = None
+    num_epochs: int = 50
+    num_iterations_per_epoch: int = 50
+    num_val_iterations_per_epoch: int = 10
+    initial_lr: float | None = None
+    accountant: AccountantName = "rdp"
+    autos_gamma: float = 0.01
+    nsgd_r: float = 0.1
+    psac_r: float = 0.1
+    norm_conversion: NormConversion = "batchnorm"
+    group_norm_groups: int = 8
+    per_sample_strategy: Strategy = "auto"
+    oversample_foreground_percent: float = 0.33
+    alignment_every: int = 0
+    seed: int | None = None
+    save_every: int = 10
+
+    def __post_init__(self) -> None:
+        for check in _CHECKS:
+            check(self)
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], source: str = ENV_VAR, **overrides: Any) -> "DPConfig":
+        """Build from a JSON-like mapping; unknown keys stop with the list of known ones."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key in values:
+            if key not in known:
+                raise DPConfigError(key, values[key], f"unknown key; known keys are {', '.join(sorted(known))}",
+                                    source)
+        merged = {**overrides, **dict(values)}
+        try:
+            return cls(**merged)
+        except TypeError as e:  # pragma: no cover - dataclass signature errors are programming errors
+            raise DPConfigError("?", merged, str(e), source) from e
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> "DPConfig":
+        """Read the JSON file named by ``nnUNet_dp_config`` (if set) on top of ``overrides`` (class defaults)."""
+        path = os.environ.get(ENV_VAR)
+        if not path:
+            return cls.from_mapping({}, source="defaults", **overrides)
+        if not os.path.isfile(path):
+            raise DPConfigError(ENV_VAR, path, "the path of an existing JSON file", "environment")
+        with open(path) as f:
+            try:
+                values = json.load(f)
+            except json.JSONDecodeError as e:
+                raise DPConfigError(ENV_VAR, path, f"valid JSON ({e})", "environment") from e
+        if not isinstance(values, dict):
+            raise DPConfigError(ENV_VAR, path, "a JSON object {\"key\": value, ...}", "environment")
+        return cls.from_mapping(values, source=path, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def sampling_rate_for(self, num_cases: int, plans_batch_size: int) -> float:
+        """q = sampling_rate if set, else expected_batch_size (default: the plans' batch size) / N."""
+        if self.sampling_rate is not None:
+            return float(self.sampling_rate)
+        ebs = self.expected_batch_size if self.expected_batch_size is not None else plans_batch_size
+        return float(ebs) / num_cases
+
+    def check_against_dataset(self, num_cases: int, plans_batch_size: int) -> None:
+        """Checks that need N: delta < 1/N and 0 < q <= 1."""
+        if num_cases < 1:
+            raise DPConfigError("num_training_cases", num_cases, "at least one training case", "dataset split")
+        if self.delta >= 1.0 / num_cases:
+            raise DPConfigError("delta", self.delta, f"0 < delta < 1/N = {1.0 / num_cases:.3g} "
+                                f"(N = {num_cases} training cases); use a smaller delta")
+        q = self.sampling_rate_for(num_cases, plans_batch_size)
+        if not 0 < q <= 1:
+            key = "sampling_rate" if self.sampling_rate is not None else "expected_batch_size"
+            raise DPConfigError(key, getattr(self, key) or plans_batch_size,
+                                f"a sampling rate q = expected_batch_size / N in (0, 1]; got q = {q:.4g} "
+                                f"with N = {num_cases}")
+
+
+def _positive(name: str, allow_none: bool = False, integer: bool = False):
+    def check(cfg: DPConfig) -> None:
+        v = getattr(cfg, name)
+        if v is None and allow_none:
+            return
+        kind = "an integer" if integer else "a number"
+        ok_type = isinstance(v, int) if integer else isinstance(v, (int, float))
+        if isinstance(v, bool) or not ok_type or not math.isfinite(v) or v <= 0:
+            raise DPConfigError(name, v, f"{kind} > 0" + (" or null" if allow_none else ""))
+    return check
+
+
+def _choice(name: str, allowed: tuple[str, ...]):
+    def check(cfg: DPConfig) -> None:
+        v = getattr(cfg, name)
+        if v not in allowed:
+            raise DPConfigError(name, v, f"one of {', '.join(repr(a) for a in allowed)}")
+    return check
+
+
+def _unit_interval(name: str, lo_open: bool, hi_open: bool, allow_none: bool = False):
+    def check(cfg: DPConfig) -> None:
+        v = getattr(cfg, name)
+        if v is None and allow_none:
+            return
+        bad = isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+        bad = bad or (v <= 0 if lo_open else v < 0) or (v >= 1 if hi_open else v > 1)
+        if bad:
+            interval = ("(" if lo_open else "[") + "0, 1" + (")" if hi_open else "]")
+            raise DPConfigError(name, v, f"a number in {interval}" + (" or null" if allow_none else ""))
+    return check
+
+
+def _nonneg_int(name: str, allow_none: bool = False):
+    def check(cfg: DPConfig) -> None:
+        v = getattr(cfg, name)
+        if v is None and allow_none:
+            return
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise DPConfigError(name, v, "an integer >= 0" + (" or null" if allow_none else ""))
+    return check
+
+
+def _privacy_target(cfg: DPConfig) -> None:
+    if cfg.target_epsilon is None and cfg.noise_multiplier is None:
+        raise DPConfigError("target_epsilon", None, "a number > 0 unless noise_multiplier is given "
+                            "(set one of target_epsilon or noise_multiplier)")
+
+
+def _one_rate(cfg: DPConfig) -> None:
+    if cfg.sampling_rate is not None and cfg.expected_batch_size is not None:
+        raise DPConfigError("sampling_rate", cfg.sampling_rate, "null when expected_batch_size is set "
+                            "(give one of sampling_rate or expected_batch_size)")
+
+
+_CHECKS = (
+    _positive("target_epsilon", allow_none=True), _unit_interval("delta", True, True),
+    _positive("noise_multiplier", allow_none=True), _positive("clip_norm"),
+    _positive("expected_batch_size", allow_none=True), _unit_interval("sampling_rate", True, False, True),
+    _positive("num_epochs", integer=True), _positive("num_iterations_per_epoch", integer=True),
+    _nonneg_int("num_val_iterations_per_epoch"), _positive("initial_lr", allow_none=True),
+    _choice("accountant", ACCOUNTANTS), _positive("autos_gamma"), _positive("nsgd_r"), _positive("psac_r"),
+    _choice("norm_conversion", NORM_CONVERSIONS), _positive("group_norm_groups", integer=True),
+    _choice("per_sample_strategy", STRATEGIES), _unit_interval("oversample_foreground_percent", False, False),
+    _nonneg_int("alignment_every"), _nonneg_int("seed", allow_none=True), _positive("save_every", integer=True),
+    _privacy_target, _one_rate,
+)

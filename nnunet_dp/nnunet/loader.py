@@ -1,0 +1,43 @@
+"""Case-level Poisson sampling inside nnU-Net's data pipeline.
+
+Every call draws a new batch: each training case (of this rank's shard) is included independently with
+probability q, one patch per selected case; foreground oversampling is decided per case (probabilistic, so it
+does not depend on the case's position in the batch); augmentation runs per case as in nnU-Net. The batch size
+varies and may be 0, in which case 'data' and 'target' are None.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+
+import numpy as np
+from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
+
+from nnunet_dp.sampling import poisson_sample
+
+
+class nnUNetPoissonDataLoader(nnUNetDataLoader):
+    def __init__(self, data, patch_size, final_patch_size, label_manager, *, sampling_rate: float,
+                 oversample_foreground_percent: float, transforms, seed: int | None, seed_salt: int = 0) -> None:
+        super().__init__(data, 1, patch_size, final_patch_size, label_manager,
+                         oversample_foreground_percent=oversample_foreground_percent, sampling_probabilities=None,
+                         pad_sides=None, probabilistic_oversampling=True, transforms=transforms)
+        self.sampling_rate = sampling_rate
+        self._seed, self._seed_salt = seed, seed_salt
+        self._rng: np.random.Generator | None = None
+        self._rng_pid: int | None = None
+
+    def _generator(self) -> np.random.Generator:
+        """Made lazily in the process that samples (augmenter workers are forked: a generator made before the fork
+        would give every worker the same batches). Seeded from the OS unless a seed is set."""
+        if self._rng is None or self._rng_pid != os.getpid():
+            entropy = self._seed if self._seed is not None else secrets.randbits(128)
+            seq = np.random.SeedSequence([entropy, self._seed_salt, self.thread_id])
+            self._rng, self._rng_pid = np.random.default_rng(seq), os.getpid()
+            np.random.seed(seq.generate_state(1)[0])  # nnU-Net's patch placement uses the global numpy RNG
+        return self._rng
+
+    def get_indices(self) -> list[str]:
+        keys = poisson_sample(list(self.indices), sampling_rate=self.sampling_rate, rng=self._generator())
+        self.batch_size = len(keys)  # nnU-Net's generate_train_batch allocates the batch with this size
+        return keys

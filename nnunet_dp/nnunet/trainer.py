@@ -1,0 +1,245 @@
+"""nnUNetTrainerDP: nnU-Net's trainer with DP-SGD (per-case gradients, scaling rule, Gaussian noise, Poisson cases).
+
+Overrides only the hooks it must; the DP logic lives in nnunet_dp (core). Named variants (rules, budgets) are
+declared in trainers/ as 1-3 line subclasses, like nnU-Net's own nnUNetTrainer_250epochs.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from os.path import isfile, join
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
+from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
+from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
+from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.collate_outputs import collate_outputs
+from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
+from torch import distributed as dist
+from torch._dynamo import OptimizedModule
+
+from nnunet_dp.config import DPConfig
+from nnunet_dp.errors import DPModelError
+from nnunet_dp.nnunet.loader import nnUNetPoissonDataLoader
+from nnunet_dp.nnunet.plans import apply_dp_to_configuration
+from nnunet_dp.nnunet.report import CONFIG_JSON, PRIVACY_JSON, privacy_report, write_json_atomic
+from nnunet_dp.rules import RuleName
+from nnunet_dp.run import DPRun, make_plan
+from nnunet_dp.sampling import shard
+from nnunet_dp.validation import find_problems
+
+
+class nnUNetTrainerDP(nnUNetTrainer):
+    """DP-SGD with flat (Abadi) clipping. Settings: JSON file named by env var nnUNet_dp_config (see README)."""
+
+    dp_rule: RuleName = "flat"
+    dp_defaults: dict[str, Any] = {}  # class-level setting overrides for named variants (e.g. target_epsilon)
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        cfg = DPConfig.from_env(**self.dp_defaults)
+        self.dp_config = cfg
+        self.num_epochs = cfg.num_epochs
+        self.num_iterations_per_epoch = cfg.num_iterations_per_epoch
+        self.num_val_iterations_per_epoch = cfg.num_val_iterations_per_epoch
+        self.initial_lr = cfg.initial_lr if cfg.initial_lr is not None else self.initial_lr
+        self.oversample_foreground_percent = cfg.oversample_foreground_percent
+        self.save_every = cfg.save_every
+        self.grad_scaler = None  # per-case norms must be unscaled; CUDA uses bf16 autocast without a GradScaler
+        apply_dp_to_configuration(self.plans_manager.plans, self.configuration_manager.configuration,
+                                  configuration, norm_conversion=cfg.norm_conversion,
+                                  num_groups=cfg.group_norm_groups)
+        self.dp_run: DPRun | None = None
+        self.dp_status = "initialised"
+
+    # ---- network, loss, compile -------------------------------------------------------------------------------
+    def _do_i_compile(self) -> bool:
+        return False  # per-case autograd.grad on a compiled module recompiles per shape; keep DP steps eager
+
+    def initialize(self) -> None:
+        super().initialize()
+        problems = find_problems(self._plain_network())
+        if problems:
+            raise DPModelError(problems)
+
+    def _plain_network(self) -> torch.nn.Module:
+        mod = self.network.module if self.is_ddp else self.network
+        return mod._orig_mod if isinstance(mod, OptimizedModule) else mod
+
+    # ---- privacy plan -----------------------------------------------------------------------------------------
+    def _dp_setup(self) -> DPRun:
+        """Calibrate sigma for this fold's training cases (once); on resume, load_checkpoint restores the ledger."""
+        if self.dp_run is None:
+            if self.dataset_class is None:
+                self.dataset_class = infer_dataset_class(self.preprocessed_dataset_folder)
+            tr_keys, _ = self.do_split()
+            plan = make_plan(self.dp_config, rule=self.dp_rule, num_training_cases=len(tr_keys),
+                             plans_batch_size=self.configuration_manager.batch_size)
+            self.dp_run = DPRun(plan, device=self.device, seed=self.dp_config.seed,
+                                strategy=self.dp_config.per_sample_strategy)
+            self.print_to_log_file(
+                f"DP: rule={plan.rule} C={plan.clip_norm} sigma={plan.noise_multiplier:.4f} q={plan.sampling_rate:.4f} "
+                f"(expected batch {plan.expected_batch_size:.2f} of N={plan.num_training_cases}) steps={plan.planned_steps}"
+                f" -> epsilon={self.dp_run.projected_epsilon():.3f} at delta={plan.delta} ({plan.accountant})")
+        return self.dp_run
+
+    # ---- data ---------------------------------------------------------------------------------------------------
+    def get_dataloaders(self):
+        run = self._dp_setup()
+        rot, dummy_2d, initial_patch_size, mirror_axes = \
+            self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        ds_scales = self._get_deep_supervision_scales()
+        lm = self.label_manager
+        label_kwargs = dict(is_cascaded=self.is_cascaded, foreground_labels=lm.foreground_labels,
+                            regions=lm.foreground_regions if lm.has_regions else None, ignore_label=lm.ignore_label)
+        tr_transforms = self.get_training_transforms(
+            self.configuration_manager.patch_size, rot, ds_scales, mirror_axes, dummy_2d,
+            use_mask_for_norm=self.configuration_manager.use_mask_for_norm, **label_kwargs)
+        val_transforms = self.get_validation_transforms(ds_scales, **label_kwargs)
+        dataset_tr, dataset_val = self.get_tr_and_val_datasets()
+        if self.is_ddp:  # disjoint shards: each case is sampled by exactly one rank, with probability q
+            dataset_tr.identifiers = shard(sorted(dataset_tr.identifiers), rank=dist.get_rank(),
+                                           world_size=dist.get_world_size())
+        dl_tr = nnUNetPoissonDataLoader(
+            dataset_tr, initial_patch_size, self.configuration_manager.patch_size, lm,
+            sampling_rate=run.plan.sampling_rate, oversample_foreground_percent=self.oversample_foreground_percent,
+            transforms=tr_transforms, seed=self.dp_config.seed, seed_salt=self.current_epoch * 1000 + self.local_rank)
+        dl_val = nnUNetDataLoader(dataset_val, self.batch_size, self.configuration_manager.patch_size,
+                                  self.configuration_manager.patch_size, lm,
+                                  oversample_foreground_percent=self.oversample_foreground_percent,
+                                  transforms=val_transforms)
+        return self._augmenter(dl_tr, train=True), self._augmenter(dl_val, train=False)
+
+    def _augmenter(self, loader, *, train: bool):
+        n = get_allowed_n_proc_DA()
+        if n == 0:
+            return SingleThreadedAugmenter(loader, None)
+        procs = n if train else max(1, n // 2)
+        return NonDetMultiThreadedAugmenter(loader, None, num_processes=procs, num_cached=max(6 if train else 3, procs),
+                                            seeds=None, pin_memory=self.device.type == "cuda", wait_time=0.002)
+
+    # ---- the private step --------------------------------------------------------------------------------------
+    def _autocast(self) -> Callable[[], Any]:
+        if self.device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext
+
+    def train_step(self, batch: dict) -> dict:
+        data, target = batch["data"], batch["target"]
+        if data is not None:
+            data = data.to(self.device, non_blocking=True)
+            target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) \
+                else target.to(self.device, non_blocking=True)
+        self.optimizer.zero_grad(set_to_none=True)
+        result = self.dp_run.private_step(self._plain_network(), self.loss, data, target, self._autocast())
+        self.optimizer.step()
+        # the mean per-case loss of the sampled cases (not private: see privacy.json assumptions); nan if empty
+        loss = result.losses.mean().item() if result.losses.numel() else float("nan")
+        return {"loss": np.array(loss), "batch_size": np.array(result.losses.numel())}
+
+    def on_train_epoch_end(self, train_outputs: list[dict]) -> None:
+        outputs = collate_outputs(train_outputs)
+        losses = np.atleast_1d(outputs["loss"])
+        if self.is_ddp:
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, losses)
+            losses = np.concatenate(gathered)
+        self.logger.log("train_losses", float(np.nanmean(losses)) if np.isfinite(losses).any() else float("nan"),
+                        self.current_epoch)
+
+    def run_training(self) -> None:
+        """nnU-Net's loop, stopping before a step that would overspend the target epsilon."""
+        self.on_train_start()
+        for _ in range(self.current_epoch, self.num_epochs):
+            if not self.dp_run.can_step():
+                self.dp_status = "stopped: privacy budget spent"
+                self.print_to_log_file(f"DP: budget of epsilon={self.dp_run.plan.target_epsilon} reached after "
+                                       f"{self.dp_run.steps} steps; training stops.")
+                break
+            self.on_epoch_start()
+            self.on_train_epoch_start()
+            outputs = [self.train_step(next(self.dataloader_train))
+                       for _ in range(self.num_iterations_per_epoch) if self.dp_run.can_step()]
+            self.on_train_epoch_end(outputs or [{"loss": np.array(np.nan)}])
+            with torch.no_grad():
+                self.on_validation_epoch_start()
+                val_outputs = [self.validation_step(next(self.dataloader_val))
+                               for _ in range(self.num_val_iterations_per_epoch)]
+                if val_outputs:
+                    self.on_validation_epoch_end(val_outputs)
+            self.on_epoch_end()
+        self.on_train_end()
+
+    # ---- reporting ----------------------------------------------------------------------------------------------
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        self.dp_status = "training"
+        if self.local_rank == 0:
+            write_json_atomic(join(self.output_folder, CONFIG_JSON),
+                              {"trainer": self.__class__.__name__, "rule": self.dp_rule, **self.dp_config.to_dict()})
+            self._write_privacy_json()
+
+    def on_epoch_end(self) -> None:
+        if self.num_val_iterations_per_epoch == 0:  # nnU-Net's epoch-end print needs validation values
+            self.logger.log("val_losses", float("nan"), self.current_epoch)
+            self.logger.log("dice_per_class_or_region", [float("nan")], self.current_epoch)
+            self.logger.log("mean_fg_dice", float("nan"), self.current_epoch)
+        super().on_epoch_end()
+        run = self.dp_run
+        self.print_to_log_file(f"DP: epsilon spent = {run.epsilon():.4f} (delta={run.plan.delta}) after "
+                               f"{run.steps} steps; calibrated for {run.plan.planned_steps} steps")
+        self._write_privacy_json()
+
+    def on_train_end(self) -> None:
+        if self.dp_status == "training":
+            self.dp_status = "finished"
+        super().on_train_end()
+        self._write_privacy_json()
+
+    def _write_privacy_json(self) -> None:
+        if self.local_rank == 0 and self.dp_run is not None:
+            write_json_atomic(join(self.output_folder, PRIVACY_JSON),
+                              privacy_report(self.dp_run, self.dp_config, status=self.dp_status,
+                                             seed=self.dp_config.seed))
+
+    # ---- checkpoints: the ledger travels in every one ------------------------------------------------------------
+    def save_checkpoint(self, filename: str) -> None:
+        if self.local_rank != 0:
+            return
+        if self.disable_checkpointing:
+            self.print_to_log_file("No checkpoint written, checkpointing is disabled")
+            return
+        run = self._dp_setup()
+        checkpoint = {
+            "network_weights": self._plain_network().state_dict(),
+            "optimizer_state": self.optimizer.state_dict(),
+            "grad_scaler_state": None,
+            "logging": self.logger.get_checkpoint(),
+            "_best_ema": self._best_ema,
+            "current_epoch": self.current_epoch + 1,
+            "init_args": self.my_init_kwargs,
+            "trainer_name": self.__class__.__name__,
+            "inference_allowed_mirroring_axes": self.inference_allowed_mirroring_axes,
+            # the noise RNG state only goes into checkpoint_latest (it could regenerate the noise)
+            "dp_state": run.state_dict(with_rng=os.path.basename(filename) == "checkpoint_latest.pth"),
+            "dp_config": self.dp_config.to_dict(),
+        }
+        tmp = f"{filename}.tmp"
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, filename)  # a crash while saving never leaves a checkpoint without its ledger
+
+    def load_checkpoint(self, filename_or_checkpoint: str | dict) -> None:
+        if not self.was_initialized:
+            self.initialize()
+        if not isinstance(filename_or_checkpoint, str) or not isfile(filename_or_checkpoint):
+            raise FileNotFoundError(f"checkpoint {filename_or_checkpoint!r} not found")
+        checkpoint = torch.load(filename_or_checkpoint, map_location="cpu", weights_only=False)
+        self._dp_setup().load_state_dict(checkpoint.get("dp_state"))
+        super().load_checkpoint(filename_or_checkpoint)
+        self.print_to_log_file(f"DP: resumed ledger with {self.dp_run.steps} steps, "
+                               f"epsilon so far {self.dp_run.epsilon():.4f}")

@@ -1,0 +1,36 @@
+"""One private step: scaled sum -> one Gaussian noise draw (std sigma * Delta) -> divide by expected batch size qN.
+
+The result is written into each parameter's .grad, so that nnU-Net's optimizer and LR schedule run unchanged.
+Under torch.distributed the scaled sums of all ranks are summed and the noise is drawn on rank 0 only, so it
+is added exactly once across all ranks.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+
+from nnunet_dp.noise import add_gaussian_noise_
+
+
+def privatize_(summed: list[torch.Tensor], *, noise_multiplier: float, sensitivity: float,
+               expected_batch_size: float, generator: torch.Generator) -> list[torch.Tensor]:
+    """In place: (sum + N(0, (sigma Delta)^2)) / (qN). The noise never depends on the batch; an empty batch
+    (sum of zeros) still gets it."""
+    if expected_batch_size <= 0:
+        raise ValueError(f"expected_batch_size (q*N) must be > 0, got {expected_batch_size}")
+    distributed = dist.is_available() and dist.is_initialized()
+    if not distributed or dist.get_rank() == 0:
+        add_gaussian_noise_(summed, std=noise_multiplier * sensitivity, generator=generator)
+    if distributed:
+        for t in summed:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    torch._foreach_div_(summed, float(expected_batch_size))
+    return summed
+
+
+def write_grads_(params: Sequence[torch.nn.Parameter], grads: Sequence[torch.Tensor]) -> None:
+    """Set p.grad = g for every trainable parameter (every parameter gets a private gradient)."""
+    for p, g in zip(params, grads, strict=True):
+        p.grad = g.to(p.dtype)

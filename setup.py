@@ -1,0 +1,42 @@
+"""nnunet-dp: differentially private training and DP-Morph refinement for nnU-Net v2."""
+from setuptools import setup
+
+setup(
+    name="nnunet-dp",
+    version="0.1.0",
+    description="Differentially private (DP-SGD) trainers and DP-Morph postprocessing for nnU-Net v2",
+    python_requires=">=3.10",
+    packages=[
+        "nnunet_dp",
+        "nnunet_dp.nnunet",
+        "nnunet_dp.postprocessing",
+        "nnunet_dp.trainers",
+    ],
+    # postprocessing/ is installed as nnunet_dp.postprocessing (a PyPI package named `postprocessing` exists, and
+    # functions in postprocessing.pkl are pickled by import path). trainers/ is shipped as nnunet_dp.trainers so
+    # that `nnUNet_extTrainer` can point at its folder after any kind of install.
+    package_dir={
+        "nnunet_dp.postprocessing": "postprocessing",
+        "nnunet_dp.trainers": "trainers",
+    },
+    install_requires=[
+        "torch==2.14.1",
+        "torchvision==0.29.1",
+        "nnunetv2>=2.8,<2.9",
+        "opacus>=1.5,<1.7",
+        "numpy",
+        "scipy",
+        "edt",
+        "matplotlib",
+        "tqdm",
+    ],
+    extras_require={"test": ["pytest", "hypothesis", "ruff"]},
+    entry_points={
+        "console_scripts": [
+            "nnUNetv2_dp_demo=nnunet_dp.nnunet.demo:main",
+            "nnUNetv2_dp_env=nnunet_dp.nnunet.cli:env_main",
+            "nnUNetv2_dp_privacy=nnunet_dp.nnunet.cli:privacy_main",
+            "nnUNetv2_dp_determine_postprocessing=nnunet_dp.postprocessing.cli:main",
+        ],
+    },
+)
