@@ -17,10 +17,10 @@ from nnunet_dp.errors import DPConfigError
 ENV_VAR = "nnUNet_dp_config"
 AccountantName = Literal["rdp", "prv", "gdp"]
 NormConversion = Literal["batchnorm", "all"]
-Strategy = Literal["auto", "loop", "vmap"]
+Strategy = Literal["auto", "loop"]
 ACCOUNTANTS: tuple[str, ...] = ("rdp", "prv", "gdp")
 NORM_CONVERSIONS: tuple[str, ...] = ("batchnorm", "all")
-STRATEGIES: tuple[str, ...] = ("auto", "loop", "vmap")
+STRATEGIES: tuple[str, ...] = ("auto", "loop")
 
 
 @dataclass(frozen=True)

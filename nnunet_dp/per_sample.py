@@ -1,8 +1,8 @@
 """Per-case gradients, scaled by a rule and summed, without ever coupling two cases.
 
-Strategies (all exact):
-  loop  one forward/backward per case (batch of one), scale, accumulate in place: memory = one accumulator.
-  vmap  torch.func vmap(grad) over the batch: B copies of the gradients, one batched pass.
+Strategy (exact): one forward/backward per case (a batch of one), scale, accumulate in place, so memory is one
+accumulator. torch.func vmap(grad) is not offered: nnU-Net's Dice loss scatters in place into an unbatched
+tensor, which vmap refuses.
 A case's gradient is taken over every trainable parameter; a parameter the loss does not reach (e.g. a
 deep-supervision head with weight 0) gets an exact zero, never a skip.
 """
@@ -18,7 +18,7 @@ from nnunet_dp.rules import ScalingRule
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 Target = torch.Tensor | Sequence[torch.Tensor]
-StrategyName = Literal["loop", "vmap"]
+StrategyName = Literal["loop"]
 
 
 @dataclass
@@ -82,40 +82,7 @@ def _stack(values: list[torch.Tensor], params: list[nn.Parameter]) -> torch.Tens
     return torch.zeros(0, device=params[0].device)
 
 
-def per_case_gradients_vmap(model: nn.Module, params: list[nn.Parameter], loss_fn: LossFn, data: torch.Tensor,
-                            target: Target, autocast: Callable[[], Any]) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Per-case gradients with torch.func: returns ([B, *p.shape] per parameter, per-case losses)."""
-    from torch.func import functional_call, grad, vmap
-
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    frozen = {n: p for n, p in model.named_parameters() if not p.requires_grad}
-    buffers = dict(model.named_buffers())
-
-    def one_case(pvals: tuple[torch.Tensor, ...], x: torch.Tensor, t: Target) -> tuple[torch.Tensor, torch.Tensor]:
-        state = {**dict(zip(names, pvals)), **frozen, **buffers}
-        t1 = t[None] if isinstance(t, torch.Tensor) else [ti[None] for ti in t]
-        with autocast():
-            loss = loss_fn(functional_call(model, state, (x[None],)), t1)
-        return loss, loss.detach()
-
-    grads, losses = vmap(grad(one_case, has_aux=True), in_dims=(None, 0, 0))(tuple(params), data, target)
-    return list(grads), losses.float()
-
-
-def _scaled_sum_vmap(model: nn.Module, params: list[nn.Parameter], loss_fn: LossFn, data: torch.Tensor,
-                     target: Target, rule: ScalingRule, autocast: Callable[[], Any]) -> ScaledSum:
-    if batch_size_of(data) == 0:
-        return ScaledSum([torch.zeros_like(p) for p in params], *(_stack([], params),) * 3)
-    grads, losses = per_case_gradients_vmap(model, params, loss_fn, data, target, autocast)
-    flat_norms = torch.stack([torch.linalg.vector_norm(g.flatten(1), dim=1, dtype=torch.promote_types(
-        g.dtype, torch.float32)) for g in grads], dim=1)
-    norms = torch.linalg.vector_norm(flat_norms, dim=1)
-    scales = rule.scale(norms)
-    summed = [torch.einsum("b,b...->...", scales.to(g.dtype), g) for g in grads]
-    return ScaledSum(summed, norms, scales, losses)
-
-
-_STRATEGIES: dict[str, Callable[..., ScaledSum]] = {"loop": _scaled_sum_loop, "vmap": _scaled_sum_vmap}
+_STRATEGIES: dict[str, Callable[..., ScaledSum]] = {"loop": _scaled_sum_loop}
 
 
 def scaled_sum(model: nn.Module, loss_fn: LossFn, data: torch.Tensor | None, target: Target | None,
@@ -129,8 +96,7 @@ def scaled_sum(model: nn.Module, loss_fn: LossFn, data: torch.Tensor | None, tar
 
 
 def choose_strategy(requested: str, *, device: torch.device) -> StrategyName:
-    """'auto' picks the micro-batch loop: exact, one accumulator of memory, and on CPU at least as fast as vmap
-    for nnU-Net's small batches of large patches (see benchmarks/)."""
+    """'auto' picks the micro-batch loop (the only strategy so far): exact, one accumulator of memory."""
     if requested == "auto":
         return "loop"
     if requested not in _STRATEGIES:
