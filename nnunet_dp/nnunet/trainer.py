@@ -86,6 +86,9 @@ class nnUNetTrainerDP(nnUNetTrainer):
                 f"DP: rule={plan.rule} C={plan.clip_norm} sigma={plan.noise_multiplier:.4f} q={plan.sampling_rate:.4f} "
                 f"(expected batch {plan.expected_batch_size:.2f} of N={plan.num_training_cases}) steps={plan.planned_steps}"
                 f" -> epsilon={self.dp_run.projected_epsilon():.3f} at delta={plan.delta} ({plan.accountant})")
+            if plan.max_steps is not None and plan.max_steps < plan.planned_steps:
+                self.print_to_log_file(f"DP WARNING: only {plan.max_steps} of the {plan.planned_steps} planned steps fit "
+                                       f"in target_epsilon={plan.target_epsilon}; training will stop there.")
         return self.dp_run
 
     # ---- data ---------------------------------------------------------------------------------------------------
