@@ -30,13 +30,15 @@ setup(
         "matplotlib",
         "tqdm",
     ],
-    extras_require={"test": ["pytest", "hypothesis", "ruff"]},
+    extras_require={"test": ["pytest", "hypothesis", "ruff==0.17.6"]},
     entry_points={
         "console_scripts": [
             "nnUNetv2_dp_demo=nnunet_dp.nnunet.demo:main",
             "nnUNetv2_dp_env=nnunet_dp.nnunet.cli:env_main",
             "nnUNetv2_dp_privacy=nnunet_dp.nnunet.cli:privacy_main",
             "nnUNetv2_dp_determine_postprocessing=nnunet_dp.postprocessing.cli:main",
+            "nnUNetv2_dp_alignment=nnunet_dp.nnunet.alignment_cli:main",
+            "nnUNetv2_dp_benchmark=nnunet_dp.nnunet.benchmark_cli:main",
         ],
     },
 )

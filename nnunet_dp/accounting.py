@@ -81,7 +81,7 @@ class PrivacyLedger:
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any] | None, *, accountant: AccountantName,
-                        delta: float) -> "PrivacyLedger":
+                        delta: float) -> PrivacyLedger:
         """Restore; a missing ledger or one made with another accountant/delta is an error, never a reset."""
         if not state or "history" not in state:
             raise DPLedgerError("The checkpoint has no privacy ledger (key 'dp_ledger'). Resuming would restart the "

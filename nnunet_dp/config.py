@@ -9,18 +9,19 @@ import dataclasses
 import json
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 from nnunet_dp.errors import DPConfigError
 
 ENV_VAR = "nnUNet_dp_config"
 AccountantName = Literal["rdp", "prv", "gdp"]
 NormConversion = Literal["batchnorm", "all"]
-Strategy = Literal["auto", "loop"]
+Strategy = Literal["auto", "loop", "bk"]
 ACCOUNTANTS: tuple[str, ...] = ("rdp", "prv", "gdp")
 NORM_CONVERSIONS: tuple[str, ...] = ("batchnorm", "all")
-STRATEGIES: tuple[str, ...] = ("auto", "loop")
+STRATEGIES: tuple[str, ...] = ("auto", "loop", "bk")
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ class DPConfig:
             check(self)
 
     @classmethod
-    def from_mapping(cls, values: Mapping[str, Any], source: str = ENV_VAR, **overrides: Any) -> "DPConfig":
+    def from_mapping(cls, values: Mapping[str, Any], source: str = ENV_VAR, **overrides: Any) -> DPConfig:
         """Build from a JSON-like mapping; unknown keys stop with the list of known ones."""
         known = {f.name for f in dataclasses.fields(cls)}
         for key in values:
@@ -68,7 +69,7 @@ class DPConfig:
             raise DPConfigError("?", merged, str(e), source) from e
 
     @classmethod
-    def from_env(cls, **overrides: Any) -> "DPConfig":
+    def from_env(cls, **overrides: Any) -> DPConfig:
         """Read the JSON file named by ``nnUNet_dp_config`` (if set) on top of ``overrides`` (class defaults)."""
         path = os.environ.get(ENV_VAR)
         if not path:

@@ -1,24 +1,34 @@
 """Per-case gradients, scaled by a rule and summed, without ever coupling two cases.
 
-Strategy (exact): one forward/backward per case (a batch of one), scale, accumulate in place, so memory is one
-accumulator. torch.func vmap(grad) is not offered: nnU-Net's Dice loss scatters in place into an unbatched
-tensor, which vmap refuses.
+Strategies (both exact; the tests compare them with an independent micro-batch reference in float64):
+- loop: one forward/backward per case (a batch of one), scale, accumulate in place; memory is one accumulator.
+  Best where one case alone fills the machine (large patches, CPU).
+- bk: book-keeping (nnunet_dp.bookkeeping): one batched forward and one backward for activation gradients; per-case
+  parameter gradients from each layer's input and output gradient. Best where per-case work is small (2D,
+  large batches, GPUs). Runs on Conv/ConvTranspose/GroupNorm/InstanceNorm networks such as nnU-Net's.
+- auto: chosen per step from the device, the batch size and the patch size (`choose_strategy`).
+torch.func vmap(grad) is not offered: nnU-Net's Dice loss scatters in place into an unbatched tensor, which vmap
+refuses, and vmap would hold B copies of the parameters.
 A case's gradient is taken over every trainable parameter; a parameter the loss does not reach (e.g. a
 deep-supervision head with weight 0) gets an exact zero, never a skip.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from nnunet_dp.bookkeeping import Tape, unsupported_layers
 from nnunet_dp.rules import ScalingRule
 
+# loss of a batch of one; may have `per_case(output, target) -> (B,)`, each case's loss in one batched call
 LossFn = Callable[[Any, Any], torch.Tensor]
 Target = torch.Tensor | Sequence[torch.Tensor]
-StrategyName = Literal["loop"]
+StrategyName = Literal["loop", "bk"]
+Requested = Literal["auto", "loop", "bk"]
 
 
 @dataclass
@@ -82,23 +92,72 @@ def _stack(values: list[torch.Tensor], params: list[nn.Parameter]) -> torch.Tens
     return torch.zeros(0, device=params[0].device)
 
 
-_STRATEGIES: dict[str, Callable[..., ScaledSum]] = {"loop": _scaled_sum_loop}
+def _outputs(out: Any) -> list[torch.Tensor]:
+    return [out] if isinstance(out, torch.Tensor) else list(out)
+
+
+def _scaled_sum_bk(model: nn.Module, params: list[nn.Parameter], loss_fn: LossFn, data: torch.Tensor,
+                   target: Target, rule: ScalingRule, autocast: Callable[[], Any]) -> ScaledSum:
+    b, work = batch_size_of(data), torch.promote_types(params[0].dtype, torch.float32)
+    tape = Tape(model, b, work, data.device)
+    try:
+        x = data.detach().requires_grad_(True)
+        with autocast():
+            out = model(x)
+        outs = _outputs(out)
+        detached = [o.detach().requires_grad_(True) for o in outs]
+        as_output = detached[0] if isinstance(out, torch.Tensor) else detached
+        per_case = getattr(loss_fn, "per_case", None)  # batched per-case losses (nnunet_dp.nnunet.case_loss)
+        with autocast():  # else each case's loss on its own slice, exactly the loop's per-case loss
+            losses = per_case(as_output, target).float() if per_case is not None else torch.stack(
+                [loss_fn(case_slice(as_output, i), case_slice(target, i)).float() for i in range(b)])
+        out_grads = torch.autograd.grad(losses.sum(), detached, allow_unused=True)
+        used = [(o, g) for o, g in zip(outs, out_grads) if g is not None]
+        tape.remove()
+        torch.autograd.grad([o for o, _ in used], [x], [g for _, g in used])
+        tape.check_complete([o.grad_fn for o, _ in used])
+        norms = tape.sq_norms.sqrt()
+        scales = rule.scale(norms)
+        return ScaledSum(tape.scaled_sum(params, scales), norms, scales, losses.detach())
+    finally:
+        tape.clear()
+
+
+_STRATEGIES: dict[str, Callable[..., ScaledSum]] = {"loop": _scaled_sum_loop, "bk": _scaled_sum_bk}
 
 
 def scaled_sum(model: nn.Module, loss_fn: LossFn, data: torch.Tensor | None, target: Target | None,
-               rule: ScalingRule, *, strategy: StrategyName = "loop",
+               rule: ScalingRule, *, strategy: Requested = "loop",
                autocast: Callable[[], Any] = torch.enable_grad) -> ScaledSum:
-    """sum_i s(||g_i||) g_i over the cases of the batch (an empty batch gives zeros), with per-case norms."""
+    """sum_i s(||g_i||) g_i over the cases of the batch (an empty batch gives zeros), with per-case norms.
+    strategy 'auto' is resolved here, per batch, by `choose_strategy`."""
     params = trainable_parameters(model)
     if batch_size_of(data) == 0:
         return ScaledSum([torch.zeros_like(p) for p in params], *(_stack([], params),) * 3)
-    return _STRATEGIES[strategy](model, params, loss_fn, data, target, rule, autocast)
+    name = choose_strategy(strategy, device=data.device, batch_size=batch_size_of(data),
+                           case_voxels=data[0, 0].numel(), model=model)
+    return _STRATEGIES[name](model, params, loss_fn, data, target, rule, autocast)
 
 
-def choose_strategy(requested: str, *, device: torch.device) -> StrategyName:
-    """'auto' picks the micro-batch loop (the only strategy so far): exact, one accumulator of memory."""
-    if requested == "auto":
-        return "loop"
-    if requested not in _STRATEGIES:
+# auto on CPU: the loop where one case alone is this many voxels or more (it then keeps both cores busy and its
+# memory is one case's activations); book-keeping below it. Measured with nnUNetv2_dp_benchmark (docs/performance.md).
+CPU_LOOP_MIN_CASE_VOXELS = 32768
+
+
+def choose_strategy(requested: str, *, device: torch.device, batch_size: int | None = None,
+                    case_voxels: int | None = None, model: nn.Module | None = None) -> str:
+    """The strategy for one batch. 'auto': 'bk' on accelerators and for small per-case work on CPU, 'loop' for
+    large patches on CPU or when the model has a layer 'bk' cannot handle. Without a batch (batch_size None), a
+    requested 'auto' is returned unchanged, to be resolved per step by `scaled_sum`."""
+    if requested not in ("auto", *_STRATEGIES):
         raise ValueError(f"per_sample_strategy {requested!r}: known {', '.join(_STRATEGIES)} or 'auto'")
-    return requested  # type: ignore[return-value]
+    if requested == "bk" and model is not None and (problems := unsupported_layers(model)):
+        raise ValueError("per_sample_strategy 'bk' cannot run on this model: " + "; ".join(problems)
+                         + ". Use 'loop' or 'auto'.")
+    if requested != "auto" or batch_size is None:
+        return requested
+    if model is not None and unsupported_layers(model):
+        return "loop"
+    if torch.device(device).type != "cpu" or batch_size == 1:
+        return "bk" if batch_size > 1 else "loop"
+    return "loop" if (case_voxels or 0) >= CPU_LOOP_MIN_CASE_VOXELS else "bk"

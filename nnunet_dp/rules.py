@@ -10,8 +10,9 @@ Formulas (DESIGN.md, "Rules"):
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 

@@ -4,8 +4,9 @@ Framework-agnostic: the nnU-Net trainer owns a DPRun and calls ``private_step`` 
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn

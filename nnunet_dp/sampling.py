@@ -1,7 +1,8 @@
 """Poisson sampling of training cases: each case is included independently with probability q at every step."""
 from __future__ import annotations
 
-from typing import Sequence, TypeVar
+from collections.abc import Sequence
+from typing import TypeVar
 
 import numpy as np
 

@@ -6,7 +6,7 @@ is added exactly once across all ranks.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist

@@ -6,8 +6,8 @@ from torch import nn
 # Layers that combine information across the samples of a batch (or keep statistics of private data outside the
 # DP mechanism). Each entry: type -> why it is refused.
 _SAMPLE_MIXING: tuple[tuple[type, str], ...] = (
-    (nn.modules.batchnorm._BatchNorm, "BatchNorm normalises with batch statistics (couples cases); use GroupNorm "
-                                      "(setting norm_conversion) or InstanceNorm"),
+    (nn.modules.batchnorm._BatchNorm, ("BatchNorm normalises with batch statistics (couples cases); use GroupNorm "
+                                      "(setting norm_conversion) or InstanceNorm")),
     (nn.SyncBatchNorm, "SyncBatchNorm couples cases across ranks"),
 )
 

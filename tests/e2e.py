@@ -29,7 +29,7 @@ def nnunet_env(root: Path, dp_config: dict | None = None, **extra: str) -> dict[
 
 def run(cmd: list[str], env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess:
     exe = str(BIN / cmd[0]) if (BIN / cmd[0]).exists() else cmd[0]
-    proc = subprocess.run([exe, *cmd[1:]], env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run([exe, *cmd[1:]], check=False, env=env, capture_output=True, text=True, timeout=900)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc

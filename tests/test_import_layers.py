@@ -2,8 +2,8 @@
 import subprocess
 import sys
 
-CORE = ["accounting", "config", "errors", "layers", "noise", "per_sample", "rules", "run", "sampling", "step",
-        "validation"]
+CORE = ["accounting", "alignment", "alignment_report", "benchmark", "bookkeeping", "config", "errors", "layers",
+        "noise", "per_sample", "plots", "rules", "run", "sampling", "step", "validation"]
 
 
 def test_core_does_not_import_nnunetv2():

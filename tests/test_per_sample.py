@@ -25,7 +25,7 @@ CLOSED = {"flat": lambda n: min(1.0, 0.5 / n), "psac": lambda n: 0.5 / (n + 0.1 
 
 
 @pytest.mark.parametrize("dim,size", [(2, 16), (3, 16)])
-@pytest.mark.parametrize("strategy", ["loop"])
+@pytest.mark.parametrize("strategy", ["loop", "bk", "auto"])
 @pytest.mark.parametrize("rule_name", ["flat", "psac"])
 def test_scaled_sum_matches_microbatch_reference(dim, size, strategy, rule_name):
     model = tiny_unet(dim).double()
@@ -53,7 +53,7 @@ def test_convtranspose_and_every_ds_head_are_covered():
     assert by_name["decoder.seg_layers.0.weight"].shape == model.decoder.seg_layers[0].weight.shape
 
 
-@pytest.mark.parametrize("strategy", ["loop"])
+@pytest.mark.parametrize("strategy", ["loop", "bk", "auto"])
 def test_batch_of_one_and_empty_batch(strategy):
     model = tiny_unet(2).double()
     x, t = batch(2, 1)
@@ -65,7 +65,7 @@ def test_batch_of_one_and_empty_batch(strategy):
     assert empty.norms.numel() == 0 and all(torch.count_nonzero(g) == 0 for g in empty.grads)
 
 
-@pytest.mark.parametrize("strategy", ["loop"])
+@pytest.mark.parametrize("strategy", ["loop", "bk", "auto"])
 def test_batch_independence(strategy):
     """Changing case j leaves case i's contribution unchanged (catches batch Dice and BatchNorm)."""
     model = tiny_unet(2).double()
@@ -96,3 +96,103 @@ def test_batch_dice_would_couple_cases():
     x2 = x.clone()
     x2[1] = x2[1] * 3
     assert not torch.allclose(grad_case0(x, t), grad_case0(x2, t))
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_case_loss_matches_nnunet_loss_on_each_case(dim):
+    """CaseLoss.per_case (one batched call) against nnU-Net's loss called on each case alone, float64."""
+    from nnunet_dp.nnunet.case_loss import CaseLoss
+    model, loss = tiny_unet(dim).double(), nnunet_loss()
+    x, t = batch(dim, 3, size=16, seed=4)
+    out = model(x)
+    per_case = CaseLoss(loss).per_case(out, t)
+    ref = torch.stack([loss([o[i:i + 1] for o in out], [a[i:i + 1] for a in t]) for i in range(3)])
+    torch.testing.assert_close(per_case, ref, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(CaseLoss(loss)(out, t), loss(out, t))  # calling it is nnU-Net's loss unchanged
+
+
+def test_make_case_loss_leaves_unsupported_losses_alone():
+    from nnunet_dp.nnunet.case_loss import CaseLoss, make_case_loss
+    coupled = nnunet_loss(batch_dice=True)
+    assert make_case_loss(coupled) is coupled
+    assert isinstance(make_case_loss(nnunet_loss()), CaseLoss)
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_bk_with_batched_case_loss_matches_reference(dim):
+    from nnunet_dp.nnunet.case_loss import CaseLoss
+    model, loss = tiny_unet(dim).double(), nnunet_loss()
+    x, t = batch(dim, 4, size=16, seed=5)
+    ref, ref_norms = reference(model, loss, x, t, CLOSED["autos"])
+    got = scaled_sum(model, CaseLoss(loss), x, t, make_rule("autos", clip_norm=0.5), strategy="bk")
+    torch.testing.assert_close(got.norms, ref_norms, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(torch.cat([g.flatten() for g in got.grads]), ref, rtol=1e-6, atol=1e-9)
+
+
+def test_bk_defers_large_layers_exactly(monkeypatch):
+    """Layers whose per-case gradients outgrow their activations take the second, weighted pass: still exact."""
+    import nnunet_dp.bookkeeping as bk
+    model, loss = tiny_unet(2).double(), nnunet_loss()
+    x, t = batch(2, 3, size=16, seed=6)
+    ref, ref_norms = reference(model, loss, x, t, CLOSED["flat"])
+    for keep_ratio, chunk in ((0.0, 1), (1e9, bk.CHUNK_ELEMENTS)):  # defer every conv (1 case per chunk) / none
+        monkeypatch.setattr(bk, "CHUNK_ELEMENTS", chunk)
+        monkeypatch.setattr(bk, "KEEP_RATIO", keep_ratio)
+        got = scaled_sum(model, loss, x, t, make_rule("flat", clip_norm=0.5), strategy="bk")
+        torch.testing.assert_close(got.norms, ref_norms, rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(torch.cat([g.flatten() for g in got.grads]), ref, rtol=1e-6, atol=1e-9)
+
+
+def test_bk_refuses_what_it_cannot_do_exactly():
+    from torch import nn
+
+    from nnunet_dp.per_sample import choose_strategy
+    linear = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 14 * 14, 3))
+    with pytest.raises(ValueError, match="Linear"):
+        choose_strategy("bk", device=torch.device("cpu"), batch_size=4, case_voxels=256, model=linear)
+    assert choose_strategy("auto", device=torch.device("cpu"), batch_size=4, case_voxels=256, model=linear) == "loop"
+
+    conv = nn.Conv2d(1, 1, 3, padding=1)
+    twice = nn.Sequential(conv, nn.ReLU(), conv)  # one layer called twice: per-case norms would need the sum
+    x = torch.randn(2, 1, 8, 8)
+    with pytest.raises(RuntimeError, match="called twice"):
+        scaled_sum(twice, lambda o, _t: o.square().mean(), x, torch.zeros(2), make_rule("flat", clip_norm=1.0),
+                   strategy="bk")
+
+
+def test_auto_choice_by_device_batch_and_patch():
+    from nnunet_dp.per_sample import CPU_LOOP_MIN_CASE_VOXELS, choose_strategy
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert choose_strategy("auto", device=cpu) == "auto"  # resolved per batch by scaled_sum
+    assert choose_strategy("auto", device=cpu, batch_size=8, case_voxels=56 * 40) == "bk"
+    assert choose_strategy("auto", device=cpu, batch_size=8, case_voxels=CPU_LOOP_MIN_CASE_VOXELS) == "loop"
+    assert choose_strategy("auto", device=cuda, batch_size=8, case_voxels=CPU_LOOP_MIN_CASE_VOXELS) == "bk"
+    assert choose_strategy("auto", device=cuda, batch_size=1, case_voxels=64) == "loop"
+    with pytest.raises(ValueError, match="vmap"):
+        choose_strategy("vmap", device=cpu)
+
+
+def test_bk_frees_each_step_without_the_cyclic_collector():
+    """The tape's hooks on graph nodes point back at it; it must be freed at once, not at the next gc run
+    (else a step's per-case gradients stay alive into the next step and double its peak memory)."""
+    import gc
+    import weakref
+
+    from nnunet_dp import bookkeeping
+    tapes = []
+    model, loss = tiny_unet(2), nnunet_loss()
+    x, t = batch(2, 3, dtype=torch.float32)
+    init = bookkeeping.Tape.__init__
+
+    def recording_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        tapes.append(weakref.ref(self))
+    bookkeeping.Tape.__init__ = recording_init
+    gc.disable()
+    try:
+        for _ in range(2):
+            scaled_sum(model, loss, x, t, make_rule("flat", clip_norm=1.0), strategy="bk")
+        assert len(tapes) == 2 and all(ref() is None for ref in tapes)
+    finally:
+        gc.enable()
+        bookkeeping.Tape.__init__ = init

@@ -35,5 +35,5 @@ def test_empty_and_full():
 def test_shards_partition_cases():
     cases = [f"c{i}" for i in range(11)]
     parts = [shard(cases, rank=r, world_size=3) for r in range(3)]
-    assert sorted(sum(parts, [])) == sorted(cases)
+    assert sorted(c for part in parts for c in part) == sorted(cases)
     assert not set(parts[0]) & set(parts[1])

@@ -21,10 +21,10 @@ from nnunet_dp.nnunet.synthetic import make_dataset
 
 DATASET_ID, NAME = 990, "DPDemo"
 DATASET = f"Dataset{DATASET_ID}_{NAME}"
-# A budget that finishes in about 10 minutes on 2 CPU cores. Poisson batches of ~48 of 400 cases.
-DEMO_SETTINGS = {"target_epsilon": 8.0, "delta": 1e-5, "clip_norm": 1.0, "expected_batch_size": 48,
-                 "num_epochs": 12, "num_iterations_per_epoch": 25, "num_val_iterations_per_epoch": 2,
-                 "initial_lr": 0.1, "save_every": 4}
+# A budget that finishes in about 10 minutes on 2 CPU cores: Poisson batches of ~32 of the 320 training cases.
+DEMO_SETTINGS = {"target_epsilon": 8.0, "delta": 1e-5, "clip_norm": 1.0, "expected_batch_size": 32,
+                 "num_epochs": 6, "num_iterations_per_epoch": 20, "num_val_iterations_per_epoch": 2,
+                 "initial_lr": 0.1, "save_every": 2}
 QUICK_SETTINGS = {**DEMO_SETTINGS, "num_epochs": 1, "num_iterations_per_epoch": 2, "expected_batch_size": 8}
 # The demo shrinks nnU-Net's 2D network for CPU (features per stage): DP noise grows with the parameter count.
 DEMO_FEATURES = [8, 16, 32, 64]
@@ -43,7 +43,7 @@ def _env(work: str, dp_config: str) -> dict[str, str]:
 def _run(cmd: list[str], env: dict[str, str], log: str) -> None:
     print(f"\n$ {' '.join(cmd)}", flush=True)
     with open(log, "a") as f:
-        proc = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.run(cmd, check=False, env=env, stdout=f, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
         with open(log) as f:
             tail = f.read()[-3000:]

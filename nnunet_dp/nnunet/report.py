@@ -15,24 +15,24 @@ CONFIG_JSON = "dp_config.json"
 
 # Data-dependent things a standard nnU-Net DP run releases that epsilon does not cover (DESIGN.md invariant 7).
 ASSUMPTIONS: tuple[str, ...] = (
-    "Plans and preprocessing: the dataset fingerprint (intensity percentiles, mean and std of foreground voxels "
+    ("Plans and preprocessing: the dataset fingerprint (intensity percentiles, mean and std of foreground voxels "
     "used for CT normalisation; image shapes and spacings that set target spacing and patch size) is computed "
     "from all training cases without noise. Treat plans.json and dataset_fingerprint.json as private, or plan on "
-    "public data.",
-    "Case membership: splits_final.json, debug.json and the training log name the training cases. Do not release "
-    "them with the model.",
-    "checkpoint_best.pth is chosen by the (non-private) pseudo Dice on the validation cases; validation cases are "
-    "not protected by epsilon. checkpoint_final.pth involves no selection.",
-    "The training-loss curve (training log, progress.png) is computed from the sampled training cases without "
-    "noise. Do not release it.",
-    "Validation metrics (validation/summary.json) are computed on the validation cases, which epsilon does not "
-    "cover (they are not used for training).",
-    "checkpoint_latest.pth holds the noise generator's state so that a resumed run is reproducible: with it the "
-    "noise could be regenerated. Keep it private; checkpoint_final.pth and checkpoint_best.pth do not contain it.",
-    "Hyperparameters (learning rate, clip norm, epochs, rule constants) are assumed to be chosen without looking at "
-    "the private training cases; tuning them on these cases is not accounted for.",
-    "Gradient-alignment output (alignment.csv, when alignment_every > 0) is computed from unnoised per-case "
-    "gradients and is not covered by epsilon.",
+    "public data."),
+    ("Case membership: splits_final.json, debug.json and the training log name the training cases. Do not release "
+    "them with the model."),
+    ("checkpoint_best.pth is chosen by the (non-private) pseudo Dice on the validation cases; validation cases are "
+    "not protected by epsilon. checkpoint_final.pth involves no selection."),
+    ("The training-loss curve (training log, progress.png) is computed from the sampled training cases without "
+    "noise. Do not release it."),
+    ("Validation metrics (validation/summary.json) are computed on the validation cases, which epsilon does not "
+    "cover (they are not used for training)."),
+    ("checkpoint_latest.pth holds the noise generator's state so that a resumed run is reproducible: with it the "
+    "noise could be regenerated. Keep it private; checkpoint_final.pth and checkpoint_best.pth do not contain it."),
+    ("Hyperparameters (learning rate, clip norm, epochs, rule constants) are assumed to be chosen without looking at "
+    "the private training cases; tuning them on these cases is not accounted for."),
+    ("Gradient-alignment output (alignment.csv, when alignment_every > 0) is computed from unnoised per-case "
+    "gradients and is not covered by epsilon."),
 )
 
 

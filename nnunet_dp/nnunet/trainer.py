@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
 from os.path import isfile, join
-from typing import Any, Callable
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -24,6 +25,8 @@ from torch._dynamo import OptimizedModule
 
 from nnunet_dp.config import DPConfig
 from nnunet_dp.errors import DPModelError
+from nnunet_dp.nnunet.alignment_hook import maybe_record_alignment
+from nnunet_dp.nnunet.case_loss import make_case_loss
 from nnunet_dp.nnunet.loader import nnUNetPoissonDataLoader
 from nnunet_dp.nnunet.plans import apply_dp_to_configuration
 from nnunet_dp.nnunet.report import CONFIG_JSON, PRIVACY_JSON, privacy_report, write_json_atomic
@@ -37,10 +40,10 @@ class nnUNetTrainerDP(nnUNetTrainer):
     """DP-SGD with flat (Abadi) clipping. Settings: JSON file named by env var nnUNet_dp_config (see README)."""
 
     dp_rule: RuleName = "flat"
-    dp_defaults: dict[str, Any] = {}  # class-level setting overrides for named variants (e.g. target_epsilon)
+    dp_defaults: ClassVar[dict[str, Any]] = {}  # class-level setting overrides for named variants (e.g. target_epsilon)
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
+                 device: torch.device = torch.device("cuda")):  # noqa: B008 (nnU-Net's exact signature)
         super().__init__(plans, configuration, fold, dataset_json, device)
         cfg = DPConfig.from_env(**self.dp_defaults)
         self.dp_config = cfg
@@ -66,6 +69,8 @@ class nnUNetTrainerDP(nnUNetTrainer):
         problems = find_problems(self._plain_network())
         if problems:
             raise DPModelError(problems)
+        # nnU-Net's loss with a batched per-case evaluation (book-keeping strategy); identical values to self.loss
+        self.dp_loss = make_case_loss(self.loss)
 
     def _plain_network(self) -> torch.nn.Module:
         mod = self.network.module if self.is_ddp else self.network
@@ -98,8 +103,8 @@ class nnUNetTrainerDP(nnUNetTrainer):
             self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
         ds_scales = self._get_deep_supervision_scales()
         lm = self.label_manager
-        label_kwargs = dict(is_cascaded=self.is_cascaded, foreground_labels=lm.foreground_labels,
-                            regions=lm.foreground_regions if lm.has_regions else None, ignore_label=lm.ignore_label)
+        label_kwargs = {"is_cascaded": self.is_cascaded, "foreground_labels": lm.foreground_labels,
+                            "regions": lm.foreground_regions if lm.has_regions else None, "ignore_label": lm.ignore_label}
         tr_transforms = self.get_training_transforms(
             self.configuration_manager.patch_size, rot, ds_scales, mirror_axes, dummy_2d,
             use_mask_for_norm=self.configuration_manager.use_mask_for_norm, **label_kwargs)
@@ -139,7 +144,8 @@ class nnUNetTrainerDP(nnUNetTrainer):
             target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) \
                 else target.to(self.device, non_blocking=True)
         self.optimizer.zero_grad(set_to_none=True)
-        result = self.dp_run.private_step(self._plain_network(), self.loss, data, target, self._autocast())
+        maybe_record_alignment(self, data, target)  # analysis only (alignment_every > 0); reads, never writes .grad
+        result = self.dp_run.private_step(self._plain_network(), self.dp_loss, data, target, self._autocast())
         self.optimizer.step()
         # the mean per-case loss of the sampled cases (not private: see privacy.json assumptions); nan if empty
         loss = result.losses.mean().item() if result.losses.numel() else float("nan")

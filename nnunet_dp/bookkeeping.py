@@ -1,0 +1,242 @@
+"""Book-keeping per-case gradients ("bk"): one batched forward, one backward, exact per-case gradients.
+
+Book-keeping (Bu, Wang, Zha, Karypis, "Differentially private optimization on large model at small cost", ICML 2023):
+a layer's per-case parameter gradients follow from its input a_i and output gradient g_i, so the network runs once on
+the whole batch instead of once per case. Here:
+- each case's loss is nnU-Net's loss on that case alone (a batch of one, sliced from the batched output), exactly as
+  in the micro-batch loop; their sum is backpropagated once;
+- autograd computes only activation gradients (the gradient is requested for the input, not the parameters), so the
+  batched weight gradient that a normal step computes is not computed as well;
+- a convolution's per-case weight gradients are one convolution_backward over the batch folded into the channels
+  (groups x B, as in opacus' expanded weights); bias and norm-affine gradients are sums over space;
+- a layer whose per-case weight gradients are larger than its input + output gradient (deep, low-resolution layers)
+  keeps only (a, g) and the per-case squared norms; once all norms are known, its share of sum_i s_i g_i is one
+  batched weight gradient with g_i scaled by s_i (linearity). Other layers keep their per-case gradients.
+Exactness guards (an error names the layer): a layer called twice in one forward, a parameter shared by two layers,
+an input modified in place before its backward, a layer that reaches the loss but not the input. Layers without a
+per-case rule make `unsupported_layers` non-empty, and 'auto' then uses the micro-batch loop.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
+from torch.nn.modules.instancenorm import _InstanceNorm
+
+CHUNK_ELEMENTS = 1 << 24  # per-case gradients materialised at once for a layer that only needs its norms (64 MB fp32)
+# keep a conv's per-case weight gradients (B x weight) while they are at most KEEP_RATIO x its input + output gradient;
+# else keep (a, g) and take the weighted second pass. 1.0: whichever is smaller in memory.
+KEEP_RATIO = 1.0
+# per-case conv weight gradients: "grouped" (one call, cases folded into groups), "loop" (one call per case), or
+# "auto": grouped on CUDA, loop on CPU (oneDNN's grouped weight gradient is slow for many groups)
+PER_CASE_CONV = "auto"
+
+
+def parameterised_layers(model: nn.Module) -> list[tuple[str, nn.Module, list[nn.Parameter]]]:
+    """Each distinct module with trainable parameters of its own (aliases such as nnU-Net's all_modules counted once)."""
+    return [(name, m, ps) for name, m in model.named_modules()
+            if (ps := [p for p in m.parameters(recurse=False) if p.requires_grad])]
+
+
+def _layer_problem(m: nn.Module) -> str | None:
+    if isinstance(m, _ConvNd):
+        if m.padding_mode != "zeros" or isinstance(m.padding, str):
+            return f"padding {m.padding!r} / padding_mode {m.padding_mode!r} (only explicit zero padding)"
+        return None
+    if isinstance(m, _InstanceNorm):
+        return "InstanceNorm with track_running_stats" if m.track_running_stats else None
+    if isinstance(m, nn.GroupNorm):
+        return None
+    return f"{type(m).__name__} has no per-case gradient rule"
+
+
+def unsupported_layers(model: nn.Module) -> list[str]:
+    """Why 'bk' cannot run on `model` (empty when it can)."""
+    problems, owner = [], {}
+    for name, m, params in parameterised_layers(model):
+        if (why := _layer_problem(m)) is not None:
+            problems.append(f"{name or type(m).__name__}: {why}")
+        for p in params:
+            if id(p) in owner:
+                problems.append(f"{name}: parameter shared with {owner[id(p)]}")
+            owner[id(p)] = name
+    return problems
+
+
+def _conv_weight_grad(m: _ConvNd, a: torch.Tensor, g: torch.Tensor, *, per_case: bool) -> torch.Tensor:
+    """Weight gradient of conv `m` for input a and output gradient g: per case (k, *w), or summed over the batch.
+    Per case on CUDA: the k cases folded into the channels, groups x k (one call); on CPU one call per case, which
+    measured faster there (oneDNN's grouped weight gradient is slow for many groups)."""
+    a = a.to(g.dtype)
+    if not per_case:
+        return _wgrad(m, a, g, 1)
+    k, shape = a.shape[0], m.weight.shape
+    if PER_CASE_CONV == "loop" or (PER_CASE_CONV == "auto" and a.device.type == "cpu"):
+        out = torch.empty(k, *shape, dtype=g.dtype, device=g.device)
+        for i in range(k):
+            out[i] = _wgrad(m, a[i:i + 1], g[i:i + 1], 1)
+        return out
+    return _wgrad(m, a.reshape(1, -1, *a.shape[2:]), g.reshape(1, -1, *g.shape[2:]), k).view(k, *shape)
+
+
+def _wgrad(m: _ConvNd, a: torch.Tensor, g: torch.Tensor, k: int) -> torch.Tensor:
+    """aten.convolution_backward for the weight only; k > 1: k cases folded into groups (weight k x larger)."""
+    w = m.weight
+    transposed = isinstance(m, _ConvTransposeNd)
+    dummy = g.new_empty(1).expand(w.shape[0] * k, *w.shape[1:])
+    out_pad = list(m.output_padding) if transposed else [0] * len(m.stride)
+    return torch.ops.aten.convolution_backward(g, a, dummy, None, list(m.stride), list(m.padding), list(m.dilation),
+                                               transposed, out_pad, m.groups * k, (False, True, False))[1]
+
+
+def _sq_norms(per_case: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.linalg.vector_norm(per_case.flatten(1), dim=1, dtype=dtype).square()
+
+
+def _spatial_sum(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t.sum(dim=tuple(range(2, t.dim())), dtype=dtype)
+
+
+def _normalised(m: nn.Module, a: torch.Tensor) -> torch.Tensor:
+    """x_hat of a GroupNorm / InstanceNorm (per-sample statistics), the factor of the affine weight's gradient."""
+    if isinstance(m, nn.GroupNorm):
+        return F.group_norm(a, m.num_groups, eps=m.eps)
+    return F.instance_norm(a, eps=m.eps)
+
+
+class _Capture(torch.autograd.Function):
+    """Identity (a copy, so that later in-place ops are allowed) that hands its output gradient to a callback."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, on_grad: Callable[[torch.Tensor], None]) -> torch.Tensor:
+        ctx.on_grad = on_grad
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None]:
+        ctx.on_grad(g)
+        return g, None
+
+
+@dataclass
+class _Call:
+    """One call of one parameterised layer during the recorded forward."""
+
+    name: str
+    module: nn.Module
+    params: list[nn.Parameter]
+    a: torch.Tensor | None
+    version: int
+    node: Any
+    output_nr: int
+    fired: bool = False
+    per_case: dict[int, torch.Tensor] = field(default_factory=dict)  # id(param) -> (B, *shape)
+    deferred: tuple[torch.Tensor, torch.Tensor] | None = None  # (a, g) of a conv weight summed after the norms
+
+
+class Tape:
+    """Forward hooks on every parameterised layer and autograd-node pre-hooks on their outputs."""
+
+    def __init__(self, model: nn.Module, batch_size: int, work_dtype: torch.dtype, device: torch.device) -> None:
+        self.layers = parameterised_layers(model)
+        self.calls: dict[int, _Call] = {}
+        self.sq_norms = torch.zeros(batch_size, dtype=work_dtype, device=device)
+        self.work = work_dtype
+        self.handles = [m.register_forward_hook(self._forward_hook(name, ps)) for name, m, ps in self.layers]
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def clear(self) -> None:
+        """Drop every stored tensor and node now: the hooks on the graph's nodes point back at this tape, a cycle
+        that would otherwise keep a step's per-case gradients alive until Python's cyclic collector runs."""
+        self.remove()
+        for call in self.calls.values():
+            call.a, call.node, call.deferred, call.per_case = None, None, None, {}
+        self.calls = {}
+
+    def _forward_hook(self, name: str, params: list[nn.Parameter]) -> Callable[..., torch.Tensor | None]:
+        def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
+            if id(module) in self.calls:
+                raise RuntimeError(f"per_sample_strategy 'bk': layer {name!r} is called twice in one forward; "
+                                   "use 'loop'")
+            if len(args) != 1 or out.grad_fn is None:
+                raise RuntimeError(f"per_sample_strategy 'bk': layer {name!r} needs one input and a graph output")
+            call = _Call(name, module, params, args[0], args[0]._version, None, 0)
+            self.calls[id(module)] = call
+            if out._is_view():  # an in-place op on a view (LeakyReLU(inplace) after InstanceNorm) re-roots its graph
+                out = _Capture.apply(out, lambda g: self._on_grad(call, g))
+                call.node = out.grad_fn
+                return out
+            call.node, call.output_nr = out.grad_fn, out.output_nr  # in place on a non-view keeps this node
+            call.node.register_prehook(lambda grads: self._on_grad(call, grads[call.output_nr]))
+            return None
+        return hook
+
+    def _on_grad(self, call: _Call, g: torch.Tensor | None) -> None:
+        a, call.a, call.fired = call.a, None, True
+        if a is None or g is None:
+            return
+        if a._version != call.version:
+            raise RuntimeError(f"per_sample_strategy 'bk': the input of layer {call.name!r} was modified in place "
+                               "after its forward; use 'loop'")
+        m = call.module
+        if isinstance(m, _ConvNd):
+            self._conv(call, m, a, g)
+        else:
+            xhat = _normalised(m, a.to(self.work) if a.dtype == torch.float64 else a.float())
+            self._keep(call, m.weight, _spatial_sum(g * xhat, self.work))
+            self._keep(call, m.bias, _spatial_sum(g, self.work))
+
+    def _keep(self, call: _Call, p: nn.Parameter | None, per_case: torch.Tensor) -> None:
+        if p is not None and p.requires_grad:
+            call.per_case[id(p)] = per_case
+            self.sq_norms += _sq_norms(per_case, self.work)
+
+    def _conv(self, call: _Call, m: _ConvNd, a: torch.Tensor, g: torch.Tensor) -> None:
+        self._keep(call, m.bias, _spatial_sum(g, self.work))
+        if not m.weight.requires_grad:
+            return
+        b, size = a.shape[0], m.weight.numel()
+        if b * size <= KEEP_RATIO * (a.numel() + g.numel()):
+            self._keep(call, m.weight, _conv_weight_grad(m, a, g, per_case=True))
+            return
+        chunk = max(1, CHUNK_ELEMENTS // size)
+        for s in range(0, b, chunk):
+            part = _conv_weight_grad(m, a[s:s + chunk], g[s:s + chunk], per_case=True)
+            self.sq_norms[s:s + chunk] += _sq_norms(part, self.work)
+        call.deferred = (a, g)
+
+    def check_complete(self, roots: list[Any]) -> None:
+        """Every layer whose output reaches the loss got its gradient (a layer not reached is an exact zero)."""
+        seen, stack = set(), [r for r in roots if r is not None]
+        while stack:
+            node = stack.pop()
+            if node not in seen:
+                seen.add(node)
+                stack.extend(f for f, _ in node.next_functions if f is not None)
+        missed = [c.name for c in self.calls.values() if not c.fired and c.node in seen]
+        if missed:
+            raise RuntimeError(f"per_sample_strategy 'bk': layers {missed} reach the loss but not the input; "
+                               "use 'loop'")
+
+    def scaled_sum(self, params: list[nn.Parameter], scales: torch.Tensor) -> list[torch.Tensor]:
+        """sum_i s_i g_i per parameter, accumulated in fp32 (or float64 for float64 parameters)."""
+        acc = {id(p): torch.zeros(p.shape, dtype=torch.promote_types(p.dtype, torch.float32), device=p.device)
+               for p in params}
+        for call in self.calls.values():
+            for pid, per_case in call.per_case.items():
+                flat = per_case.flatten(1).to(acc[pid].dtype)
+                acc[pid].view(-1).addmv_(flat.t(), scales.to(flat.dtype))
+            if call.deferred is not None:
+                a, g = call.deferred
+                gs = g.to(acc[id(call.module.weight)].dtype) * scales.view(-1, *[1] * (g.dim() - 1)).to(g.device)
+                acc[id(call.module.weight)] += _conv_weight_grad(call.module, a.to(gs.dtype), gs, per_case=False)
+        return [acc[id(p)] for p in params]

@@ -1,0 +1,313 @@
+"""nnUNetv2_dp_alignment: gradient alignment of every scaling rule on a trained (or freshly initialised) DP fold.
+
+Draws Poisson batches of training cases through the trainer's own data pipeline (patches, augmentation, foreground
+oversampling as in training), takes each case's gradient, and writes alignment.csv (one row per step and rule),
+alignment_cases.csv (one row per case), summary.json and PNG plots. The output is computed from unnoised per-case
+gradients: it is not covered by epsilon (see docs/alignment.md).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, replace
+from os.path import isdir, isfile, join
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from nnunet_dp.alignment import all_rules, analyse_batch, case_gradient_matrix
+from nnunet_dp.alignment_report import (
+    ALIGNMENT_CSV,
+    CASES_CSV,
+    PRIVACY_NOTE,
+    STEP_FIELDS,
+    append_csv,
+    case_fields,
+    case_rows,
+    format_summary,
+    read_csv,
+    step_rows,
+    summarise,
+)
+from nnunet_dp.config import ENV_VAR
+from nnunet_dp.errors import DPError
+from nnunet_dp.nnunet.report import write_json_atomic
+from nnunet_dp.plots import save_plots
+
+NONE_CHECKPOINT = "none"
+
+
+class AlignmentCLIError(DPError):
+    """Bad input to nnUNetv2_dp_alignment (missing dataset, fold, checkpoint, ...)."""
+
+
+@dataclass(frozen=True)
+class Target:
+    dataset: str
+    preprocessed: str  # $nnUNet_preprocessed/DatasetXXX_Name
+    fold_folder: str
+    plans_file: str
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="nnUNetv2_dp_alignment", description=__doc__.split("\n\n")[0])
+    ap.add_argument("-d", required=True, help="dataset name or id")
+    ap.add_argument("-c", required=True, help="configuration, e.g. 2d or 3d_fullres")
+    ap.add_argument("-f", required=True, help="fold (0-4 or all)")
+    ap.add_argument("-tr", default="nnUNetTrainerDP", help="DP trainer class (default nnUNetTrainerDP)")
+    ap.add_argument("-p", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
+    ap.add_argument("-chk", nargs="+", default=["checkpoint_final.pth"],
+                    help="checkpoint file name(s) in the fold folder or paths; 'none' = freshly initialised network. "
+                         "Several give one curve per checkpoint (default checkpoint_final.pth)")
+    ap.add_argument("-n", type=int, default=20, help="Poisson batches per checkpoint (default 20)")
+    ap.add_argument("-o", default=None, help="output folder (default: <fold folder>/alignment)")
+    ap.add_argument("-device", choices=("cpu", "cuda"), default="cuda", help="default cuda, as nnUNetv2_train")
+    ap.add_argument("-ref", choices=("batch", "dataset"), default="batch",
+                    help="g_bar: the batch mean of the unscaled per-case gradients, or a training-set mean estimated "
+                         "from -ref_steps extra batches drawn first (default batch)")
+    ap.add_argument("-ref_steps", type=int, default=None, help="batches for -ref dataset (default ceil(1/q))")
+    ap.add_argument("-mc", type=int, default=16, help="Monte Carlo noise draws per step (0: closed form only)")
+    ap.add_argument("-seed", type=int, default=0, help="seed of batches, fresh initialisation and Monte Carlo")
+    args = ap.parse_args(argv)
+    if args.n < 1 or args.mc < 0 or (args.ref_steps is not None and args.ref_steps < 1):
+        ap.error(f"-n must be >= 1 (got {args.n}), -mc >= 0 (got {args.mc}), -ref_steps >= 1 (got {args.ref_steps})")
+    if args.f != "all":
+        try:
+            args.f = int(args.f)
+        except ValueError:
+            ap.error(f"-f must be a fold number or 'all', got {args.f!r}")
+    return args
+
+
+def locate(args: argparse.Namespace) -> Target:
+    """Find the preprocessed dataset, the plans and the fold folder, with errors that say how to fix them."""
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise AlignmentCLIError("-device cuda, but CUDA is not available here; use -device cpu")
+    for var in ("nnUNet_preprocessed", "nnUNet_results"):
+        if not os.environ.get(var):
+            raise AlignmentCLIError(f"environment variable {var} is not set; set it as for nnUNetv2_train")
+    try:
+        name = maybe_convert_to_dataset_name(args.d)
+    except (RuntimeError, ValueError) as e:
+        raise AlignmentCLIError(f"dataset {args.d!r} not found: {str(e).splitlines()[0]}") from None
+    pre = join(os.environ["nnUNet_preprocessed"], name)
+    plans_file = join(pre, f"{args.p}.json")
+    if not isfile(plans_file):
+        raise AlignmentCLIError(f"no plans {plans_file}; run nnUNetv2_plan_and_preprocess -d {args.d} -c {args.c}")
+    with open(plans_file) as f:
+        configurations = json.load(f)["configurations"]
+    if args.c not in configurations:
+        raise AlignmentCLIError(f"configuration {args.c!r} is not in {plans_file}; known: {', '.join(configurations)}")
+    fold_folder = join(os.environ["nnUNet_results"], name, f"{args.tr}__{args.p}__{args.c}", f"fold_{args.f}")
+    return Target(dataset=name, preprocessed=pre, fold_folder=fold_folder, plans_file=plans_file)
+
+
+def checkpoint_paths(names: list[str], fold_folder: str) -> dict[str, str | None]:
+    """Label -> path (None for a fresh network). Missing files stop with what the fold folder holds."""
+    out: dict[str, str | None] = {}
+    for name in names:
+        if name.lower() == NONE_CHECKPOINT:
+            out["init"] = None
+            continue
+        path = name if os.path.isabs(name) or isfile(name) and not isfile(join(fold_folder, name)) \
+            else join(fold_folder, name)
+        if not isfile(path):
+            have = sorted(f for f in os.listdir(fold_folder) if f.endswith(".pth")) if isdir(fold_folder) else None
+            where = (f"the fold folder {fold_folder} holds: {', '.join(have) or 'no checkpoints'}" if have is not None
+                     else f"there is no fold folder {fold_folder} (train it first, or use -chk none)")
+            raise AlignmentCLIError(f"checkpoint {name!r} not found; {where}")
+        label = os.path.basename(path).removesuffix(".pth")
+        out[path if label in out else label] = path
+    return out
+
+
+def build_trainer(args: argparse.Namespace, target: Target, dp_config: dict | None, out: str) -> Any:
+    """Instantiate the trainer class by name as nnU-Net does (nnUNet_extTrainer included), with the checkpoint's DP
+    settings when there is one, log into the output folder, and initialise network and loss."""
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    from nnunet_dp.nnunet.trainer import nnUNetTrainerDP
+
+    try:
+        cls = recursive_find_trainer_class_by_name(args.tr)
+    except RuntimeError:
+        raise AlignmentCLIError(f"trainer {args.tr!r} not found; make the DP trainers visible with "
+                                f"eval \"$(nnUNetv2_dp_env)\"") from None
+    if not issubclass(cls, nnUNetTrainerDP):
+        raise AlignmentCLIError(f"trainer {args.tr!r} is not a DP trainer (a subclass of nnUNetTrainerDP)")
+    if dp_config is not None:  # the network (GroupNorm), q and sigma must be the checkpoint's
+        path = join(out, "dp_config_used.json")
+        write_json_atomic(path, dp_config)
+        os.environ[ENV_VAR] = path
+    with open(target.plans_file) as f:
+        plans = json.load(f)
+    with open(join(target.preprocessed, "dataset.json")) as f:
+        dataset_json = json.load(f)
+    plans["continue_training"] = False
+    existing = set(os.listdir(target.fold_folder)) if isdir(target.fold_folder) else set()
+    trainer = cls(plans=plans, configuration=args.c, fold=args.f, dataset_json=dataset_json,
+                  device=torch.device(args.device))
+    if os.path.basename(trainer.log_file) not in existing and isfile(trainer.log_file):
+        os.replace(trainer.log_file, join(out, "alignment_log.txt"))  # not a training log of this fold
+    trainer.log_file = join(out, "alignment_log.txt")
+    trainer.dp_config = replace(trainer.dp_config, seed=args.seed)  # reproducible batches
+    torch.manual_seed(args.seed)
+    trainer.initialize()
+    return trainer
+
+
+def load_weights(network: torch.nn.Module, path: str | None, init_state: dict) -> dict:
+    """Load a checkpoint's weights (or the fresh initialisation); returns the checkpoint dict ({} for none)."""
+    if path is None:
+        network.load_state_dict(init_state)
+        return {}
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in ckpt["network_weights"].items()}
+    try:
+        network.load_state_dict(state)
+    except RuntimeError as e:
+        raise AlignmentCLIError(f"checkpoint {path} does not fit the network built from the plans and its DP "
+                                f"settings (dp_config): {str(e).splitlines()[0]}") from None
+    return ckpt
+
+
+def to_device(batch: dict, device: torch.device) -> tuple[torch.Tensor | None, Any]:
+    data, target = batch["data"], batch["target"]
+    if data is None:
+        return None, None
+    target = [t.to(device) for t in target] if isinstance(target, list) else target.to(device)
+    return data.to(device), target
+
+
+def draw_batches(loader: Any, n: int, desc: str) -> Any:
+    """n batches from the trainer's Poisson loader, with a progress bar."""
+    for _ in tqdm(range(n), desc=desc, unit="batch", file=sys.stdout):
+        yield next(loader)
+
+
+def dataset_reference(trainer: Any, loader: Any, steps: int) -> tuple[torch.Tensor, int]:
+    """Training-set mean gradient, estimated as the mean of the per-case gradients of `steps` Poisson batches."""
+    network, total, count = trainer._plain_network(), None, 0
+    for batch in draw_batches(loader, steps, "reference g_bar"):
+        data, target = to_device(batch, trainer.device)
+        if data is None:
+            continue
+        G = case_gradient_matrix(network, trainer.loss, data, target, autocast=trainer._autocast())
+        total = G.double().sum(0) if total is None else total + G.double().sum(0)
+        count += G.shape[0]
+    if count == 0:
+        raise AlignmentCLIError(f"all {steps} reference batches were empty; raise -ref_steps")
+    return total / count, count
+
+
+def analyse_checkpoint(trainer: Any, loader: Any, args: argparse.Namespace, label: str, sigma: float,
+                       rules: dict, out: str) -> int:
+    """Analyse -n Poisson batches with the loaded weights; appends rows to the CSV files; returns empty batches."""
+    reference = None
+    if args.ref == "dataset":
+        ref_steps = args.ref_steps or math.ceil(1 / trainer.dp_run.plan.sampling_rate)
+        reference, n_ref = dataset_reference(trainer, loader, ref_steps)
+        print(f"{label}: reference g_bar from {n_ref} case gradients ({ref_steps} batches)")
+    generator = torch.Generator(device=trainer.device)
+    generator.manual_seed(args.seed)
+    sens = {n: r.sensitivity for n, r in rules.items()}
+    empty = 0
+    for step, batch in enumerate(draw_batches(loader, args.n, label)):
+        data, target = to_device(batch, trainer.device)
+        if data is None:
+            empty += 1
+            continue
+        G = case_gradient_matrix(trainer._plain_network(), trainer.loss, data, target, autocast=trainer._autocast())
+        result = analyse_batch(G, rules, noise_multiplier=sigma, reference=reference, mc_draws=args.mc,
+                               generator=generator)
+        del G
+        append_csv(join(out, ALIGNMENT_CSV), STEP_FIELDS, step_rows(result, source=label, step=step, sensitivities=sens))
+        append_csv(join(out, CASES_CSV), case_fields(list(rules)),
+                   case_rows(result, source=label, step=step, keys=[str(k) for k in batch["keys"]]))
+    return empty
+
+
+def run(args: argparse.Namespace) -> dict:
+    target = locate(args)
+    checkpoints = checkpoint_paths(args.chk, target.fold_folder)
+    out = args.o or join(target.fold_folder, "alignment")
+    os.makedirs(out, exist_ok=True)
+    for name in (ALIGNMENT_CSV, CASES_CSV):  # a fresh analysis, never appended to an older one
+        if isfile(join(out, name)):
+            os.remove(join(out, name))
+    first = next((p for p in checkpoints.values() if p is not None), None)
+    saved = torch.load(first, map_location="cpu", weights_only=False) if first else {}
+    old_env = os.environ.get(ENV_VAR)
+    try:
+        trainer = build_trainer(args, target, saved.get("dp_config"), out)
+    finally:
+        if old_env is None:
+            os.environ.pop(ENV_VAR, None)
+        else:
+            os.environ[ENV_VAR] = old_env
+    network = trainer._plain_network()
+    network.train()
+    init_state = {k: v.detach().clone() for k, v in network.state_dict().items()}
+    loader, val_loader = trainer.get_dataloaders()
+    try:
+        plan = trainer.dp_run.plan
+        sigma = float(saved.get("dp_state", {}).get("plan", {}).get("noise_multiplier", plan.noise_multiplier))
+        cfg = trainer.dp_config
+        rules = all_rules(clip_norm=cfg.clip_norm, autos_gamma=cfg.autos_gamma, nsgd_r=cfg.nsgd_r, psac_r=cfg.psac_r)
+        empty = {}
+        for label, path in checkpoints.items():
+            load_weights(network, path, init_state)
+            empty[label] = analyse_checkpoint(trainer, loader, args, label, sigma, rules, out)
+    finally:
+        for aug in (loader, val_loader):
+            if hasattr(aug, "_finish"):
+                aug._finish()
+    return finish(args, target, out, rules, sigma, plan, empty)
+
+
+def finish(args: argparse.Namespace, target: Target, out: str, rules: dict, sigma: float, plan: Any,
+           empty: dict[str, int]) -> dict:
+    """summary.json and the plots (also of the training-time alignment.csv of the fold, when there is one)."""
+    if not isfile(join(out, ALIGNMENT_CSV)):
+        raise AlignmentCLIError(f"every one of the {args.n} batches was empty (q = {plan.sampling_rate:.4g}); "
+                                "raise -n")
+    steps, cases = read_csv(join(out, ALIGNMENT_CSV)), read_csv(join(out, CASES_CSV))
+    per_source = summarise(steps, cases)
+    for label, n_empty in empty.items():
+        if label in per_source:
+            per_source[label]["empty_batches"] = n_empty
+    summary = {
+        "dataset": target.dataset, "configuration": args.c, "fold": args.f, "trainer": args.tr, "plans": args.p,
+        "checkpoints": args.chk, "steps_per_checkpoint": args.n, "reference": args.ref, "monte_carlo_draws": args.mc,
+        "seed": args.seed, "noise_multiplier": sigma, "sampling_rate": plan.sampling_rate,
+        "expected_batch_size": plan.expected_batch_size, "num_training_cases": plan.num_training_cases,
+        "rules": {n: {"clip_norm": r.clip_norm, "constant": r.constant, "sensitivity": r.sensitivity}
+                  for n, r in rules.items()},
+        "results": per_source, "privacy_note": PRIVACY_NOTE,
+    }
+    write_json_atomic(join(out, "summary.json"), summary)
+    save_plots(out, steps, cases, rules)
+    training_csv = join(target.fold_folder, ALIGNMENT_CSV)
+    if isfile(training_csv) and os.path.abspath(training_csv) != os.path.abspath(join(out, ALIGNMENT_CSV)):
+        save_plots(out, read_csv(training_csv), [], rules, prefix="training_")
+    print(format_summary(summary))
+    print(f"Written to {out} (alignment.csv, alignment_cases.csv, summary.json, *.png).")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except DPError as e:
+        sys.exit(f"nnUNetv2_dp_alignment: {e}")
+
+
+if __name__ == "__main__":
+    main()
