@@ -17,8 +17,16 @@ def make_generator(device: torch.device, seed: int | None) -> torch.Generator:
 def add_gaussian_noise_(tensors: Sequence[torch.Tensor], *, std: float, generator: torch.Generator) -> None:
     """In place: every element of every tensor gets an independent N(0, std^2) draw (std = sigma * Delta).
 
-    The draw depends only on the shapes and the generator, never on the tensors' values (batch contents).
+    The draw depends only on the shapes and the generator, never on the tensors' values (batch contents). One
+    float32 draw covers all tensors of a device (one kernel instead of one per parameter tensor); it is then split
+    into views and added with one foreach call.
     """
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
     for t in tensors:
-        noise = torch.randn(t.shape, generator=generator, device=t.device, dtype=torch.float32)
-        t.add_(noise.to(t.dtype), alpha=std)
+        by_device.setdefault(t.device, []).append(t)
+    for device, group in by_device.items():
+        if device != generator.device:
+            raise ValueError(f"noise generator on {generator.device}, tensors on {device}")
+        flat = torch.randn(sum(t.numel() for t in group), generator=generator, device=device, dtype=torch.float32)
+        noise = [n.view(t.shape).to(t.dtype) for n, t in zip(flat.split([t.numel() for t in group]), group)]
+        torch._foreach_add_(group, noise, alpha=std)
