@@ -40,10 +40,16 @@ def _env(work: str, dp_config: str) -> dict[str, str]:
     return env
 
 
+def _executable(name: str) -> str:
+    """The console script installed beside this Python (works without an activated venv), else from PATH."""
+    beside = join(os.path.dirname(sys.executable), name)
+    return beside if os.path.isfile(beside) else (shutil.which(name) or name)
+
+
 def _run(cmd: list[str], env: dict[str, str], log: str) -> None:
     print(f"\n$ {' '.join(cmd)}", flush=True)
     with open(log, "a") as f:
-        proc = subprocess.run(cmd, check=False, env=env, stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.run([_executable(cmd[0]), *cmd[1:]], check=False, env=env, stdout=f, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
         with open(log) as f:
             tail = f.read()[-3000:]
@@ -104,7 +110,9 @@ def run_demo(work: str, trainer: str, settings: dict, *, quick: bool) -> dict:
         print(f"Making synthetic dataset {DATASET} ({n_train} training + 20 test cases of 32x32) in {raw}")
         make_dataset(env["nnUNet_raw"], dataset_id=DATASET_ID, name=NAME, num_train=n_train, num_test=20,
                      shape=(32, 32))
-    _run(["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "2d", "-np", "2"], env, log)
+    # nnU-Net's planner calls torch.set_num_threads(nnUNet_n_proc_DA), which fails for 0
+    plan_env = {**env, "nnUNet_n_proc_DA": str(max(1, int(env["nnUNet_n_proc_DA"] or 1)))}
+    _run(["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "2d", "-np", "2"], plan_env, log)
     shrink_network(join(env["nnUNet_preprocessed"], DATASET, "nnUNetPlans.json"), DEMO_FEATURES)
     print(f"DP settings ({cfg}): {json.dumps(settings)}")
     _run(["nnUNetv2_train", str(DATASET_ID), "2d", "0", "-tr", trainer, "-device", "cpu"], env, log)
