@@ -18,7 +18,9 @@ per-case rule make `unsupported_layers` non-empty, and 'auto' then uses the micr
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import weakref
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,10 +39,23 @@ KEEP_RATIO = 1.0
 PER_CASE_CONV = "auto"
 
 
-def parameterised_layers(model: nn.Module) -> list[tuple[str, nn.Module, list[nn.Parameter]]]:
+Layers = list[tuple[str, nn.Module, list[nn.Parameter]]]
+# model -> its parameterised layers and what 'bk' cannot do on it, read once per model (a walk of nnU-Net's module
+# tree costs ~0.5 ms, a few % of a GPU step); the layer structure of a model being trained does not change
+_STRUCTURE: weakref.WeakKeyDictionary[nn.Module, tuple[Layers, list[str]]] = weakref.WeakKeyDictionary()
+
+
+def parameterised_layers(model: nn.Module) -> Layers:
     """Each distinct module with trainable parameters of its own (aliases such as nnU-Net's all_modules counted once)."""
-    return [(name, m, ps) for name, m in model.named_modules()
-            if (ps := [p for p in m.parameters(recurse=False) if p.requires_grad])]
+    return _structure(model)[0]
+
+
+def _structure(model: nn.Module) -> tuple[Layers, list[str]]:
+    if model not in _STRUCTURE:
+        layers = [(name, m, ps) for name, m in model.named_modules()
+                  if (ps := [p for p in m.parameters(recurse=False) if p.requires_grad])]
+        _STRUCTURE[model] = (layers, _problems(layers))
+    return _STRUCTURE[model]
 
 
 def _layer_problem(m: nn.Module) -> str | None:
@@ -57,8 +72,12 @@ def _layer_problem(m: nn.Module) -> str | None:
 
 def unsupported_layers(model: nn.Module) -> list[str]:
     """Why 'bk' cannot run on `model` (empty when it can)."""
+    return _structure(model)[1]
+
+
+def _problems(layers: Layers) -> list[str]:
     problems, owner = [], {}
-    for name, m, params in parameterised_layers(model):
+    for name, m, params in layers:
         if (why := _layer_problem(m)) is not None:
             problems.append(f"{name or type(m).__name__}: {why}")
         for p in params:
@@ -92,6 +111,19 @@ def _wgrad(m: _ConvNd, a: torch.Tensor, g: torch.Tensor, k: int) -> torch.Tensor
     out_pad = list(m.output_padding) if transposed else [0] * len(m.stride)
     return torch.ops.aten.convolution_backward(g, a, dummy, None, list(m.stride), list(m.padding), list(m.dilation),
                                                transposed, out_pad, m.groups * k, (False, True, False))[1]
+
+
+@contextlib.contextmanager
+def _exact_convolutions() -> Iterator[None]:
+    """cuDNN convolutions in full fp32 (no TF32) inside the block: a deferred layer's norms and its weighted sum are
+    two separate convolutions, and TF32 would round them differently (~1e-3). No effect on CPU."""
+    conv = torch.backends.cudnn.conv  # torch's fp32-precision API (>= 2.9); the legacy allow_tf32 must not be mixed
+    before = conv.fp32_precision
+    conv.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        conv.fp32_precision = before
 
 
 def _sq_norms(per_case: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -204,14 +236,19 @@ class Tape:
         self._keep(call, m.bias, _spatial_sum(g, self.work))
         if not m.weight.requires_grad:
             return
+        a = a.to(g.dtype)  # what the convolution saw (bf16 under autocast)
         b, size = a.shape[0], m.weight.numel()
         if b * size <= KEEP_RATIO * (a.numel() + g.numel()):
             self._keep(call, m.weight, _conv_weight_grad(m, a, g, per_case=True))
             return
+        # Deferred: the norms now, the weighted sum after all norms are known. Both from the same (a, g) in the work
+        # dtype without TF32, so that the summed share of case i is the gradient whose norm was clipped.
         chunk = max(1, CHUNK_ELEMENTS // size)
-        for s in range(0, b, chunk):
-            part = _conv_weight_grad(m, a[s:s + chunk], g[s:s + chunk], per_case=True)
-            self.sq_norms[s:s + chunk] += _sq_norms(part, self.work)
+        with _exact_convolutions():
+            for s in range(0, b, chunk):
+                part = _conv_weight_grad(m, a[s:s + chunk].to(self.work), g[s:s + chunk].to(self.work),
+                                         per_case=True)
+                self.sq_norms[s:s + chunk] += _sq_norms(part, self.work)
         call.deferred = (a, g)
 
     def check_complete(self, roots: list[Any]) -> None:
@@ -226,6 +263,17 @@ class Tape:
         if missed:
             raise RuntimeError(f"per_sample_strategy 'bk': layers {missed} reach the loss but not the input; "
                                "use 'loop'")
+        # a parameter that reaches the loss outside a recorded layer call (module.forward called directly, a weight
+        # used through torch.nn.functional) would get no per-case gradient: an error, never a silent zero
+        recorded = {id(p) for c in self.calls.values() if c.fired for p in c.params}
+        unrecorded = [n for n in seen if isinstance(getattr(n, "variable", None), nn.Parameter)
+                      and n.variable.requires_grad and id(n.variable) not in recorded]
+        if unrecorded:
+            names = {id(p): f"{name}.{pn}".lstrip(".") for name, m, _ in self.layers
+                     for pn, p in m.named_parameters(recurse=False)}
+            raise RuntimeError("per_sample_strategy 'bk': parameters "
+                               f"{sorted(names.get(id(n.variable), '?') for n in unrecorded)} reach the loss "
+                               "outside a recorded layer call (e.g. module.forward() called directly); use 'loop'")
 
     def scaled_sum(self, params: list[nn.Parameter], scales: torch.Tensor) -> list[torch.Tensor]:
         """sum_i s_i g_i per parameter, accumulated in fp32 (or float64 for float64 parameters)."""
@@ -237,6 +285,8 @@ class Tape:
                 acc[pid].view(-1).addmv_(flat.t(), scales.to(flat.dtype))
             if call.deferred is not None:
                 a, g = call.deferred
-                gs = g.to(acc[id(call.module.weight)].dtype) * scales.view(-1, *[1] * (g.dim() - 1)).to(g.device)
-                acc[id(call.module.weight)] += _conv_weight_grad(call.module, a.to(gs.dtype), gs, per_case=False)
+                gs = g.to(self.work) * scales.view(-1, *[1] * (g.dim() - 1)).to(device=g.device, dtype=self.work)
+                with _exact_convolutions():
+                    share = _conv_weight_grad(call.module, a.to(self.work), gs, per_case=False)
+                acc[id(call.module.weight)] += share.to(acc[id(call.module.weight)].dtype)
         return [acc[id(p)] for p in params]

@@ -25,7 +25,7 @@ def add_gaussian_noise_(tensors: Sequence[torch.Tensor], *, std: float, generato
     for t in tensors:
         by_device.setdefault(t.device, []).append(t)
     for device, group in by_device.items():
-        if device != generator.device:
+        if device.type != generator.device.type:  # a "cuda" generator serves "cuda:0" tensors; torch checks indices
             raise ValueError(f"noise generator on {generator.device}, tensors on {device}")
         flat = torch.randn(sum(t.numel() for t in group), generator=generator, device=device, dtype=torch.float32)
         noise = [n.view(t.shape).to(t.dtype) for n, t in zip(flat.split([t.numel() for t in group]), group)]

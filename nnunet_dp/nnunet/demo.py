@@ -34,6 +34,7 @@ def _env(work: str, dp_config: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(nnUNet_raw=join(work, "nnUNet_raw"), nnUNet_preprocessed=join(work, "nnUNet_preprocessed"),
                nnUNet_results=join(work, "nnUNet_results"), nnUNet_dp_config=dp_config, nnUNet_compile="f",
+               PYTHONUNBUFFERED="1",  # progress lines arrive as they are written
                nnUNet_extTrainer=os.pathsep.join(p for p in [trainer_folder(), env.get("nnUNet_extTrainer")] if p))
     env.setdefault("nnUNet_n_proc_DA", "1")
     env.setdefault("nnUNet_def_n_proc", "2")  # nnU-Net spawns 8 export processes by default
@@ -46,10 +47,19 @@ def _executable(name: str) -> str:
     return beside if os.path.isfile(beside) else (shutil.which(name) or name)
 
 
+# training-log lines echoed to the terminal as progress (everything goes to demo_log.txt)
+PROGRESS = ("Epoch ", "Pseudo dice", "DP:", "train_loss")
+
+
 def _run(cmd: list[str], env: dict[str, str], log: str) -> None:
     print(f"\n$ {' '.join(cmd)}", flush=True)
-    with open(log, "a") as f:
-        proc = subprocess.run([_executable(cmd[0]), *cmd[1:]], check=False, env=env, stdout=f, stderr=subprocess.STDOUT)
+    with open(log, "a") as f, subprocess.Popen([_executable(cmd[0]), *cmd[1:]], env=env, stdout=subprocess.PIPE,
+                                               stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
+        for line in proc.stdout:
+            f.write(line)
+            text = line.split(": ", 1)[-1].strip()  # nnU-Net prefixes a timestamp
+            if text.startswith(PROGRESS) and not text.startswith("Epoch time"):
+                print(f"  {text}", flush=True)
     if proc.returncode != 0:
         with open(log) as f:
             tail = f.read()[-3000:]

@@ -31,8 +31,9 @@ ASSUMPTIONS: tuple[str, ...] = (
     "noise could be regenerated. Keep it private; checkpoint_final.pth and checkpoint_best.pth do not contain it."),
     ("Hyperparameters (learning rate, clip norm, epochs, rule constants) are assumed to be chosen without looking at "
     "the private training cases; tuning them on these cases is not accounted for."),
-    ("Gradient-alignment output (alignment.csv, when alignment_every > 0) is computed from unnoised per-case "
-    "gradients and is not covered by epsilon."),
+    ("Gradient-alignment output (alignment.csv in the fold folder when alignment_every > 0, and everything "
+     "nnUNetv2_dp_alignment writes: alignment.csv, alignment_cases.csv with per-case rows keyed by case identifier, "
+     "summary.json, plots) is computed from unnoised per-case gradients and is not covered by epsilon."),
 )
 
 
