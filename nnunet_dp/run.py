@@ -4,6 +4,7 @@ Framework-agnostic: the nnU-Net trainer owns a DPRun and calls ``private_step`` 
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -136,3 +137,10 @@ def _same(a: Any, b: Any) -> bool:
     if isinstance(a, float) or isinstance(b, float):
         return a is not None and b is not None and abs(float(a) - float(b)) <= 1e-12 * max(1.0, abs(float(b)))
     return a == b
+
+
+def dp_autocast(device: torch.device) -> Callable[[], Any]:
+    """The DP step's autocast: bf16 on CUDA (no GradScaler: per-case norms must be unscaled), none elsewhere."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext

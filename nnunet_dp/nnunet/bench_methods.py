@@ -26,7 +26,7 @@ from nnunet_dp.config import DPConfig
 from nnunet_dp.nnunet.case_loss import make_case_loss
 from nnunet_dp.nnunet.plans import dp_architecture
 from nnunet_dp.per_sample import _STRATEGIES, choose_strategy
-from nnunet_dp.run import DPRun, make_plan
+from nnunet_dp.run import DPRun, dp_autocast, make_plan
 
 NUM_CLASSES = 3  # Dataset902: background, anterior, posterior
 DP_METHODS = tuple(f"dp-{s}" for s in (*_STRATEGIES, "auto"))
@@ -108,13 +108,6 @@ def make_batch(cfg: BenchConfig, b: int, device: torch.device, seed: int = 0) ->
 def sgd(net: nn.Module) -> torch.optim.Optimizer:
     """nnUNetTrainer.configure_optimizers (initial_lr 1e-2, weight_decay 3e-5)."""
     return torch.optim.SGD(net.parameters(), 1e-2, weight_decay=3e-5, momentum=0.99, nesterov=True)
-
-
-def dp_autocast(device: torch.device) -> Callable[[], Any]:
-    """nnUNetTrainerDP._autocast: bf16 autocast on CUDA (no GradScaler: per-case norms must be unscaled)."""
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext
 
 
 @dataclass

@@ -5,7 +5,6 @@ declared in trainers/ as 1-3 line subclasses, like nnU-Net's own nnUNetTrainer_2
 """
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Callable
 from os.path import isfile, join
@@ -31,7 +30,7 @@ from nnunet_dp.nnunet.loader import nnUNetPoissonDataLoader
 from nnunet_dp.nnunet.plans import apply_dp_to_configuration
 from nnunet_dp.nnunet.report import CONFIG_JSON, PRIVACY_JSON, privacy_report, write_json_atomic
 from nnunet_dp.rules import RuleName
-from nnunet_dp.run import DPRun, make_plan
+from nnunet_dp.run import DPRun, dp_autocast, make_plan
 from nnunet_dp.sampling import shard
 from nnunet_dp.validation import find_problems
 
@@ -133,9 +132,7 @@ class nnUNetTrainerDP(nnUNetTrainer):
 
     # ---- the private step --------------------------------------------------------------------------------------
     def _autocast(self) -> Callable[[], Any]:
-        if self.device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext
+        return dp_autocast(self.device)
 
     def train_step(self, batch: dict) -> dict:
         data, target = batch["data"], batch["target"]
