@@ -9,6 +9,7 @@ setup(
     packages=[
         "nnunet_dp",
         "nnunet_dp.nnunet",
+        "nnunet_dp.nnunet.experiment_trainers",
         "nnunet_dp.postprocessing",
         "nnunet_dp.trainers",
     ],
@@ -39,6 +40,7 @@ setup(
             "nnUNetv2_dp_determine_postprocessing=nnunet_dp.postprocessing.cli:main",
             "nnUNetv2_dp_alignment=nnunet_dp.nnunet.alignment_cli:main",
             "nnUNetv2_dp_benchmark=nnunet_dp.nnunet.benchmark_cli:main",
+            "nnUNetv2_dp_experiment=nnunet_dp.nnunet.experiment:main",
         ],
     },
 )

@@ -1,0 +1,202 @@
+"""nnUNetv2_dp_experiment: the rules × ε × refinement comparison on one dataset, with a held-out test split.
+
+    nnUNetv2_dp_experiment -d 902 -c 2d --budget tiny -o exp902
+
+holds out a seeded test split of the raw training cases, trains the non-private baseline and each (rule, ε) under
+the same budget on the rest (fold 0 of the experiment's own splits_final.json), chooses DP-Morph on the validation
+predictions only, applies it to the test predictions and scores all on test. Writes OUT/results.csv, results.md and
+PNG plots. Finished runs (OUT/runs/<name>/result.json) are skipped; an interrupted training resumes with --c.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from os.path import isdir, isfile, join
+
+from nnunet_dp.errors import DPError
+from nnunet_dp.nnunet.experiment_plan import (
+    BUDGETS,
+    REFINEMENTS,
+    RULES,
+    BudgetSpec,
+    ExperimentError,
+    budget_record,
+    dp_settings,
+    link_test_cases,
+    mirror_preprocessed,
+    resolve_budget,
+    run_grid,
+    split_cases,
+)
+from nnunet_dp.nnunet.experiment_report import write_report
+from nnunet_dp.nnunet.experiment_run import RESULT_JSON, Context, execute
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nnUNetv2_dp_experiment", description=__doc__.split("\n\n")[0])
+    p.add_argument("-d", required=True, help="dataset id or name (nnUNet_raw must hold it)")
+    p.add_argument("-c", default="2d", help="nnU-Net configuration. Default: 2d")
+    p.add_argument("--rules", nargs="+", default=list(RULES), help=f"runs, from {list(RULES)}. Default: all")
+    p.add_argument("--epsilons", nargs="+", type=float, default=[1.0, 8.0], help="target ε of the DP runs. "
+                                                                                "Default: 1 8")
+    p.add_argument("--refine", nargs="+", default=list(REFINEMENTS),
+                   help=f"DP-Morph modes scored on test, from {list(REFINEMENTS)} ('none' is always scored)")
+    p.add_argument("--budget", default="tiny", help=f"one of {list(BUDGETS)} (tiny: 2 CPU cores; small, full: a GPU) "
+                   "or a JSON file with the budget's fields. Default: tiny")
+    p.add_argument("--test-fraction", type=float, default=0.2, help="held-out share of the cases. Default: 0.2")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split and of the DP noise/sampling. Default: 0")
+    p.add_argument("-o", default=None, help="output folder. Default: ./dp_experiment_<dataset>_<c>_<budget>")
+    p.add_argument("-device", default=None, help="cpu or cuda. Default: cuda if available")
+    p.add_argument("-np", type=int, default=2, help="processes for DP-Morph and evaluation. Default: 2")
+    return p
+
+
+def _check(args: argparse.Namespace) -> None:
+    for r in args.refine:
+        if r not in REFINEMENTS:
+            raise ExperimentError("--refine", r, f"one of {list(REFINEMENTS)}")
+    if args.device not in (None, "cpu", "cuda"):
+        raise ExperimentError("-device", args.device, "cpu or cuda")
+    if args.np < 1:
+        raise ExperimentError("-np", args.np, "an integer >= 1")
+    for var in ("nnUNet_raw", "nnUNet_preprocessed"):
+        if not os.environ.get(var):
+            raise ExperimentError(f"environment variable {var}", os.environ.get(var), "a folder",
+                                  "Set nnUNet_raw and nnUNet_preprocessed as for nnU-Net.")
+
+
+def _dataset(name_or_id: str) -> tuple[str, str]:
+    from nnunetv2.paths import nnUNet_raw
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    try:
+        name = maybe_convert_to_dataset_name(name_or_id if not name_or_id.isdigit() else int(name_or_id))
+    except RuntimeError as error:
+        raise ExperimentError("-d", name_or_id, "a dataset in nnUNet_raw", str(error).splitlines()[0]) from error
+    raw = join(nnUNet_raw, name)
+    if not isfile(join(raw, "dataset.json")) or not isdir(join(raw, "labelsTr")):
+        raise ExperimentError("-d", name_or_id, f"a raw dataset with dataset.json and labelsTr in {raw}")
+    return name, raw
+
+
+def ensure_preprocessed(name: str, configuration: str, env: dict[str, str], log: str) -> str:
+    """The dataset's preprocessed folder; plans and/or preprocesses CONFIG with nnU-Net's commands if missing."""
+    folder = join(env["nnUNet_preprocessed"], name)
+    plans_file = join(folder, "nnUNetPlans.json")
+    dataset_id = name[len("Dataset"):len("Dataset") + 3]
+    penv = {**env, "nnUNet_n_proc_DA": env.get("nnUNet_n_proc_DA") or "1"}
+    if penv["nnUNet_n_proc_DA"] == "0":
+        penv["nnUNet_n_proc_DA"] = "1"  # nnU-Net's planner calls torch.set_num_threads(nnUNet_n_proc_DA)
+    if not isfile(plans_file):
+        cmd = ["nnUNetv2_plan_and_preprocess", "-d", dataset_id, "-c", configuration, "-np", "2"]
+    else:
+        with open(plans_file) as f:
+            configs = json.load(f)["configurations"]
+        if configuration not in configs:
+            raise ExperimentError("-c", configuration, f"a configuration of {plans_file}: {sorted(configs)}")
+        data_id = configs[configuration].get("data_identifier", f"nnUNetPlans_{configuration}")
+        if isdir(join(folder, data_id)) and os.listdir(join(folder, data_id)):
+            return folder
+        cmd = ["nnUNetv2_preprocess", "-d", dataset_id, "-c", configuration, "-np", "2"]
+    print(f"Preprocessing: {' '.join(cmd)} (log: {log})", flush=True)
+    from nnunet_dp.nnunet.experiment_run import run_command
+
+    run_command(cmd, penv, log)
+    return folder
+
+
+def _environment() -> dict[str, str]:
+    from nnunet_dp.nnunet.cli import trainer_folder
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ)
+    env["nnUNet_extTrainer"] = os.pathsep.join(
+        p for p in [trainer_folder(), join(here, "experiment_trainers"), env.get("nnUNet_extTrainer")] if p)
+    env.setdefault("nnUNet_compile", "f")
+    bin_dir = os.path.dirname(sys.executable)  # the nnU-Net commands of this interpreter's environment
+    env["PATH"] = os.pathsep.join([bin_dir, env.get("PATH", "")])
+    return env
+
+
+def prepare(args: argparse.Namespace, out: str, env: dict[str, str]) -> tuple[Context, dict]:
+    """Dataset, preprocessing, split (reused if recorded), the mirrored preprocessed folder and the test links."""
+    name, raw = _dataset(str(args.d))
+    with open(join(raw, "dataset.json")) as f:
+        file_ending = json.load(f)["file_ending"]
+    source = ensure_preprocessed(name, args.c, env, join(out, "preprocess_log.txt"))
+    cases = [f[:-len(file_ending)] for f in os.listdir(join(raw, "labelsTr")) if f.endswith(file_ending)]
+    split = split_cases(cases, test_fraction=args.test_fraction, seed=args.seed)
+    split_file = join(out, "split.json")
+    record = {"seed": args.seed, "test_fraction": args.test_fraction, "val_fraction_of_rest": 0.2, **split}
+    if isfile(split_file):
+        with open(split_file) as f:
+            if json.load(f) != record:
+                raise ExperimentError("-o", out, "a folder made with the same dataset, --seed and --test-fraction",
+                                      "Use a new output folder.")
+    with open(split_file, "w") as f:
+        json.dump(record, f, indent=1)
+    preprocessed = join(out, "nnUNet_preprocessed")
+    budget_name, budget = resolve_budget(args.budget)
+    mirror_preprocessed(source, join(preprocessed, name), split, budget.features_per_stage, args.c)
+    link_test_cases(raw, split["test"], file_ending, join(out, "test_data", "imagesTs"),
+                    join(out, "test_data", "labelsTs"))
+    device = args.device or _default_device()
+    ctx = Context(name, args.c, out, preprocessed, join(out, "test_data", "imagesTs"),
+                  join(out, "test_data", "labelsTs"), device, args.np, env, tuple(dict.fromkeys(args.refine)))
+    header = {"dataset": name, "configuration": args.c, "budget": budget_record(budget_name, budget), "seed": args.seed,
+              "split": {"num_test": len(split["test"]), "num_train": len(split["train"]),
+                        "num_val": len(split["val"])}, "device": device}
+    return ctx, header
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        _check(args)
+        specs = run_grid(args.rules, args.epsilons)
+        out = os.path.abspath(args.o or f"dp_experiment_{args.d}_{args.c}_{args.budget}")
+        os.makedirs(out, exist_ok=True)
+        ctx, header = prepare(args, out, _environment())
+        header["command"] = "nnUNetv2_dp_experiment " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+        results = run_all(ctx, specs, resolve_budget(args.budget)[1], args.seed)
+        path = write_report(out, header, results)
+    except (DPError, RuntimeError, subprocess.SubprocessError) as error:
+        sys.exit(f"ERROR: {error}")
+    print(f"\nResults: {path}")
+
+
+def run_all(ctx: Context, specs: list, budget: BudgetSpec, seed: int) -> list[dict]:
+    t0, results = time.time(), []
+    for i, spec in enumerate(specs, 1):
+        run_dir = join(ctx.out, "runs", spec.name)
+        done = join(run_dir, RESULT_JSON)
+        elapsed = f"{(time.time() - t0) / 60:.1f} min elapsed"
+        if isfile(done):
+            print(f"[{i}/{len(specs)}] {spec.name}: finished earlier, skipped ({done})", flush=True)
+            with open(done) as f:
+                results.append(json.load(f))
+            continue
+        print(f"[{i}/{len(specs)}] {spec.name}: {spec.trainer}, training + test predictions ({elapsed}; "
+              f"log: {join(run_dir, 'log.txt')})", flush=True)
+        result = execute(ctx, run_dir, spec, dp_settings(spec, budget, seed))
+        mean = {k: round(v["dice_mean"], 4) for k, v in result["scores"].items()}
+        print(f"[{i}/{len(specs)}] {spec.name}: done in {result['seconds'] / 60:.1f} min; mean test Dice {mean}",
+              flush=True)
+        results.append(result)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,201 @@
+"""nnUNetv2_dp_experiment, the plan: budgets, learning rates, the run grid, the held-out test split and the private
+copy of the preprocessed dataset that carries the experiment's own splits_final.json.
+
+Pure functions except `mirror_preprocessed` and `link_test_cases` (file system).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+from nnunet_dp.errors import DPError
+
+Budget = Literal["tiny", "small", "full"]
+Rule = Literal["nonprivate", "flat", "autos", "nsgd", "psac"]
+Refinement = Literal["none", "global", "adaptive"]
+RULES: tuple[Rule, ...] = ("nonprivate", "flat", "autos", "nsgd", "psac")
+REFINEMENTS: tuple[Refinement, ...] = ("none", "global", "adaptive")
+TRAINERS: dict[Rule, str] = {"nonprivate": "nnUNetTrainerNonPrivateBudget", "flat": "nnUNetTrainerDP",
+                             "autos": "nnUNetTrainerDP_AutoS", "nsgd": "nnUNetTrainerDP_NSGD",
+                             "psac": "nnUNetTrainerDP_PSAC"}
+# Learning rates (never tuned on the test cases):
+# - DP rules: 0.1 for all four, the value of nnUNetv2_dp_demo. With C = 1 every rule bounds a case's contribution by
+#   the same C and adds the same noise σC, and for per-case norms above C flat clipping is the normalising rules
+#   (Bu et al., NeurIPS 2023, show Auto-S at lr η equals flat clipping with a small threshold R at lr η/R); one lr
+#   keeps the comparison about the rule. The noisy sum is divided by the expected batch size, so its signal part has
+#   norm <= C, unlike nnU-Net's unclipped gradient, hence 10x nnU-Net's lr.
+# - nonprivate: nnU-Net's own 0.01 for the GPU budgets. For `tiny`, 0.01 never left background in 400 steps (validation
+#   pseudo-Dice 0 at every epoch, Dataset902 fold 0 of the experiment split), while 0.1 did within 75 steps: `tiny` uses
+#   0.1 for every run.
+LEARNING_RATES: dict[Rule, float] = {"nonprivate": 0.01, "flat": 0.1, "autos": 0.1, "nsgd": 0.1, "psac": 0.1}
+
+
+@dataclass(frozen=True)
+class BudgetSpec:
+    """The same budget for every run: epochs x iterations steps, batch (expected batch under DP)."""
+
+    num_epochs: int
+    num_iterations_per_epoch: int
+    num_val_iterations_per_epoch: int
+    batch_size: int
+    save_every: int
+    features_per_stage: tuple[int, ...] | None  # None: the plans' network; else a smaller one (CPU)
+    nonprivate_lr: float = LEARNING_RATES["nonprivate"]
+
+
+BUDGETS: dict[Budget, BudgetSpec] = {
+    # 2 CPU cores: the full default grid (9 trainings) on Dataset902 2d in < 90 min, predictions included.
+    "tiny": BudgetSpec(16, 25, 2, 32, 4, (8, 16, 32, 64), nonprivate_lr=0.1),
+    # one GPU: ~10-20 min per run
+    "small": BudgetSpec(50, 100, 10, 64, 10, None),
+    # one GPU: nnU-Net's 250 iterations per epoch, 100 epochs
+    "full": BudgetSpec(100, 250, 50, 128, 10, None),
+}
+
+
+class ExperimentError(DPError, ValueError):
+    """A bad option or input of nnUNetv2_dp_experiment: the option, the value seen and what is allowed."""
+
+    def __init__(self, option: str, value: Any, allowed: str, fix: str = "") -> None:
+        self.option, self.value, self.allowed, self.fix = option, value, allowed, fix
+        super().__init__(f"{option} = {value!r} is not allowed: expected {allowed}." + (f" {fix}" if fix else ""))
+
+    def __reduce__(self) -> tuple:
+        return type(self), (self.option, self.value, self.allowed, self.fix)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One training: a rule at a target ε (None for the non-private baseline)."""
+
+    rule: Rule
+    epsilon: float | None
+
+    @property
+    def name(self) -> str:
+        return self.rule if self.epsilon is None else f"{self.rule}_eps{self.epsilon:g}"
+
+    @property
+    def trainer(self) -> str:
+        return TRAINERS[self.rule]
+
+
+def run_grid(rules: list[str], epsilons: list[float]) -> list[RunSpec]:
+    """The non-private baseline first (if asked), then each DP rule at each ε, in the given order."""
+    for rule in rules:
+        if rule not in RULES:
+            raise ExperimentError("--rules", rule, f"one of {list(RULES)}")
+    for eps in epsilons:
+        if not (np.isfinite(eps) and eps > 0):
+            raise ExperimentError("--epsilons", eps, "finite numbers > 0")
+    if not rules:
+        raise ExperimentError("--rules", rules, "at least one rule")
+    if any(r != "nonprivate" for r in rules) and not epsilons:
+        raise ExperimentError("--epsilons", epsilons, "at least one ε for the DP rules")
+    specs = [RunSpec("nonprivate", None)] if "nonprivate" in rules else []
+    specs += [RunSpec(r, float(e)) for r in dict.fromkeys(rules) if r != "nonprivate"  # type: ignore[arg-type]
+              for e in dict.fromkeys(epsilons)]
+    return specs
+
+
+def split_cases(cases: list[str], *, test_fraction: float, val_fraction: float = 0.2,
+                seed: int = 0) -> dict[str, list[str]]:
+    """Seeded, disjoint test / train / val split of case identifiers (independent of their input order)."""
+    if not 0 < test_fraction < 1:
+        raise ExperimentError("--test-fraction", test_fraction, "a number strictly between 0 and 1")
+    ids = sorted(set(cases))
+    if len(ids) < 4:
+        raise ExperimentError("dataset", f"{len(ids)} cases", "at least 4 training cases (test, train, validation)")
+    order = np.random.default_rng(seed).permutation(len(ids))
+    n_test = min(max(1, round(test_fraction * len(ids))), len(ids) - 2)
+    rest = order[n_test:]
+    n_val = min(max(1, round(val_fraction * len(rest))), len(rest) - 1)
+    pick = lambda idx: sorted(ids[i] for i in idx)
+    return {"test": pick(order[:n_test]), "val": pick(rest[:n_val]), "train": pick(rest[n_val:])}
+
+
+def dp_settings(spec: RunSpec, budget: BudgetSpec, seed: int) -> dict[str, Any]:
+    """The nnUNet_dp_config JSON of a DP run, or the nnUNet_dp_experiment_budget JSON of the baseline."""
+    common = {"num_epochs": budget.num_epochs, "num_iterations_per_epoch": budget.num_iterations_per_epoch,
+              "num_val_iterations_per_epoch": budget.num_val_iterations_per_epoch,
+              "initial_lr": budget.nonprivate_lr if spec.rule == "nonprivate" else LEARNING_RATES[spec.rule],
+              "save_every": budget.save_every}
+    if spec.epsilon is None:
+        return {**common, "batch_size": budget.batch_size}
+    return {**common, "target_epsilon": spec.epsilon, "delta": 1e-5, "clip_norm": 1.0,
+            "expected_batch_size": budget.batch_size, "seed": seed}
+
+
+def _link(src: str, dst: str) -> None:
+    if os.path.lexists(dst):
+        os.remove(dst)
+    os.symlink(src, dst)
+
+
+def mirror_preprocessed(source: str, target: str, split: dict[str, list[str]], features: tuple[int, ...] | None,
+                        configuration: str) -> None:
+    """`target` = the preprocessed dataset folder `source` via symlinks, with its own splits_final.json (fold 0 =
+    the experiment's train/val; the test cases are in neither) and its own nnUNetPlans.json. Nothing in `source` is
+    written."""
+    os.makedirs(target, exist_ok=True)
+    for name in os.listdir(source):
+        if name not in ("splits_final.json", "nnUNetPlans.json"):
+            _link(os.path.join(os.path.abspath(source), name), os.path.join(target, name))
+    with open(os.path.join(target, "splits_final.json"), "w") as f:
+        json.dump([{"train": split["train"], "val": split["val"]}], f, indent=1)
+    with open(os.path.join(source, "nnUNetPlans.json")) as f:
+        plans = json.load(f)
+    with open(os.path.join(target, "nnUNetPlans.json"), "w") as f:
+        json.dump(plans, f, indent=2)
+    if features is not None:
+        from nnunet_dp.nnunet.demo import shrink_network
+
+        if configuration != "2d":
+            raise ExperimentError("-c", configuration, "2d with --budget tiny (its CPU network is a smaller 2d one)",
+                                  "Use --budget small or full for other configurations.")
+        shrink_network(os.path.join(target, "nnUNetPlans.json"), list(features))
+
+
+def link_test_cases(raw_dataset: str, test: list[str], file_ending: str, images: str, labels: str) -> None:
+    """Symlink the test cases' images (all channels) and labels from imagesTr/labelsTr into two folders."""
+    os.makedirs(images, exist_ok=True)
+    os.makedirs(labels, exist_ok=True)
+    files = os.listdir(os.path.join(raw_dataset, "imagesTr"))
+    for case in test:
+        channels = [f for f in files if f.startswith(case + "_") and f.endswith(file_ending)
+                    and f[len(case) + 1:-len(file_ending)].isdigit()]
+        label = os.path.join(raw_dataset, "labelsTr", case + file_ending)
+        if not channels or not os.path.isfile(label):
+            raise ExperimentError("-d", raw_dataset, f"imagesTr/{case}_XXXX{file_ending} and labelsTr/{case}"
+                                  f"{file_ending} for every case", "Only nnU-Net's standard raw layout is supported.")
+        for f in channels:
+            _link(os.path.join(raw_dataset, "imagesTr", f), os.path.join(images, f))
+        _link(label, os.path.join(labels, case + file_ending))
+
+
+def resolve_budget(value: str) -> tuple[str, BudgetSpec]:
+    """A named budget, or a JSON file with BudgetSpec's fields (e.g. a minimal one for smoke tests)."""
+    if value in BUDGETS:
+        return value, BUDGETS[value]  # type: ignore[index]
+    if not value.endswith(".json"):
+        raise ExperimentError("--budget", value, f"one of {list(BUDGETS)} or a .json file with the keys "
+                              f"{list(BudgetSpec.__dataclass_fields__)}")
+    try:
+        with open(value) as f:
+            fields = json.load(f)
+        features = fields.get("features_per_stage")
+        spec = BudgetSpec(**{**fields, "features_per_stage": tuple(features) if features else None})
+    except (OSError, TypeError, ValueError) as error:
+        raise ExperimentError("--budget", value, "a readable JSON file with the keys "
+                              f"{list(BudgetSpec.__dataclass_fields__)}", str(error)) from error
+    return os.path.splitext(os.path.basename(value))[0], spec
+
+
+def budget_record(name: str, spec: BudgetSpec) -> dict[str, Any]:
+    fields = asdict(spec)
+    return {"name": name, **fields, "steps": spec.num_epochs * spec.num_iterations_per_epoch,
+            "learning_rates": {**LEARNING_RATES, "nonprivate": spec.nonprivate_lr}}

@@ -1,0 +1,183 @@
+"""nnUNetv2_dp_experiment, one run: train (or resume), predict the test cases, choose DP-Morph on the validation
+predictions only, apply it to the test predictions, score on test with nnU-Net's evaluation, write result.json.
+
+Every step runs nnU-Net's own commands or functions; each is skipped when its output exists.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from dataclasses import dataclass
+from os.path import isdir, isfile, join
+from typing import Any
+
+from nnunet_dp.nnunet.experiment_plan import ExperimentError, RunSpec
+
+RESULT_JSON = "result.json"
+
+
+@dataclass(frozen=True)
+class Context:
+    """What every run shares: dataset, configuration, folders, device, processes and the environment."""
+
+    dataset: str  # DatasetXXX_Name
+    configuration: str
+    out: str
+    preprocessed: str  # the experiment's nnUNet_preprocessed (mirror)
+    test_images: str
+    test_labels: str
+    device: str
+    num_processes: int
+    env: dict[str, str]
+    refinements: tuple[str, ...]
+
+    @property
+    def gt_segmentations(self) -> str:
+        return join(self.preprocessed, self.dataset, "gt_segmentations")
+
+
+def run_command(cmd: list[str], env: dict[str, str], log: str) -> None:
+    """Run an nnU-Net command, appending its output to `log`; on failure stop with the command and the log's tail."""
+    with open(log, "a") as f:
+        f.write(f"\n$ {' '.join(cmd)}\n")
+        f.flush()
+        proc = subprocess.run(cmd, check=False, env=env, stdout=f, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        with open(log) as f:
+            tail = f.read()[-3000:]
+        raise RuntimeError(f"Command failed ({proc.returncode}): {' '.join(cmd)}\n--- end of {log} ---\n{tail}")
+
+
+def model_folder(ctx: Context, run_dir: str, spec: RunSpec) -> str:
+    plans = "nnUNetPlans"
+    return join(run_dir, "nnUNet_results", ctx.dataset, f"{spec.trainer}__{plans}__{ctx.configuration}")
+
+
+def run_env(ctx: Context, run_dir: str, spec: RunSpec) -> dict[str, str]:
+    env = {**ctx.env, "nnUNet_results": join(run_dir, "nnUNet_results"), "nnUNet_preprocessed": ctx.preprocessed}
+    key = "nnUNet_dp_experiment_budget" if spec.epsilon is None else "nnUNet_dp_config"
+    env[key] = join(run_dir, "settings.json")
+    return env
+
+
+def train(ctx: Context, run_dir: str, spec: RunSpec) -> float:
+    """nnUNetv2_train fold 0 (with --c if a checkpoint exists, --val if only validation is missing). Seconds spent."""
+    fold = join(model_folder(ctx, run_dir, spec), "fold_0")
+    if isfile(join(fold, "validation", "summary.json")):
+        return _add_train_seconds(run_dir, 0.0)
+    cmd = ["nnUNetv2_train", ctx.dataset, ctx.configuration, "0", "-tr", spec.trainer, "-device", ctx.device]
+    if isfile(join(fold, "checkpoint_final.pth")):
+        cmd.append("--val")
+    elif isfile(join(fold, "checkpoint_latest.pth")):
+        cmd.append("--c")
+    t0 = time.time()
+    try:
+        run_command(cmd, run_env(ctx, run_dir, spec), join(run_dir, "log.txt"))
+    finally:  # wall time summed over interrupted and resumed attempts
+        _add_train_seconds(run_dir, time.time() - t0)
+    return _add_train_seconds(run_dir, 0.0)
+
+
+def _add_train_seconds(run_dir: str, seconds: float) -> float:
+    path = join(run_dir, "train_seconds.txt")
+    total = 0.0
+    if isfile(path):
+        with open(path) as f:
+            total = float(f.read())
+    with open(path, "w") as f:
+        f.write(str(total + seconds))
+    return total + seconds
+
+
+def predict_test(ctx: Context, run_dir: str, spec: RunSpec) -> str:
+    """nnUNetv2_predict on the test images (nnU-Net's defaults: mirroring TTA, checkpoint_final)."""
+    out = join(run_dir, "test", "none")
+    n_images = len({f.rsplit("_", 1)[0] for f in os.listdir(ctx.test_images)})
+    if isdir(out) and len([f for f in os.listdir(out) if not f.endswith(".json")]) >= n_images:
+        return out
+    run_command(["nnUNetv2_predict", "-i", ctx.test_images, "-o", out, "-d", ctx.dataset, "-c", ctx.configuration,
+                 "-f", "0", "-tr", spec.trainer, "-device", ctx.device, "-npp", "1", "-nps", "1"],
+                run_env(ctx, run_dir, spec), join(run_dir, "log.txt"))
+    return out
+
+
+def choose_and_apply(validation: str, gt_segmentations: str, model: str, test_none: str, out_folder: str,
+                     mode: str, num_processes: int) -> dict[str, Any]:
+    """Choose DP-Morph (`mode`) on the validation predictions and their references only, then apply the choice to
+    the test predictions. The test labels are not an argument: nothing here can read them."""
+    from nnunetv2.postprocessing.remove_connected_components import apply_postprocessing_to_folder
+
+    from nnunet_dp.postprocessing.determine import determine_dp_morph
+
+    choice_folder = join(os.path.dirname(out_folder), f"dpmorph_{mode}")
+    fns, kwargs = determine_dp_morph(validation, gt_segmentations, join(model, "plans.json"),
+                                     join(model, "dataset.json"), num_processes, mode=mode,
+                                     output_folder=choice_folder)
+    apply_postprocessing_to_folder(test_none, out_folder, fns, kwargs, join(model, "plans.json"),
+                                   join(model, "dataset.json"), num_processes)
+    with open(join(choice_folder, "postprocessing.json")) as f:
+        return json.load(f)["dp_morph"]["choice"]
+
+
+def evaluate(pred: str, labels: str, model: str, num_processes: int) -> dict[str, Any]:
+    """nnU-Net's compute_metrics_on_folder on the test cases: per-class Dice (and the rest of its summary)."""
+    from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    with open(join(model, "dataset.json")) as f:
+        dataset_json = json.load(f)
+    plans = PlansManager(join(model, "plans.json"))
+    label_manager = plans.get_label_manager(dataset_json)
+    summary = compute_metrics_on_folder(labels, pred, join(pred, "summary.json"), plans.image_reader_writer_class(),
+                                        dataset_json["file_ending"], label_manager.foreground_labels,
+                                        label_manager.ignore_label, num_processes)
+    names = {v: k for k, v in dataset_json["labels"].items() if isinstance(v, int)}
+    dice = {names.get(int(k), str(k)): float(m["Dice"]) for k, m in summary["mean"].items()}
+    return {"dice": dice, "dice_mean": float(summary["foreground_mean"]["Dice"]),
+            "num_cases": len(summary["metric_per_case"])}
+
+
+def privacy_summary(fold: str) -> dict[str, Any]:
+    path = join(fold, "privacy.json")
+    if not isfile(path):
+        return {"epsilon": None, "delta": None, "noise_multiplier": None, "steps": None, "status": "non-private"}
+    with open(path) as f:
+        rep = json.load(f)
+    return {k: rep.get(k) for k in ("epsilon", "delta", "noise_multiplier", "steps", "sampling_rate",
+                                    "expected_batch_size", "num_training_cases", "status")}
+
+
+def execute(ctx: Context, run_dir: str, spec: RunSpec, settings: dict[str, Any]) -> dict[str, Any]:
+    """The whole run; returns and writes result.json (its presence marks the run finished)."""
+    os.makedirs(run_dir, exist_ok=True)
+    path = join(run_dir, "settings.json")
+    if isfile(path):
+        with open(path) as f:
+            if json.load(f) != settings:
+                raise ExperimentError("output folder", run_dir, "a run with the same settings",
+                                      "Another budget/seed was used in this folder; choose another -o.")
+    with open(path, "w") as f:
+        json.dump(settings, f, indent=2)
+    t0 = time.time()
+    train_seconds = train(ctx, run_dir, spec)
+    model = model_folder(ctx, run_dir, spec)
+    fold = join(model, "fold_0")
+    test_none = predict_test(ctx, run_dir, spec)
+    scores = {"none": evaluate(test_none, ctx.test_labels, model, ctx.num_processes)}
+    choices = {}
+    for mode in (m for m in ctx.refinements if m != "none"):
+        pred = join(run_dir, "test", mode)
+        choices[mode] = choose_and_apply(join(fold, "validation"), ctx.gt_segmentations, model, test_none, pred,
+                                         mode, ctx.num_processes)
+        scores[mode] = evaluate(pred, ctx.test_labels, model, ctx.num_processes)
+    with open(join(fold, "validation", "summary.json")) as f:
+        val_dice = float(json.load(f)["foreground_mean"]["Dice"])
+    result = {"run": spec.name, "rule": spec.rule, "target_epsilon": spec.epsilon, "trainer": spec.trainer,
+              **privacy_summary(fold), "initial_lr": settings["initial_lr"], "scores": scores,
+              "dpmorph_choice": choices, "validation_dice_mean": val_dice, "train_seconds": train_seconds,
+              "seconds": time.time() - t0, "model_folder": model}
+    with open(join(run_dir, RESULT_JSON), "w") as f:
+        json.dump(result, f, indent=2)
+    return result

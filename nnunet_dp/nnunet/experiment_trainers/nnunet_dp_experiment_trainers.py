@@ -1,0 +1,41 @@
+"""The non-private baseline of nnUNetv2_dp_experiment: nnU-Net's own trainer and step, under the experiment's budget.
+
+nnU-Net imports this module under its top-level name through nnUNet_extTrainer, so it holds a declaration only.
+The budget comes from the JSON file named by env var nnUNet_dp_experiment_budget (written per run by the experiment).
+"""
+import json
+import os
+
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+BUDGET_ENV = "nnUNet_dp_experiment_budget"
+BUDGET_KEYS = ("num_epochs", "num_iterations_per_epoch", "num_val_iterations_per_epoch", "initial_lr", "batch_size",
+               "save_every")
+
+
+class nnUNetTrainerNonPrivateBudget(nnUNetTrainer):
+    """nnU-Net's normal step (its batch sampling, batch Dice and norms as planned) with the experiment's budget."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):  # noqa: B008 (nnU-Net's exact signature)
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        path = os.environ.get(BUDGET_ENV)
+        if not path or not os.path.isfile(path):
+            raise RuntimeError(f"{BUDGET_ENV} = {path!r}: expected the path of the budget JSON that "
+                               "nnUNetv2_dp_experiment writes (keys: " + ", ".join(BUDGET_KEYS) + ").")
+        with open(path) as f:
+            budget = json.load(f)
+        unknown = sorted(set(budget) - set(BUDGET_KEYS))
+        if unknown:
+            raise RuntimeError(f"{BUDGET_ENV} file {path!r} has unknown keys {unknown}; allowed: {list(BUDGET_KEYS)}")
+        self.num_epochs = int(budget["num_epochs"])
+        self.num_iterations_per_epoch = int(budget["num_iterations_per_epoch"])
+        self.num_val_iterations_per_epoch = int(budget["num_val_iterations_per_epoch"])
+        self.initial_lr = float(budget["initial_lr"])
+        self.save_every = int(budget.get("save_every", self.save_every))
+        self.experiment_batch_size = int(budget["batch_size"])
+
+    def _set_batch_size_and_oversample(self):
+        super()._set_batch_size_and_oversample()
+        self.batch_size = self.experiment_batch_size
