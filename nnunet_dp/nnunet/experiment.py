@@ -35,7 +35,7 @@ from nnunet_dp.nnunet.experiment_plan import (
     split_cases,
 )
 from nnunet_dp.nnunet.experiment_report import write_report
-from nnunet_dp.nnunet.experiment_run import RESULT_JSON, Context, execute
+from nnunet_dp.nnunet.experiment_run import RESULT_JSON, Context, execute, record_or_check
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,15 +132,10 @@ def prepare(args: argparse.Namespace, out: str, env: dict[str, str]) -> tuple[Co
     source = ensure_preprocessed(name, args.c, env, join(out, "preprocess_log.txt"))
     cases = [f[:-len(file_ending)] for f in os.listdir(join(raw, "labelsTr")) if f.endswith(file_ending)]
     split = split_cases(cases, test_fraction=args.test_fraction, seed=args.seed)
-    split_file = join(out, "split.json")
     record = {"seed": args.seed, "test_fraction": args.test_fraction, "val_fraction_of_rest": 0.2, **split}
-    if isfile(split_file):
-        with open(split_file) as f:
-            if json.load(f) != record:
-                raise ExperimentError("-o", out, "a folder made with the same dataset, --seed and --test-fraction",
-                                      "Use a new output folder.")
-    with open(split_file, "w") as f:
-        json.dump(record, f, indent=1)
+    record_or_check(join(out, "split.json"), record,
+                    ExperimentError("-o", out, "a folder made with the same dataset, --seed and --test-fraction",
+                                    "Use a new output folder."))
     preprocessed = join(out, "nnUNet_preprocessed")
     budget_name, budget = resolve_budget(args.budget)
     mirror_preprocessed(source, join(preprocessed, name), split, budget.features_per_stage, args.c)

@@ -149,17 +149,22 @@ def privacy_summary(fold: str) -> dict[str, Any]:
                                     "expected_batch_size", "num_training_cases", "status")}
 
 
+def record_or_check(path: str, record: dict[str, Any], mismatch: ExperimentError) -> None:
+    """Write `record` to `path`; if the file exists with another content (an earlier invocation), raise `mismatch`."""
+    if isfile(path):
+        with open(path) as f:
+            if json.load(f) != record:
+                raise mismatch
+    with open(path, "w") as f:
+        json.dump(record, f, indent=2)
+
+
 def execute(ctx: Context, run_dir: str, spec: RunSpec, settings: dict[str, Any]) -> dict[str, Any]:
     """The whole run; returns and writes result.json (its presence marks the run finished)."""
     os.makedirs(run_dir, exist_ok=True)
-    path = join(run_dir, "settings.json")
-    if isfile(path):
-        with open(path) as f:
-            if json.load(f) != settings:
-                raise ExperimentError("output folder", run_dir, "a run with the same settings",
-                                      "Another budget/seed was used in this folder; choose another -o.")
-    with open(path, "w") as f:
-        json.dump(settings, f, indent=2)
+    record_or_check(join(run_dir, "settings.json"), settings,
+                    ExperimentError("output folder", run_dir, "a run with the same settings",
+                                    "Another budget/seed was used in this folder; choose another -o."))
     t0 = time.time()
     train_seconds = train(ctx, run_dir, spec)
     model = model_folder(ctx, run_dir, spec)
