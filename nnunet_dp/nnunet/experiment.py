@@ -124,7 +124,8 @@ def _environment() -> dict[str, str]:
     return env
 
 
-def prepare(args: argparse.Namespace, out: str, env: dict[str, str]) -> tuple[Context, dict]:
+def prepare(args: argparse.Namespace, out: str, env: dict[str, str], budget_name: str,
+            budget: BudgetSpec) -> tuple[Context, dict]:
     """Dataset, preprocessing, split (reused if recorded), the mirrored preprocessed folder and the test links."""
     name, raw = _dataset(str(args.d))
     with open(join(raw, "dataset.json")) as f:
@@ -137,7 +138,6 @@ def prepare(args: argparse.Namespace, out: str, env: dict[str, str]) -> tuple[Co
                     ExperimentError("-o", out, "a folder made with the same dataset, --seed and --test-fraction",
                                     "Use a new output folder."))
     preprocessed = join(out, "nnUNet_preprocessed")
-    budget_name, budget = resolve_budget(args.budget)
     mirror_preprocessed(source, join(preprocessed, name), split, budget.features_per_stage, args.c)
     link_test_cases(raw, split["test"], file_ending, join(out, "test_data", "imagesTs"),
                     join(out, "test_data", "labelsTs"))
@@ -161,11 +161,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         _check(args)
         specs = run_grid(args.rules, args.epsilons)
+        budget_name, budget = resolve_budget(args.budget)  # before preprocessing: a bad file fails at once
         out = os.path.abspath(args.o or f"dp_experiment_{args.d}_{args.c}_{args.budget}")
         os.makedirs(out, exist_ok=True)
-        ctx, header = prepare(args, out, _environment())
+        ctx, header = prepare(args, out, _environment(), budget_name, budget)
         header["command"] = "nnUNetv2_dp_experiment " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-        results = run_all(ctx, specs, resolve_budget(args.budget)[1], args.seed)
+        results = run_all(ctx, specs, budget, args.seed)
         path = write_report(out, header, results)
     except (DPError, RuntimeError, subprocess.SubprocessError) as error:
         sys.exit(f"ERROR: {error}")
