@@ -41,10 +41,16 @@ def _env(work: str, dp_config: str) -> dict[str, str]:
     return env
 
 
-def _executable(name: str) -> str:
+def console_script(name: str) -> str:
     """The console script installed beside this Python (works without an activated venv), else from PATH."""
     beside = join(os.path.dirname(sys.executable), name)
     return beside if os.path.isfile(beside) else (shutil.which(name) or name)
+
+
+def planning_env(env: dict[str, str]) -> dict[str, str]:
+    """`env` with nnUNet_n_proc_DA >= 1: nnU-Net's planner calls torch.set_num_threads(nnUNet_n_proc_DA), which
+    fails for 0."""
+    return {**env, "nnUNet_n_proc_DA": str(max(1, int(env.get("nnUNet_n_proc_DA") or 1)))}
 
 
 # training-log lines echoed to the terminal as progress (everything goes to demo_log.txt)
@@ -53,7 +59,7 @@ PROGRESS = ("Epoch ", "Pseudo dice", "DP:", "train_loss")
 
 def _run(cmd: list[str], env: dict[str, str], log: str) -> None:
     print(f"\n$ {' '.join(cmd)}", flush=True)
-    with open(log, "a") as f, subprocess.Popen([_executable(cmd[0]), *cmd[1:]], env=env, stdout=subprocess.PIPE,
+    with open(log, "a") as f, subprocess.Popen([console_script(cmd[0]), *cmd[1:]], env=env, stdout=subprocess.PIPE,
                                                stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
         for line in proc.stdout:
             f.write(line)
@@ -120,8 +126,7 @@ def run_demo(work: str, trainer: str, settings: dict, *, quick: bool) -> dict:
         print(f"Making synthetic dataset {DATASET} ({n_train} training + 20 test cases of 32x32) in {raw}")
         make_dataset(env["nnUNet_raw"], dataset_id=DATASET_ID, name=NAME, num_train=n_train, num_test=20,
                      shape=(32, 32))
-    # nnU-Net's planner calls torch.set_num_threads(nnUNet_n_proc_DA), which fails for 0
-    plan_env = {**env, "nnUNet_n_proc_DA": str(max(1, int(env["nnUNet_n_proc_DA"] or 1)))}
+    plan_env = planning_env(env)
     _run(["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "2d", "-np", "2"], plan_env, log)
     shrink_network(join(env["nnUNet_preprocessed"], DATASET, "nnUNetPlans.json"), DEMO_FEATURES)
     print(f"DP settings ({cfg}): {json.dumps(settings)}")

@@ -90,9 +90,6 @@ def ensure_preprocessed(name: str, configuration: str, env: dict[str, str], log:
     folder = join(env["nnUNet_preprocessed"], name)
     plans_file = join(folder, "nnUNetPlans.json")
     dataset_id = name[len("Dataset"):len("Dataset") + 3]
-    penv = {**env, "nnUNet_n_proc_DA": env.get("nnUNet_n_proc_DA") or "1"}
-    if penv["nnUNet_n_proc_DA"] == "0":
-        penv["nnUNet_n_proc_DA"] = "1"  # nnU-Net's planner calls torch.set_num_threads(nnUNet_n_proc_DA)
     if not isfile(plans_file):
         cmd = ["nnUNetv2_plan_and_preprocess", "-d", dataset_id, "-c", configuration, "-np", "2"]
     else:
@@ -105,9 +102,10 @@ def ensure_preprocessed(name: str, configuration: str, env: dict[str, str], log:
             return folder
         cmd = ["nnUNetv2_preprocess", "-d", dataset_id, "-c", configuration, "-np", "2"]
     print(f"Preprocessing: {' '.join(cmd)} (log: {log})", flush=True)
+    from nnunet_dp.nnunet.demo import planning_env
     from nnunet_dp.nnunet.experiment_run import run_command
 
-    run_command(cmd, penv, log)
+    run_command(cmd, planning_env(env), log)
     return folder
 
 
@@ -119,8 +117,6 @@ def _environment() -> dict[str, str]:
     env["nnUNet_extTrainer"] = os.pathsep.join(
         p for p in [trainer_folder(), join(here, "experiment_trainers"), env.get("nnUNet_extTrainer")] if p)
     env.setdefault("nnUNet_compile", "f")
-    bin_dir = os.path.dirname(sys.executable)  # the nnU-Net commands of this interpreter's environment
-    env["PATH"] = os.pathsep.join([bin_dir, env.get("PATH", "")])
     return env
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from os.path import isdir, isfile, join
 from typing import Any
 
+from nnunet_dp.nnunet.demo import console_script
 from nnunet_dp.nnunet.experiment_plan import ExperimentError, RunSpec
 
 RESULT_JSON = "result.json"
@@ -43,7 +44,7 @@ def run_command(cmd: list[str], env: dict[str, str], log: str) -> None:
     with open(log, "a") as f:
         f.write(f"\n$ {' '.join(cmd)}\n")
         f.flush()
-        proc = subprocess.run(cmd, check=False, env=env, stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.run([console_script(cmd[0]), *cmd[1:]], check=False, env=env, stdout=f, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
         with open(log) as f:
             tail = f.read()[-3000:]
