@@ -41,7 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-epsilon_select", type=float, default=None,
                         help="choose privately with the exponential mechanism at this epsilon (recorded in "
                              "postprocessing.json; add it to the training epsilon). Default: not private")
-    parser.add_argument("-seed", type=int, default=None, help="seed of the private selection (recorded)")
+    parser.add_argument("-seed", type=int, default=None,
+                        help="seed the private selection (needs -epsilon_select): reproducible but NOT private, so "
+                             "epsilon_select no longer holds; postprocessing.json says private_randomness false "
+                             "(the seed itself is not written). Default: fresh OS entropy, private")
     parser.add_argument("--with_connected_components", action="store_true",
                         help="run nnU-Net's own connected-component determination first and search DP-Morph on top; "
                              "one pkl holds both")

@@ -24,7 +24,7 @@ from nnunet_dp.postprocessing.folders import (
     score_case,
     write_postprocessing,
 )
-from nnunet_dp.postprocessing.privacy import selection_probabilities
+from nnunet_dp.postprocessing.privacy import check_seed, selection_generator, selection_probabilities
 from nnunet_dp.postprocessing.refine import Operation, Plane, refine_label_map
 from nnunet_dp.postprocessing.report import build_summary, format_result, privacy_record
 from nnunet_dp.postprocessing.search import MODES, Candidate, Mode, Selection, make_candidates, select
@@ -34,7 +34,7 @@ ALL_OPERATIONS: tuple[Operation, ...] = ("opening", "closing", "opening_closing"
 
 
 def _check_options(mode: str, radius_unit: str, margin: float, num_processes: int,
-                   epsilon_select: float | None) -> None:
+                   epsilon_select: float | None, seed: int | None) -> None:
     if mode not in MODES:
         raise DPMorphError("mode", mode, f"one of {list(MODES)}")
     if radius_unit not in ("voxel", "mm"):
@@ -45,6 +45,10 @@ def _check_options(mode: str, radius_unit: str, margin: float, num_processes: in
         raise DPMorphError("-np", num_processes, "an integer >= 1")
     if epsilon_select is not None:
         selection_probabilities(np.zeros(1), epsilon=epsilon_select, sensitivity=1.0)  # validates epsilon_select
+    check_seed(seed)
+    if seed is not None and epsilon_select is None:
+        raise DPMorphError("seed", seed, "only together with -epsilon_select",
+                           "Without -epsilon_select the best candidate is taken and nothing is drawn: drop -seed.")
 
 
 def geometry(info: DatasetInfo, first_pred: str, planes: Sequence[Plane]) -> tuple[int, tuple[Plane, ...]]:
@@ -105,14 +109,10 @@ def _score(pairs: list[tuple[str, str]], info: DatasetInfo, candidates: list[Can
 
 
 def _select(alone: np.ndarray, every: np.ndarray, labels: Sequence[int], candidates: list[Candidate], mode: Mode,
-            margin: float, epsilon_select: float | None, seed: int | None) -> tuple[Selection, int | None]:
-    """The selection and the seed it used (drawn and recorded when private selection has none)."""
-    if epsilon_select is not None and seed is None:
-        seed = int(np.random.SeedSequence().entropy)
-    rng = None if epsilon_select is None else np.random.default_rng(seed)
-    selection = select(alone, every, labels, candidates, mode=mode, margin=margin, epsilon_select=epsilon_select,
-                       rng=rng)
-    return selection, seed
+            margin: float, epsilon_select: float | None, seed: int | None) -> Selection:
+    """The selection. A private one draws from fresh OS entropy unless seeded; the seed is never returned (inv. 8)."""
+    rng = None if epsilon_select is None else selection_generator(seed)
+    return select(alone, every, labels, candidates, mode=mode, margin=margin, epsilon_select=epsilon_select, rng=rng)
 
 
 def determine_dp_morph(folder_predictions: str, folder_ref: str, plans_file: str | None = None,
@@ -122,8 +122,12 @@ def determine_dp_morph(folder_predictions: str, folder_ref: str, plans_file: str
                        margin: float = 0.001, epsilon_select: float | None = None, seed: int | None = None,
                        with_connected_components: bool = False,
                        output_folder: str | None = None) -> tuple[list[Callable], list[dict]]:
-    """Search DP-Morph, write <output_folder or folder_predictions>/postprocessing.pkl and .json; return the pkl."""
-    _check_options(mode, radius_unit, margin, num_processes, epsilon_select)
+    """Search DP-Morph, write <output_folder or folder_predictions>/postprocessing.pkl and .json; return the pkl.
+
+    Private selection (epsilon_select) draws from fresh OS entropy. seed makes it reproducible and NOT private: the
+    json then says private_randomness false. The seed itself is never written (invariant 8).
+    """
+    _check_options(mode, radius_unit, margin, num_processes, epsilon_select, seed)
     candidates = make_candidates(operations, radii, planes)
     plans_file = find_json(plans_file, folder_predictions, "plans.json", "-plans_json")
     dataset_json_file = find_json(dataset_json_file, folder_predictions, "dataset.json", "-dataset_json")
@@ -138,15 +142,15 @@ def determine_dp_morph(folder_predictions: str, folder_ref: str, plans_file: str
         search_pairs = pair_cases(searched, folder_ref, info.file_ending)
     spacing = list(info.median_spacing) if radius_unit == "mm" else None
     alone, every = _score(search_pairs, info, candidates, spacing, slice_axis, num_processes)
-    selection, seed = _select(alone, every, info.labels, candidates, mode, margin, epsilon_select, seed)
+    selection = _select(alone, every, info.labels, candidates, mode, margin, epsilon_select, seed)
     kwargs = {"steps": [s.to_kwargs() for s in selection.steps], "spacing": spacing, "slice_axis": slice_axis}
     pp_fns, pp_kwargs = (cc_fns + [refine_label_map], cc_kwargs + [kwargs]) if selection.steps else (cc_fns, cc_kwargs)
     finals = map_cases(final_case, [(p, r, info, pp_fns, pp_kwargs) for p, r in pairs], num_processes,
                        "DP-Morph: checking the result")
     settings = _settings((folder_predictions, searched, folder_ref), mode, candidates, radius_unit, spacing,
                          slice_axis, margin, info)
-    privacy = privacy_record(epsilon_select, seed, len(search_pairs), len(info.labels) if mode == "adaptive" else 1,
-                             with_connected_components)
+    privacy = privacy_record(epsilon_select, len(search_pairs), len(info.labels) if mode == "adaptive" else 1,
+                             with_connected_components, seeded=seed is not None)
     main, scores = build_summary(settings, privacy, selection, candidates, (alone, every),
                                  (np.stack([f[0] for f in finals]), np.stack([f[1] for f in finals])),
                                  (pp_fns, pp_kwargs), cc_summary)

@@ -13,9 +13,16 @@ NOT_PRIVATE = ("These Dice values are computed from the validation cases and are
                "the private data; releasing it is not covered by epsilon_select.")
 
 
-def privacy_record(epsilon_select: float | None, seed: int | None, num_cases: int, num_selections: int,
-                   with_connected_components: bool) -> dict[str, Any]:
-    """How the choice was made; epsilon_select is what to add to the training epsilon."""
+SEEDED = ("the selection was seeded (-seed): it is reproducible, not private, so its epsilon_select does not hold; "
+          "whoever knows the seed recomputes the choice from the utilities (the seed is not recorded)")
+
+
+def privacy_record(epsilon_select: float | None, num_cases: int, num_selections: int,
+                   with_connected_components: bool, *, seeded: bool = False) -> dict[str, Any]:
+    """How the choice was made; epsilon_select is what to add to the training epsilon.
+
+    Takes whether a seed was given, never the seed: no seed or generator state goes into a file (invariant 8).
+    """
     if epsilon_select is None:
         return {"private_selection": False, "epsilon_select": None,
                 "note": "The choice is not privatised: it was made on the validation cases and is not covered by "
@@ -25,13 +32,17 @@ def privacy_record(epsilon_select: float | None, seed: int | None, num_cases: in
                    "postprocessing_scores.json holds non-private Dice values and is not released"]
     if with_connected_components:
         assumptions.append("nnU-Net's connected-component choice, made first, is not privatised")
-    return {"private_selection": True, "epsilon_select": float(epsilon_select),
+    if seeded:
+        assumptions.insert(0, SEEDED)
+    randomness = ("seeded by -seed: reproducible, not private" if seeded else
+                  "fresh OS entropy (numpy default_rng without a seed); no seed or generator state is kept")
+    return {"private_selection": True, "epsilon_select": float(epsilon_select), "private_randomness": not seeded,
+            "randomness": randomness,
             "mechanism": "exponential mechanism (McSherry & Talwar 2007): P(c) ~ exp(eps * u(c) / (2 * du))",
             "utility": "mean Dice over the cases, minus the margin for every candidate except none",
             "sensitivity": 1.0 / num_cases, "num_cases": num_cases, "num_selections": num_selections,
             "epsilon_per_selection": float(epsilon_select) / num_selections,
-            "composition": "basic: the selections' epsilons add up to epsilon_select", "seed": seed,
-            "assumptions": assumptions}
+            "composition": "basic: the selections' epsilons add up to epsilon_select", "assumptions": assumptions}
 
 
 def mean_dice(per_case: np.ndarray, labels: Sequence[str]) -> dict[str, float]:
@@ -92,4 +103,6 @@ def format_result(main: dict[str, Any], folder: str) -> str:
     else:
         lines.append(f"  private selection, epsilon_select = {record['privacy']['epsilon_select']:g}; the Dice values "
                      "are in postprocessing_scores.json (not privatised)")
+        if not record["privacy"]["private_randomness"]:
+            lines.append("  seeded (-seed): reproducible, NOT private; epsilon_select does not hold")
     return "\n".join(lines)

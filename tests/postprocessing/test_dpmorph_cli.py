@@ -108,10 +108,11 @@ def test_with_connected_components_one_pkl_holds_both(tmp_path):
 def test_private_selection_records_epsilon_and_withholds_scores(tiny_model):
     validation, gt = tiny_model["validation"], tiny_model["gt"]
     determine_dp_morph(str(validation), str(gt), num_processes=1, radii=[1], planes=["volumetric"],
-                       epsilon_select=2.0, seed=11)
+                       epsilon_select=2.0)
     record = json.loads((validation / "postprocessing.json").read_text())["dp_morph"]
     privacy = record["privacy"]
-    assert privacy["private_selection"] is True and privacy["epsilon_select"] == 2.0 and privacy["seed"] == 11
+    assert privacy["private_selection"] is True and privacy["epsilon_select"] == 2.0
+    assert privacy["private_randomness"] is True and "seed" not in privacy
     assert privacy["sensitivity"] == pytest.approx(1 / 4) and privacy["epsilon_per_selection"] == pytest.approx(2 / 3)
     assert "candidate_dice" not in record and "dice_after" not in record
     scores = json.loads((validation / "postprocessing_scores.json").read_text())
