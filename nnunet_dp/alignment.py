@@ -15,9 +15,11 @@ Per case: ||g_i||, cos(g_i, mean of the other cases), cos(g_i, g_bar), s_i and t
 PSAC's assumption (Xia et al., AAAI 2023: small-norm per-sample gradients point away from the true gradient, so rules
 that give them weight ~1 (Auto-S, NSGD) bias the update) as numbers: the Spearman rank correlation between ||g_i||
 and cos(g_i, mean of the others) (> 0 where the assumption holds), and the mean of that cosine over the
-smallest-norm decile against the rest.
+smallest-norm decile against the rest. Both treat values equal up to rounding as ties (tie_groups, RANK_TIE_RTOL), so
+gradients equal in exact arithmetic are not ranked by their last bits.
 
-Everything except Monte Carlo works on the Gram matrix of [g_1..g_B, g_bar] in float64, so no d-dimensional vector
+Cosines are clamped to [-1, 1]: rounding takes the cosine of parallel vectors (a batch of one case: a || g_bar) a
+few ulps past 1 on some machines. Everything except Monte Carlo works on the Gram matrix of [g_1..g_B, g_bar] in float64, so no d-dimensional vector
 beyond G itself is ever formed.
 """
 from __future__ import annotations
@@ -37,6 +39,10 @@ from nnunet_dp.per_sample import LossFn, Target, batch_size_of, case_gradient, c
 from nnunet_dp.rules import RULE_NAMES, ScalingRule, make_rule
 
 _CHUNK = 1 << 22  # columns of G per block (bounded float64 temporaries)
+# Rank statistics tie values closer than RANK_TIE_RTOL * (their side's scale: largest |value|, at least 1 for cosines):
+# tie_groups. Norms and cosines from the float64 Gram route differ between machines (BLAS blocking, threads) by
+# ~sqrt(d) eps of that scale (1e-12 at d = 30 M); float32 gradients are good to ~6e-8, so less than 1e-9 means nothing.
+RANK_TIE_RTOL = 1e-9
 
 
 def all_rules(*, clip_norm: float, autos_gamma: float = 0.01, nsgd_r: float = 0.1,
@@ -86,7 +92,8 @@ def gram(G: torch.Tensor, reference: torch.Tensor | None = None, *, chunk: int =
 
 
 def _cos(xy: float, xx: float, yy: float) -> float:
-    return xy / math.sqrt(xx * yy) if xx > 0 and yy > 0 else float("nan")
+    """xy / sqrt(xx yy) clamped to [-1, 1] (parallel vectors, e.g. a batch of one case, round a few ulps past 1)."""
+    return max(-1.0, min(1.0, xy / math.sqrt(xx * yy))) if xx > 0 and yy > 0 else float("nan")
 
 
 def _resolved(K: torch.Tensor, x: torch.Tensor) -> float:
@@ -109,7 +116,7 @@ def rule_metrics(K: torch.Tensor, scales: torch.Tensor, *, dim: int, noise_std: 
     v = w / total - ref if total > 0 else torch.full_like(w, float("nan"))
     return {
         "bias_alignment": _cos(ar, aa, rr),
-        "private_alignment": ar / math.sqrt(rr * (aa + noise_std ** 2 * dim)) if rr > 0 else float("nan"),
+        "private_alignment": _cos(ar, aa + noise_std ** 2 * dim, rr),
         "snr": snr,
         "normalized_deviation": math.sqrt(max(float(v @ K @ v), 0.0) / rr) if rr > 0 else float("nan"),
         "sum_scales": total,
@@ -126,46 +133,85 @@ def case_metrics(K: torch.Tensor) -> dict[str, torch.Tensor]:
     # g_i . sum_{j != i} g_j = row_i - K_ii;  ||sum_{j != i} g_j||^2 = 1'K1 - 2 row_i + K_ii  (the 1/(B-1) cancels)
     others_sq = (Kg.sum() - 2 * row + diag).clamp_min(0)
     denom = norms * others_sq.sqrt()
-    cos_others = torch.where(denom > 0, (row - diag) / denom.clamp_min(1e-300), torch.full_like(row, float("nan")))
+    cos_others = torch.where(denom > 0, ((row - diag) / denom.clamp_min(1e-300)).clamp(-1, 1),
+                             torch.full_like(row, float("nan")))
     if B < 2:
         cos_others = torch.full_like(row, float("nan"))
     ref_norm = float(K[B, B].clamp_min(0).sqrt())
     denom_ref = norms * ref_norm
-    cos_ref = torch.where(denom_ref > 0, K[:B, B] / denom_ref.clamp_min(1e-300), torch.full_like(row, float("nan")))
+    cos_ref = torch.where(denom_ref > 0, (K[:B, B] / denom_ref.clamp_min(1e-300)).clamp(-1, 1),
+                          torch.full_like(row, float("nan")))
     return {"norm": norms, "cos_others": cos_others, "cos_reference": cos_ref}
 
 
-def spearman(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray, *,
-             with_pvalue: bool = False) -> Any:
-    """Spearman rank correlation over the finite pairs (scipy.stats.spearmanr, ties get average ranks); nan with
-    fewer than 3 pairs or a constant side. With with_pvalue: (rho, two-sided p-value)."""
+def tie_groups(values: Sequence[float] | np.ndarray, *, unit: float = 0.0, rtol: float = RANK_TIE_RTOL) -> np.ndarray:
+    """Each (finite) value replaced by the smallest value of its tie group, so values equal up to rounding rank equal.
+    tol = rtol * max(max|values|, unit); unit is the values' natural scale where their rounding error does not shrink
+    with them (1 for cosines). In ascending order a group starts at its smallest value v0 and holds every value
+    v <= v0 + tol; the first value beyond starts the next group. A group never spans more than tol, so a chain of
+    values each within tol of the previous one is cut every tol, not merged; a value more than tol from every other
+    value is never tied. Depends on the values only, not on their order."""
+    v = np.asarray(values, dtype=float)
+    if not np.isfinite(v).all():
+        raise ValueError(f"tie_groups needs finite values, got {v[~np.isfinite(v)][:3].tolist()}")
+    out = v.copy()
+    if v.size == 0:
+        return out
+    tol = rtol * max(float(np.abs(v).max()), unit)
+    anchor = -math.inf
+    for i in np.argsort(v, kind="stable"):
+        if v[i] - anchor > tol:
+            anchor = float(v[i])
+        out[i] = anchor
+    return out
+
+
+def spearman(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray, *, x_unit: float = 0.0,
+             y_unit: float = 0.0, with_pvalue: bool = False) -> Any:
+    """Spearman rank correlation over the finite pairs: scipy.stats.spearmanr on tie_groups of each side (with
+    x_unit, y_unit), so values within RANK_TIE_RTOL of a side's scale tie and get average ranks. nan with fewer than
+    3 pairs or a side that is one tie group. With with_pvalue: (rho, two-sided p-value)."""
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     ok = np.isfinite(x) & np.isfinite(y)
-    if ok.sum() < 3 or np.ptp(x[ok]) == 0 or np.ptp(y[ok]) == 0:
+    if ok.sum() < 3:
+        return (float("nan"), float("nan")) if with_pvalue else float("nan")
+    xt, yt = tie_groups(x[ok], unit=x_unit), tie_groups(y[ok], unit=y_unit)
+    if np.ptp(xt) == 0 or np.ptp(yt) == 0:
         return (float("nan"), float("nan")) if with_pvalue else float("nan")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        res = stats.spearmanr(x[ok], y[ok])
+        res = stats.spearmanr(xt, yt)
     return (float(res.statistic), float(res.pvalue)) if with_pvalue else float(res.statistic)
+
+
+def decile_weights(norms: Sequence[float] | np.ndarray, k: int) -> np.ndarray:
+    """Each case's share of the k smallest-norm places, norms tied by tie_groups: 1 below the boundary, 0 above, and
+    (places left) / (cases tied) for a tie group the boundary cuts, the mean over every order of the tied cases."""
+    groups = tie_groups(norms)
+    ordered = np.sort(groups)
+    below = np.searchsorted(ordered, groups, side="left")
+    tied = np.searchsorted(ordered, groups, side="right") - below
+    return np.clip((k - below) / tied, 0.0, 1.0)
 
 
 def psac_assumption(norms: Sequence[float] | np.ndarray, cos_others: Sequence[float] | np.ndarray, *,
                     fraction: float = 0.1) -> dict[str, float]:
     """PSAC's premise as numbers: rank correlation of ||g_i|| with cos(g_i, mean of the others), and the mean of
-    that cosine over the ceil(fraction * n) smallest-norm cases ('small_decile_cos') against the rest ('rest_cos');
-    decile_gap = rest_cos - small_decile_cos (> 0: small-norm cases are less aligned, as PSAC assumes)."""
+    that cosine over the k = ceil(fraction * n) smallest-norm cases ('small_decile_cos', tied norms share the places
+    at the boundary: decile_weights) against the rest ('rest_cos'); decile_gap = rest_cos - small_decile_cos (> 0:
+    small-norm cases are less aligned, as PSAC assumes). All nan with fewer than 2 cases or all norms tied."""
     if not 0 < fraction < 1:
         raise ValueError(f"fraction must be in (0, 1), got {fraction}")
     n_arr, c_arr = np.asarray(norms, dtype=float), np.asarray(cos_others, dtype=float)
     ok = np.isfinite(n_arr) & np.isfinite(c_arr)
     n_arr, c_arr = n_arr[ok], c_arr[ok]
     nan = float("nan")
-    if len(n_arr) < 2:
+    if len(n_arr) < 2 or np.ptp(tie_groups(n_arr)) == 0:
         return {"spearman_norm_cos": nan, "small_decile_cos": nan, "rest_cos": nan, "decile_gap": nan}
-    order = np.argsort(n_arr, kind="stable")
     k = min(max(1, math.ceil(fraction * len(n_arr))), len(n_arr) - 1)
-    small, rest = float(c_arr[order[:k]].mean()), float(c_arr[order[k:]].mean())
-    return {"spearman_norm_cos": spearman(n_arr, c_arr), "small_decile_cos": small, "rest_cos": rest,
+    w = decile_weights(n_arr, k)
+    small, rest = float(w @ c_arr / k), float((1 - w) @ c_arr / (len(n_arr) - k))
+    return {"spearman_norm_cos": spearman(n_arr, c_arr, y_unit=1.0), "small_decile_cos": small, "rest_cos": rest,
             "decile_gap": rest - small}
 
 
@@ -192,7 +238,7 @@ def private_alignment_mc(G: torch.Tensor, K: torch.Tensor, weights: torch.Tensor
                 rz += reference.reshape(-1)[j:j + chunk].to(G.device).double() @ z
         rz_val = float(Gz.mean()) if reference is None else float(rz)
         Gz_c = Gz.cpu()
-        out += (ar + rz_val) / torch.sqrt(rr * (aa + 2 * (W @ Gz_c) + float(zz)))
+        out += ((ar + rz_val) / torch.sqrt(rr * (aa + 2 * (W @ Gz_c) + float(zz)))).clamp(-1, 1)
     return out / draws
 
 

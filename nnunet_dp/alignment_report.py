@@ -93,9 +93,9 @@ def summarise(steps: Sequence[Mapping[str, Any]], cases: Sequence[Mapping[str, A
         per_rule = {rule: {m: _stats([r[m] for r in s_rows if r["rule"] == rule]) for m in RULE_METRICS}
                     for rule in rules}
         first_rule = [r for r in s_rows if r["rule"] == rules[0]]
-        norms = [r["norm"] for r in c_rows]
-        pooled = psac_assumption(norms, [r["cos_others"] for r in c_rows])
-        pooled["spearman_pvalue"] = spearman(norms, [r["cos_others"] for r in c_rows], with_pvalue=True)[1]
+        norms, cos_others = [r["norm"] for r in c_rows], [r["cos_others"] for r in c_rows]
+        pooled = psac_assumption(norms, cos_others)
+        pooled["spearman_pvalue"] = spearman(norms, cos_others, y_unit=1.0, with_pvalue=True)[1]  # cosines: unit 1
         out[str(source)] = {
             "steps": len(first_rule),
             "cases": len(c_rows),
@@ -103,7 +103,7 @@ def summarise(steps: Sequence[Mapping[str, Any]], cases: Sequence[Mapping[str, A
             "rules": per_rule,
             "psac_assumption": {
                 **pooled,
-                "spearman_norm_cos_reference": spearman(norms, [r["cos_reference"] for r in c_rows]),
+                "spearman_norm_cos_reference": spearman(norms, [r["cos_reference"] for r in c_rows], y_unit=1.0),
                 "per_step_spearman_norm_cos": _stats([r["spearman_norm_cos"] for r in first_rule]),
                 "holds": _verdict(pooled),
             },
@@ -116,7 +116,7 @@ def _verdict(pooled: Mapping[str, float]) -> str:
     """A plain-words reading of the pooled numbers (rank correlation at the 5% level, and the decile gap's sign)."""
     rho, p, gap = pooled["spearman_norm_cos"], pooled["spearman_pvalue"], pooled["decile_gap"]
     if not (math.isfinite(rho) and math.isfinite(gap)):
-        return "undetermined (too few cases)"
+        return "undetermined (too few cases, or all norms or cosines tied)"
     if not p < 0.05:
         return f"not shown: no significant rank correlation (p = {p:.2g}); decile gap {gap:+.3f}"
     if rho > 0 and gap > 0:

@@ -1,6 +1,7 @@
 """Alignment metrics: closed forms, scipy for Spearman, explicit vectors for the Gram-matrix algebra, Monte Carlo
 against a hand-drawn noise sample, and per-case gradients against an independent micro-batch reference on a real
 nnU-Net network."""
+import itertools
 import math
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from nets import batch, nnunet_loss, tiny_unet
 from scipy import stats
 
 from nnunet_dp.alignment import (
+    RANK_TIE_RTOL,
     all_rules,
     analyse_batch,
     case_gradient_matrix,
@@ -22,6 +24,7 @@ from nnunet_dp.alignment import (
     private_alignment_mc,
     psac_assumption,
     spearman,
+    tie_groups,
 )
 from nnunet_dp.alignment_report import STEP_FIELDS, read_csv, summarise
 from nnunet_dp.nnunet.alignment_hook import maybe_record_alignment, should_record
@@ -57,6 +60,119 @@ def test_identical_gradients_align_perfectly():
     np.testing.assert_allclose(res.cases["cos_others"], 1.0, atol=1e-12)
     np.testing.assert_allclose(res.cases["cos_reference"], 1.0, atol=1e-12)
     assert res.psac["spearman_norm_cos"] != res.psac["spearman_norm_cos"]  # nan: all norms equal
+    assert all(math.isnan(v) for v in res.psac.values())  # no smallest-norm decile either
+
+
+def ulps(x, n):
+    """x moved by n units in the last place (n < 0: down)."""
+    for _ in range(abs(n)):
+        x = np.nextafter(x, np.inf if n > 0 else -np.inf)
+    return float(x)
+
+
+def test_rank_statistics_tie_values_equal_up_to_rounding():
+    """Values a few ulps apart (as different BLAS summation orders give) are ties; a relative difference of 1e-6 is
+    not. References: scipy.stats.spearmanr on hand-tied values, and the smallest-norm decile averaged over every order
+    of the tied cases."""
+    # the rounding seen on one machine for three identical gradients (issue 16): one tie group on each side
+    norms, cos_others = [2.453568829277059, 2.4535688292770597, 2.453568829277059], [0.9999999999999997, 1.0,
+                                                                                      0.9999999999999997]
+    assert np.ptp(tie_groups(norms)) == 0 and np.ptp(tie_groups(cos_others)) == 0
+    assert math.isnan(spearman(norms, cos_others)) and all(math.isnan(v) for v in psac_assumption(
+        norms, cos_others).values())
+    flat = [ulps(0.7, n) for n in (-3, 0, 2, 5, -1)]
+    assert math.isnan(spearman(flat, [1, 2, 3, 4, 5])) and math.isnan(spearman([5, 1, 4, 2, 3], flat))
+    y = [0.3, -0.2, 0.9, 0.1, -0.5, 0.4]
+    tied = [1.0, 2.0, 2.0, 4.0, 5.0, 6.0]
+    for noisy in ([1.0, 2.0, ulps(2.0, 4), 4.0, 5.0, 6.0], [1.0, ulps(2.0, 3), ulps(2.0, -2), 4.0, 5.0, 6.0]):
+        rho, p = spearman(noisy, y, with_pvalue=True)
+        ref = stats.spearmanr(tied, y)
+        assert (rho, p) == (pytest.approx(ref.statistic, abs=1e-12), pytest.approx(ref.pvalue, rel=1e-9))
+        assert spearman(y, noisy) == pytest.approx(ref.statistic, abs=1e-12)
+    apart = [1.0, 2.0, 2.0 * (1 + 1e-6), 4.0, 5.0, 6.0]  # genuinely different: ranked, not tied
+    assert tie_groups(apart).tolist() == apart
+    assert spearman(apart, y) == pytest.approx(stats.spearmanr(apart, y).statistic, abs=1e-12)
+    assert spearman(apart, y) != pytest.approx(stats.spearmanr(tied, y).statistic, abs=1e-3)
+    # the tolerance scales with the side's largest |value| (or its unit, 1 for cosines), not with each value:
+    # cosines that are 0 up to rounding tie when anything else is in the data or unit = 1 says what their scale is
+    assert np.ptp(tie_groups([1e-17, -2e-17, 0.0, ulps(0.0, 3)], unit=1.0)) == 0
+    assert tie_groups([1e-17, -2e-17, 0.0, 0.5]).tolist() == [-2e-17, -2e-17, -2e-17, 0.5]
+    assert tie_groups([1e-17, -2e-17, 0.0]).tolist() == [1e-17, -2e-17, 0.0]  # no unit: 2e-17 is the scale
+    rounded_zero = [1e-17, -2e-17, 3e-17, 0.0]
+    assert math.isnan(spearman([1, 2, 3, 4], rounded_zero, y_unit=1.0))
+    assert math.isnan(psac_assumption([1, 2, 3, 4], rounded_zero)["spearman_norm_cos"])  # cos_others: unit 1
+
+
+def test_tie_groups_rule_cuts_chains():
+    """A group starts at its smallest value and holds what lies within tol = RANK_TIE_RTOL * max|v| of that start: a
+    chain of values 0.6 tol apart is cut every tol, never merged end to end; the input order does not matter."""
+    assert RANK_TIE_RTOL == 1e-9
+    chain = [1 - 2.4e-9, 1 - 1.8e-9, 1 - 1.2e-9, 1 - 0.6e-9, 1.0]
+    want = [1 - 2.4e-9, 1 - 2.4e-9, 1 - 1.2e-9, 1 - 1.2e-9, 1.0]
+    assert tie_groups(chain).tolist() == want
+    perm = [3, 0, 4, 2, 1]
+    assert tie_groups(np.array(chain)[perm]).tolist() == [want[i] for i in perm]
+    assert tie_groups([0.0, 0.0]).tolist() == [0.0, 0.0] and tie_groups([]).size == 0
+    assert tie_groups([3.0, 1.0, 2.0], rtol=0.6).tolist() == [3.0, 1.0, 1.0]  # tol = 1.8: {1, 2} and {3}
+    assert tie_groups([0.1, 0.2, 0.3], rtol=0.15, unit=1.0).tolist() == [0.1, 0.1, 0.3]  # tol = 0.15 from unit 1
+    with pytest.raises(ValueError, match="finite"):
+        tie_groups([1.0, float("nan")])
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), n=st.integers(3, 30), scale=st.floats(1e-6, 1e6))
+def test_rank_statistics_ignore_last_bit_noise(seed, n, scale):
+    """Norm- and cosine-like data with many exact ties, each value moved by up to 8 ulps: Spearman as scipy on the
+    exact values, and the smallest-norm decile as the exact values' split averaged over every order of the cases tied
+    at its boundary (each rotation of the tied cases puts each of them in the decile equally often)."""
+    rng = np.random.default_rng(seed)
+    x_exact, y_exact = rng.integers(1, 5, size=n) * scale, rng.integers(-3, 4, size=n) / 4
+    x, y = (np.array([ulps(v, int(k)) for v, k in zip(a, rng.integers(-8, 9, size=n))]) for a in (x_exact, y_exact))
+    if np.ptp(x_exact) and np.ptp(y_exact):
+        ref = stats.spearmanr(x_exact, y_exact)
+        assert spearman(x, y, y_unit=1.0, with_pvalue=True) == (pytest.approx(ref.statistic, abs=1e-12),
+                                                                pytest.approx(ref.pvalue, rel=1e-9))
+    else:
+        assert math.isnan(spearman(x, y, y_unit=1.0))
+    res = psac_assumption(x, y)
+    if np.ptp(x_exact) == 0:
+        assert all(math.isnan(v) for v in res.values())
+        return
+    k = math.ceil(0.1 * n)
+    boundary = np.sort(x_exact)[k - 1]
+    below = [i for i in range(n) if x_exact[i] < boundary]
+    tied = [i for i in range(n) if x_exact[i] == boundary]
+    small = np.mean([np.mean(y_exact[below + (tied[r:] + tied[:r])[:k - len(below)]]) for r in range(len(tied))])
+    assert res["small_decile_cos"] == pytest.approx(small, abs=1e-12)
+    assert res["rest_cos"] == pytest.approx((y_exact.sum() - k * small) / (n - k), abs=1e-12)
+    assert res["spearman_norm_cos"] == pytest.approx(spearman(x_exact, y_exact), abs=1e-12, nan_ok=True)
+
+
+def test_decile_ties_at_the_boundary_share_the_places():
+    """20 cases, decile k = 2: one smallest norm and three tied (by rounding) for the second place: each tied case
+    counts 1/3 in the decile and 2/3 in the rest, the mean over the 3! orders of the tied cases. Sums of at most 20
+    cosines: any summation order is within 1e-12."""
+    norms = np.array([5.0, 1.0, ulps(2.0, 1), 2.0, ulps(2.0, -2), *range(6, 21)])
+    cos = np.linspace(-0.9, 0.9, 20)
+    res = psac_assumption(norms, cos)
+    splits = [np.mean(cos[[1, p[0]]]) for p in itertools.permutations([2, 3, 4])]
+    assert res["small_decile_cos"] == pytest.approx(np.mean(splits), abs=1e-12)
+    assert res["small_decile_cos"] == pytest.approx((cos[1] + cos[2:5].mean()) / 2, abs=1e-12)
+    assert res["rest_cos"] == pytest.approx((cos.sum() - cos[1] - cos[2:5].mean()) / 18, abs=1e-12)
+    assert psac_assumption(norms[::-1], cos[::-1]) == pytest.approx(res, abs=1e-12)  # input order does not matter
+
+
+def test_cosines_of_parallel_vectors_stay_within_one():
+    """A batch of one case: a = s g_1 is parallel to g_bar = g_1, and float64 rounding puts the quotient a few ulps
+    above 1 for about a quarter of the norms; the reported cosines are clamped to [-1, 1] (within 1e-12 of 1)."""
+    rng = np.random.default_rng(0)
+    for seed in range(60):
+        G = torch.from_numpy(rng.normal(size=(1, int(rng.integers(1, 500)))) * rng.uniform(0.01, 10)).float()
+        res = analyse_batch(G, RULES, noise_multiplier=1e-9, mc_draws=1, generator=torch.Generator().manual_seed(seed))
+        values = [m[k] for m in res.rules.values() for k in ("bias_alignment", "private_alignment",
+                                                               "private_alignment_mc")]
+        values += res.cases["cos_reference"].tolist()
+        assert all(-1 <= v <= 1 and v == pytest.approx(1.0, abs=1e-12) for v in values), (seed, values)
 
 
 def test_two_orthogonal_gradients_by_hand():
