@@ -5,6 +5,7 @@ The accountant is always named explicitly (RDP by default). The ledger holds the
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from opacus.accountants import create_accountant
@@ -16,14 +17,21 @@ from nnunet_dp.errors import DPConfigError, DPLedgerError
 LEDGER_VERSION = 1
 
 
+def epsilon_of(history: Sequence[tuple[float, float, int]], *, delta: float,
+               accountant: AccountantName = "rdp") -> float:
+    """epsilon of a composition [(sigma, q, steps), ...] of Poisson-subsampled Gaussian steps (opacus)."""
+    history = [(float(s), float(q), int(n)) for s, q, n in history if int(n) > 0]
+    if not history:
+        return 0.0
+    acc = create_accountant(accountant)
+    acc.history = history
+    return float(acc.get_epsilon(delta=delta))
+
+
 def epsilon_for(*, noise_multiplier: float, sampling_rate: float, steps: int, delta: float,
                 accountant: AccountantName = "rdp") -> float:
     """epsilon after `steps` Poisson-subsampled Gaussian steps (opacus)."""
-    if steps == 0:
-        return 0.0
-    acc = create_accountant(accountant)
-    acc.history = [(float(noise_multiplier), float(sampling_rate), int(steps))]
-    return float(acc.get_epsilon(delta=delta))
+    return epsilon_of([(noise_multiplier, sampling_rate, steps)], delta=delta, accountant=accountant)
 
 
 def calibrate_noise(*, target_epsilon: float, delta: float, sampling_rate: float, steps: int,
@@ -38,18 +46,23 @@ def calibrate_noise(*, target_epsilon: float, delta: float, sampling_rate: float
 
 
 def max_steps_within(*, target_epsilon: float, noise_multiplier: float, sampling_rate: float, delta: float,
-                     accountant: AccountantName = "rdp", upper: int = 10_000_000) -> int:
-    """Largest number of steps whose epsilon is <= target_epsilon (binary search; epsilon grows with steps)."""
+                     accountant: AccountantName = "rdp", upper: int = 10_000_000,
+                     prior: Sequence[tuple[float, float, int]] = ()) -> int:
+    """Largest number of steps (after the steps in `prior`) whose total epsilon is <= target_epsilon (binary search;
+    epsilon grows with steps). 0 when `prior` alone already reaches the target."""
+    def fits(n: int) -> bool:
+        return epsilon_of([*prior, (noise_multiplier, sampling_rate, n)], delta=delta,
+                          accountant=accountant) <= target_epsilon
+
+    if not fits(0):
+        return 0
     lo, hi = 0, 1
-    while hi < upper and epsilon_for(noise_multiplier=noise_multiplier, sampling_rate=sampling_rate, steps=hi,
-                                     delta=delta, accountant=accountant) <= target_epsilon:
+    while hi < upper and fits(hi):
         lo, hi = hi, hi * 2
     hi = min(hi, upper)
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        eps = epsilon_for(noise_multiplier=noise_multiplier, sampling_rate=sampling_rate, steps=mid, delta=delta,
-                          accountant=accountant)
-        lo, hi = (mid, hi) if eps <= target_epsilon else (lo, mid)
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
     return lo
 
 
@@ -74,6 +87,10 @@ class PrivacyLedger:
 
     def epsilon(self) -> float:
         return float(self._acc.get_epsilon(delta=self.delta)) if self._acc.history else 0.0
+
+    def set_history(self, history: Sequence[tuple[float, float, int]]) -> None:
+        """Replace the steps known so far (e.g. by the folder's journal, which also knows crashed steps)."""
+        self._acc.history = [(float(s), float(q), int(n)) for s, q, n in history if int(n) > 0]
 
     def state_dict(self) -> dict[str, Any]:
         return {"version": LEDGER_VERSION, "accountant": self.accountant_name, "delta": self.delta,

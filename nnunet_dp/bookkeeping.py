@@ -39,6 +39,11 @@ KEEP_RATIO = 1.0
 PER_CASE_CONV = "auto"
 
 
+class BookkeepingUnsupported(RuntimeError):
+    """'bk' found, during a step, something it cannot compute exactly (a layer called twice, ...). Under 'auto' the
+    step falls back to the micro-batch loop and the model is marked (`mark_unsupported`); under 'bk' it is an error."""
+
+
 Layers = list[tuple[str, nn.Module, list[nn.Parameter]]]
 # model -> its parameterised layers and what 'bk' cannot do on it, read once per model (a walk of nnU-Net's module
 # tree costs ~0.5 ms, a few % of a GPU step); the layer structure of a model being trained does not change
@@ -68,6 +73,12 @@ def _layer_problem(m: nn.Module) -> str | None:
     if isinstance(m, nn.GroupNorm):
         return None
     return f"{type(m).__name__} has no per-case gradient rule"
+
+
+def mark_unsupported(model: nn.Module, reason: str) -> None:
+    """Remember a problem found during a step, so that 'auto' uses the loop for this model from now on."""
+    layers, problems = _structure(model)
+    _STRUCTURE[model] = (layers, [*problems, reason])
 
 
 def unsupported_layers(model: nn.Module) -> list[str]:
@@ -124,6 +135,14 @@ def _exact_convolutions() -> Iterator[None]:
         yield
     finally:
         conv.fp32_precision = before
+
+
+def _select_cases(t: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """t with the rows (cases) where keep is False set to exact zeros (selection: nan/inf rows do not survive)."""
+    if bool(keep.all()):
+        return t
+    return torch.where(keep.view(-1, *[1] * (t.dim() - 1)).to(t.device), t, torch.zeros((), dtype=t.dtype,
+                                                                                         device=t.device))
 
 
 def _sq_norms(per_case: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -197,10 +216,10 @@ class Tape:
     def _forward_hook(self, name: str, params: list[nn.Parameter]) -> Callable[..., torch.Tensor | None]:
         def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
             if id(module) in self.calls:
-                raise RuntimeError(f"per_sample_strategy 'bk': layer {name!r} is called twice in one forward; "
+                raise BookkeepingUnsupported(f"per_sample_strategy 'bk': layer {name!r} is called twice in one forward; "
                                    "use 'loop'")
             if len(args) != 1 or out.grad_fn is None:
-                raise RuntimeError(f"per_sample_strategy 'bk': layer {name!r} needs one input and a graph output")
+                raise BookkeepingUnsupported(f"per_sample_strategy 'bk': layer {name!r} needs one input and a graph output")
             call = _Call(name, module, params, args[0], args[0]._version, None, 0)
             self.calls[id(module)] = call
             if out._is_view():  # an in-place op on a view (LeakyReLU(inplace) after InstanceNorm) re-roots its graph
@@ -217,7 +236,7 @@ class Tape:
         if a is None or g is None:
             return
         if a._version != call.version:
-            raise RuntimeError(f"per_sample_strategy 'bk': the input of layer {call.name!r} was modified in place "
+            raise BookkeepingUnsupported(f"per_sample_strategy 'bk': the input of layer {call.name!r} was modified in place "
                                "after its forward; use 'loop'")
         m = call.module
         if isinstance(m, _ConvNd):
@@ -261,7 +280,7 @@ class Tape:
                 stack.extend(f for f, _ in node.next_functions if f is not None)
         missed = [c.name for c in self.calls.values() if not c.fired and c.node in seen]
         if missed:
-            raise RuntimeError(f"per_sample_strategy 'bk': layers {missed} reach the loss but not the input; "
+            raise BookkeepingUnsupported(f"per_sample_strategy 'bk': layers {missed} reach the loss but not the input; "
                                "use 'loop'")
         # a parameter that reaches the loss outside a recorded layer call (module.forward called directly, a weight
         # used through torch.nn.functional) would get no per-case gradient: an error, never a silent zero
@@ -271,20 +290,21 @@ class Tape:
         if unrecorded:
             names = {id(p): f"{name}.{pn}".lstrip(".") for name, m, _ in self.layers
                      for pn, p in m.named_parameters(recurse=False)}
-            raise RuntimeError("per_sample_strategy 'bk': parameters "
+            raise BookkeepingUnsupported("per_sample_strategy 'bk': parameters "
                                f"{sorted(names.get(id(n.variable), '?') for n in unrecorded)} reach the loss "
                                "outside a recorded layer call (e.g. module.forward() called directly); use 'loop'")
 
-    def scaled_sum(self, params: list[nn.Parameter], scales: torch.Tensor) -> list[torch.Tensor]:
-        """sum_i s_i g_i per parameter, accumulated in fp32 (or float64 for float64 parameters)."""
+    def scaled_sum(self, params: list[nn.Parameter], scales: torch.Tensor, keep: torch.Tensor) -> list[torch.Tensor]:
+        """sum_i s_i g_i per parameter over the cases with keep[i], accumulated in fp32 (or float64 for float64
+        parameters). Dropped cases are selected away before any product (their rows may hold nan/inf)."""
         acc = {id(p): torch.zeros(p.shape, dtype=torch.promote_types(p.dtype, torch.float32), device=p.device)
                for p in params}
         for call in self.calls.values():
             for pid, per_case in call.per_case.items():
-                flat = per_case.flatten(1).to(acc[pid].dtype)
+                flat = _select_cases(per_case.flatten(1).to(acc[pid].dtype), keep)
                 acc[pid].view(-1).addmv_(flat.t(), scales.to(flat.dtype))
             if call.deferred is not None:
-                a, g = call.deferred
+                a, g = (_select_cases(t, keep) for t in call.deferred)
                 gs = g.to(self.work) * scales.view(-1, *[1] * (g.dim() - 1)).to(device=g.device, dtype=self.work)
                 with _exact_convolutions():
                     share = _conv_weight_grad(call.module, a.to(self.work), gs, per_case=False)

@@ -16,10 +16,15 @@ from typing import Any, Literal
 from nnunet_dp.errors import DPConfigError
 
 ENV_VAR = "nnUNet_dp_config"
-AccountantName = Literal["rdp", "prv", "gdp"]
+# Only accountants that give an upper bound on epsilon (DESIGN.md invariant 6). opacus' "gdp" (the CLT approximation of
+# Gaussian DP) under-reports: at delta 1e-5, sigma 1, q 0.1, 50 steps it gives 4.01 against PRV's 5.16 and RDP's 5.88.
+AccountantName = Literal["rdp", "prv"]
 NormConversion = Literal["batchnorm", "all"]
 Strategy = Literal["auto", "loop", "bk"]
-ACCOUNTANTS: tuple[str, ...] = ("rdp", "prv", "gdp")
+ACCOUNTANTS: tuple[str, ...] = ("rdp", "prv")
+REFUSED_ACCOUNTANTS = {"gdp": "opacus' Gaussian-DP accountant is a central-limit approximation that under-reports "
+                              "epsilon (it is no upper bound); use 'rdp' (default) or 'prv'"}
+SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed takes seeds below 2**63 (unsigned 64-bit wraps into negatives)
 NORM_CONVERSIONS: tuple[str, ...] = ("batchnorm", "all")
 STRATEGIES: tuple[str, ...] = ("auto", "loop", "bk")
 
@@ -47,7 +52,8 @@ class DPConfig:
     per_sample_strategy: Strategy = "auto"
     oversample_foreground_percent: float = 0.33
     alignment_every: int = 0
-    seed: int | None = None
+    # repr=False: nnU-Net's debug.json stores str() of every trainer attribute; the seed must not reach any file
+    seed: int | None = dataclasses.field(default=None, repr=False)
     save_every: int = 10
 
     def __post_init__(self) -> None:
@@ -58,6 +64,7 @@ class DPConfig:
     def from_mapping(cls, values: Mapping[str, Any], source: str = ENV_VAR, **overrides: Any) -> DPConfig:
         """Build from a JSON-like mapping; unknown keys stop with the list of known ones."""
         known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in values.items() if k != "private_randomness"}  # written by release_dict
         for key in values:
             if key not in known:
                 raise DPConfigError(key, values[key], f"unknown key; known keys are {', '.join(sorted(known))}",
@@ -86,7 +93,20 @@ class DPConfig:
         return cls.from_mapping(values, source=path, **overrides)
 
     def to_dict(self) -> dict[str, Any]:
+        """Every setting, the seed included: for use in memory only, never for a file (see `release_dict`)."""
         return dataclasses.asdict(self)
+
+    @property
+    def private_randomness(self) -> bool:
+        """False when a seed makes noise and sampling reproducible (an explicit "reproducible, not private" mode)."""
+        return self.seed is None
+
+    def release_dict(self) -> dict[str, Any]:
+        """The settings as written to dp_config.json and checkpoints: the seed is replaced by whether one was used
+        (DESIGN.md invariant 8: a seed regenerates all noise, so it never goes into a file)."""
+        out = {k: v for k, v in self.to_dict().items() if k != "seed"}
+        out["private_randomness"] = self.private_randomness
+        return out
 
     def sampling_rate_for(self, num_cases: int, plans_batch_size: int) -> float:
         """q = sampling_rate if set, else expected_batch_size (default: the plans' batch size) / N."""
@@ -153,6 +173,19 @@ def _nonneg_int(name: str, allow_none: bool = False):
     return check
 
 
+def _seed(cfg: DPConfig) -> None:
+    v = cfg.seed
+    if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= SEED_MAX):
+        raise DPConfigError("seed", v, "null (default: fresh OS entropy, private) or an integer in [0, 2**63 - 1] "
+                            "(reproducible, not private: anyone who knows the seed can regenerate the noise)")
+
+
+def _accountant(cfg: DPConfig) -> None:
+    if cfg.accountant in REFUSED_ACCOUNTANTS:
+        raise DPConfigError("accountant", cfg.accountant, REFUSED_ACCOUNTANTS[cfg.accountant])
+    _choice("accountant", ACCOUNTANTS)(cfg)
+
+
 def _privacy_target(cfg: DPConfig) -> None:
     if cfg.target_epsilon is None and cfg.noise_multiplier is None:
         raise DPConfigError("target_epsilon", None, "a number > 0 unless noise_multiplier is given "
@@ -171,9 +204,9 @@ _CHECKS = (
     _positive("expected_batch_size", allow_none=True), _unit_interval("sampling_rate", True, False, True),
     _positive("num_epochs", integer=True), _positive("num_iterations_per_epoch", integer=True),
     _nonneg_int("num_val_iterations_per_epoch"), _positive("initial_lr", allow_none=True),
-    _choice("accountant", ACCOUNTANTS), _positive("autos_gamma"), _positive("nsgd_r"), _positive("psac_r"),
+    _accountant, _positive("autos_gamma"), _positive("nsgd_r"), _positive("psac_r"),
     _choice("norm_conversion", NORM_CONVERSIONS), _positive("group_norm_groups", integer=True),
     _choice("per_sample_strategy", STRATEGIES), _unit_interval("oversample_foreground_percent", False, False),
-    _nonneg_int("alignment_every"), _nonneg_int("seed", allow_none=True), _positive("save_every", integer=True),
+    _nonneg_int("alignment_every"), _seed, _positive("save_every", integer=True),
     _privacy_target, _one_rate,
 )

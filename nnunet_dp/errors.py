@@ -31,3 +31,7 @@ class DPLedgerError(DPError):
 
 class DPBudgetExhausted(DPError):
     """Another step would spend more than the privacy budget."""
+
+
+class DPDivergedError(DPError):
+    """Most sampled cases had a non-finite gradient or loss: the data hold NaN/inf or the training diverged."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 
@@ -12,6 +13,12 @@ def make_generator(device: torch.device, seed: int | None) -> torch.Generator:
     gen = torch.Generator(device=device)
     gen.manual_seed(seed if seed is not None else secrets.randbits(63))
     return gen
+
+
+def stream_seed(seed: int, stream: int) -> int:
+    """A generator seed for stream `stream` of an explicit seed (reproducible mode: e.g. the steps already taken, so
+    that a resumed run never replays the noise of earlier steps)."""
+    return int(np.random.SeedSequence([seed, stream]).generate_state(1, np.uint64)[0]) & (2**63 - 1)
 
 
 def add_gaussian_noise_(tensors: Sequence[torch.Tensor], *, std: float, generator: torch.Generator) -> None:

@@ -11,9 +11,13 @@ torch.func vmap(grad) is not offered: nnU-Net's Dice loss scatters in place into
 refuses, and vmap would hold B copies of the parameters.
 A case's gradient is taken over every trainable parameter; a parameter the loss does not reach (e.g. a
 deep-supervision head with weight 0) gets an exact zero, never a skip.
+A case whose gradient norm or loss is not finite (NaN/inf voxels, a diverged network) contributes exactly zero: its
+share is selected away (torch.where), never multiplied by zero (0 * inf = nan), so one such case cannot poison the
+sum and the sensitivity bound holds (DESIGN.md invariant 4). The caller still adds the noise and counts the step.
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -21,7 +25,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from nnunet_dp.bookkeeping import Tape, unsupported_layers
+from nnunet_dp.bookkeeping import BookkeepingUnsupported, Tape, mark_unsupported, unsupported_layers
 from nnunet_dp.rules import ScalingRule
 
 # loss of a batch of one; may have `per_case(output, target) -> (B,)`, each case's loss in one batched call
@@ -35,10 +39,24 @@ Requested = Literal["auto", "loop", "bk"]
 class ScaledSum:
     """Result of one private aggregation (before noise)."""
 
-    grads: list[torch.Tensor]  # sum_i s_i g_i, one tensor per trainable parameter
+    grads: list[torch.Tensor]  # sum_i s_i g_i over the finite cases, one tensor per trainable parameter
     norms: torch.Tensor  # ||g_i|| per case (float32/64, length B)
-    scales: torch.Tensor  # s_i per case
+    scales: torch.Tensor  # s_i per case (0 for a dropped case)
     losses: torch.Tensor  # per-case loss values (detached)
+    finite: torch.Tensor  # bool per case: False = dropped (non-finite gradient or loss), contributed nothing
+
+    @property
+    def dropped(self) -> int:
+        """Number of cases that contributed nothing because their gradient or loss was not finite."""
+        return int((~self.finite).sum().item()) if self.finite.numel() else 0
+
+
+def finite_scales(rule: ScalingRule, norms: torch.Tensor, losses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rule's scales, and which cases are finite; a non-finite case's scale is set to 0 (by selection)."""
+    finite = torch.isfinite(norms) & torch.isfinite(losses.to(norms.device))
+    scales = torch.where(finite, rule.scale(torch.where(finite, norms, torch.zeros_like(norms))),
+                         torch.zeros_like(norms))
+    return scales, finite
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -74,22 +92,25 @@ def case_gradient(model: nn.Module, params: list[nn.Parameter], loss_fn: LossFn,
 def _scaled_sum_loop(model: nn.Module, params: list[nn.Parameter], loss_fn: LossFn, data: torch.Tensor,
                      target: Target, rule: ScalingRule, autocast: Callable[[], Any]) -> ScaledSum:
     acc = [torch.zeros_like(p) for p in params]
-    norms, scales, losses = [], [], []
+    norms, scales, losses, finite = [], [], [], []
     for i in range(batch_size_of(data)):
         grads, loss = case_gradient(model, params, loss_fn, case_slice(data, i), case_slice(target, i), autocast)
         norm = global_norm(grads)
-        scale = rule.scale(norm)
-        torch._foreach_add_(acc, torch._foreach_mul(grads, scale.to(grads[0].dtype)))
+        scale, ok = finite_scales(rule, norm, loss)
+        shares = torch._foreach_mul(grads, scale.to(grads[0].dtype))
+        torch._foreach_add_(acc, [torch.where(ok, s, torch.zeros_like(s)) for s in shares])  # select, not multiply
         norms.append(norm)
         scales.append(scale)
         losses.append(loss)
-    return ScaledSum(acc, _stack(norms, params), _stack(scales, params), _stack(losses, params))
+        finite.append(ok)
+    return ScaledSum(acc, _stack(norms, params), _stack(scales, params), _stack(losses, params),
+                     _stack(finite, params, torch.bool))
 
 
-def _stack(values: list[torch.Tensor], params: list[nn.Parameter]) -> torch.Tensor:
+def _stack(values: list[torch.Tensor], params: list[nn.Parameter], dtype: torch.dtype | None = None) -> torch.Tensor:
     if values:
         return torch.stack(values)
-    return torch.zeros(0, device=params[0].device)
+    return torch.zeros(0, device=params[0].device, dtype=dtype)
 
 
 def _outputs(out: Any) -> list[torch.Tensor]:
@@ -117,8 +138,8 @@ def _scaled_sum_bk(model: nn.Module, params: list[nn.Parameter], loss_fn: LossFn
         torch.autograd.grad([o for o, _ in used], [x], [g for _, g in used])
         tape.check_complete([o.grad_fn for o, _ in used])
         norms = tape.sq_norms.sqrt()
-        scales = rule.scale(norms)
-        return ScaledSum(tape.scaled_sum(params, scales), norms, scales, losses.detach())
+        scales, finite = finite_scales(rule, norms, losses.detach())
+        return ScaledSum(tape.scaled_sum(params, scales, finite), norms, scales, losses.detach(), finite)
     finally:
         tape.clear()
 
@@ -133,10 +154,19 @@ def scaled_sum(model: nn.Module, loss_fn: LossFn, data: torch.Tensor | None, tar
     strategy 'auto' is resolved here, per batch, by `choose_strategy`."""
     params = trainable_parameters(model)
     if batch_size_of(data) == 0:
-        return ScaledSum([torch.zeros_like(p) for p in params], *(_stack([], params),) * 3)
+        return ScaledSum([torch.zeros_like(p) for p in params], *(_stack([], params),) * 3,
+                         _stack([], params, torch.bool))
     name = choose_strategy(strategy, device=data.device, batch_size=batch_size_of(data),
                            case_voxels=data[0, 0].numel(), model=model)
-    return _STRATEGIES[name](model, params, loss_fn, data, target, rule, autocast)
+    if strategy != "auto" or name != "bk":
+        return _STRATEGIES[name](model, params, loss_fn, data, target, rule, autocast)
+    try:
+        return _scaled_sum_bk(model, params, loss_fn, data, target, rule, autocast)
+    except BookkeepingUnsupported as e:  # found only while running (a layer called twice, ...): loop from now on
+        mark_unsupported(model, str(e))
+        warnings.warn(f"per_sample_strategy 'auto': {e}; this model uses the micro-batch loop from now on",
+                      RuntimeWarning, stacklevel=2)
+        return _scaled_sum_loop(model, params, loss_fn, data, target, rule, autocast)
 
 
 # auto on CPU: the loop where one case alone is this many voxels or more (it then keeps both cores busy and its

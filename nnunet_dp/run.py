@@ -15,7 +15,8 @@ from torch import nn
 from nnunet_dp.accounting import PrivacyLedger, calibrate_noise, epsilon_for, max_steps_within
 from nnunet_dp.config import DPConfig
 from nnunet_dp.errors import DPLedgerError
-from nnunet_dp.noise import make_generator
+from nnunet_dp.journal import History, StepJournal, total_steps
+from nnunet_dp.noise import make_generator, stream_seed
 from nnunet_dp.per_sample import LossFn, ScaledSum, Target, choose_strategy, scaled_sum, trainable_parameters
 from nnunet_dp.rules import RuleName, make_rule
 from nnunet_dp.step import privatize_, write_grads_
@@ -64,14 +65,22 @@ def make_plan(cfg: DPConfig, *, rule: RuleName, num_training_cases: int, plans_b
 
 
 class DPRun:
+    """One private run. The noise generator is made from fresh OS entropy every time a DPRun is made (every start
+    and every resume): noise is never restored from a checkpoint, so it is never replayed (DESIGN.md invariant 5).
+    With an explicit seed ("reproducible, not private") it is seeded from the seed and the number of steps already
+    taken, so a resumed run does not replay the noise of the steps it repeats either."""
+
     def __init__(self, plan: DPPlan, *, device: torch.device, seed: int | None, strategy: str = "auto") -> None:
         self.plan = plan
         self.rule = make_rule(plan.rule, clip_norm=plan.clip_norm,
                               **({} if plan.rule_constant is None else {_CONST[plan.rule]: plan.rule_constant}))
         self.ledger = PrivacyLedger(accountant=plan.accountant, delta=plan.delta)  # type: ignore[arg-type]
+        self.seed = seed
         self.generator = make_generator(device, seed)
         self.strategy = choose_strategy(strategy, device=device)
         self.last: ScaledSum | None = None
+        self.journal: StepJournal | None = None
+        self._step_limit = plan.max_steps  # total steps allowed (None: no target epsilon)
 
     @property
     def steps(self) -> int:
@@ -79,7 +88,26 @@ class DPRun:
 
     def can_step(self) -> bool:
         """False once one more step would spend more than the target epsilon."""
-        return self.plan.max_steps is None or self.steps < self.plan.max_steps
+        return self._step_limit is None or self.steps < self._step_limit
+
+    def attach_journal(self, journal: StepJournal | None, history: History) -> None:
+        """Continue from `history`, every step that ever ran in the output folder (the journal's, or the
+        checkpoint's where that knows more); from now on each step is journaled before its noise is drawn. Ranks
+        that do not write files pass journal=None with rank 0's history."""
+        p = self.plan
+        self.ledger.set_history(history)
+        self.journal = journal
+        if p.target_epsilon is not None:
+            same = all((s, q) == (p.noise_multiplier, p.sampling_rate) for s, q, _ in history)
+            self._step_limit = p.max_steps if same else total_steps(history) + max_steps_within(
+                target_epsilon=p.target_epsilon, noise_multiplier=p.noise_multiplier, sampling_rate=p.sampling_rate,
+                delta=p.delta, accountant=p.accountant, prior=history, upper=max(p.planned_steps, 1) * 64)
+        if self.seed is not None:
+            self.generator.manual_seed(stream_seed(self.seed, self.steps))
+        if journal is not None:
+            journal.start_session(noise_multiplier=p.noise_multiplier, sampling_rate=p.sampling_rate,
+                                  steps_before=self.steps, rule=p.rule, clip_norm=p.clip_norm,
+                                  private_randomness=self.seed is None)
 
     def epsilon(self) -> float:
         return self.ledger.epsilon()
@@ -97,6 +125,8 @@ class DPRun:
             raise DPLedgerError(f"privacy budget exhausted: {self.steps} steps already reach the target epsilon "
                                 f"{self.plan.target_epsilon}")
         result = scaled_sum(model, loss_fn, data, target, self.rule, strategy=self.strategy, autocast=autocast)
+        if self.journal is not None:
+            self.journal.record_step()  # write-ahead: synced before the noise is drawn
         summed = [g.float() if g.dtype in (torch.float16, torch.bfloat16) else g for g in result.grads]
         privatize_(summed, noise_multiplier=self.plan.noise_multiplier, sensitivity=self.rule.sensitivity,
                    expected_batch_size=self.plan.expected_batch_size, generator=self.generator)
@@ -105,14 +135,13 @@ class DPRun:
         self.last = result
         return result
 
-    def state_dict(self, *, with_rng: bool) -> dict[str, Any]:
-        state = {"plan": self.plan.__dict__.copy(), "ledger": self.ledger.state_dict()}
-        if with_rng:
-            state["noise_rng_state"] = self.generator.get_state()
-        return state
+    def state_dict(self) -> dict[str, Any]:
+        """Plan and ledger; never the noise generator's state (it could regenerate the noise)."""
+        return {"plan": self.plan.__dict__.copy(), "ledger": self.ledger.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
-        """Restore ledger (and noise RNG when saved). Missing or inconsistent state is an error, never a reset."""
+        """Restore the ledger. Missing or inconsistent state is an error, never a reset. A noise generator state in
+        an older checkpoint is ignored: noise is always fresh after a resume."""
         if not state or "ledger" not in state:
             self.ledger = PrivacyLedger.from_state_dict(None, accountant=self.plan.accountant,  # raises
                                                         delta=self.plan.delta)  # type: ignore[arg-type]
@@ -125,9 +154,6 @@ class DPRun:
                                 "a new training without --c.")
         self.ledger = PrivacyLedger.from_state_dict(state["ledger"], accountant=self.plan.accountant,  # type: ignore
                                                     delta=self.plan.delta)
-        if "noise_rng_state" in state:
-            self.generator.set_state(state["noise_rng_state"].cpu() if hasattr(state["noise_rng_state"], "cpu")
-                                     else state["noise_rng_state"])
 
 
 _CONST = {"autos": "autos_gamma", "nsgd": "nsgd_r", "psac": "psac_r"}

@@ -2,7 +2,7 @@
 import pytest
 from opacus.accountants import RDPAccountant
 
-from nnunet_dp.accounting import PrivacyLedger, calibrate_noise, epsilon_for, max_steps_within
+from nnunet_dp.accounting import PrivacyLedger, calibrate_noise, epsilon_for, epsilon_of, max_steps_within
 from nnunet_dp.errors import DPLedgerError
 
 
@@ -49,3 +49,43 @@ def test_missing_or_mismatched_ledger_is_an_error():
     state = PrivacyLedger(accountant="rdp", delta=1e-5).state_dict()
     with pytest.raises(DPLedgerError, match="accountant"):
         PrivacyLedger.from_state_dict(state, accountant="prv", delta=1e-5)
+
+
+@pytest.mark.parametrize("sigma", [0.7, 1.0, 2.0])
+@pytest.mark.parametrize("q,steps", [(0.01, 100), (0.1, 50), (0.3, 20)])
+def test_every_offered_accountant_reports_at_least_prvs_upper_bound(sigma, q, steps):
+    """Only upper bounds are offered (DESIGN.md invariant 6): each accountant's epsilon >= opacus PRV's eps_upper."""
+    from opacus.accountants import PRVAccountant
+
+    from nnunet_dp.config import ACCOUNTANTS
+    prv = PRVAccountant()
+    prv.history = [(sigma, q, steps)]
+    dprv = prv._get_dprv(eps_error=0.01, delta_error=1e-8)
+    _, _, upper = dprv.compute_epsilon(1e-5, 1e-8, 0.01)  # PRV's (lower, estimate, upper): the upper bound
+    for name in ACCOUNTANTS:
+        assert epsilon_for(noise_multiplier=sigma, sampling_rate=q, steps=steps, delta=1e-5,
+                           accountant=name) >= upper - 1e-9, name
+
+
+def test_gdp_is_not_offered_and_under_reports():
+    """The issue's measurement: GDP 4.01 < PRV 5.16 < RDP 5.88 at delta 1e-5, sigma 1, q 0.1, 50 steps."""
+    from opacus.accountants import GaussianAccountant
+
+    from nnunet_dp.config import ACCOUNTANTS, DPConfig
+    from nnunet_dp.errors import DPConfigError
+    gdp = GaussianAccountant()
+    gdp.history = [(1.0, 0.1, 50)]
+    prv = epsilon_for(noise_multiplier=1.0, sampling_rate=0.1, steps=50, delta=1e-5, accountant="prv")
+    assert gdp.get_epsilon(delta=1e-5) < prv - 0.5
+    assert "gdp" not in ACCOUNTANTS
+    with pytest.raises(DPConfigError, match="under-reports"):
+        DPConfig(accountant="gdp")
+
+
+def test_max_steps_after_a_prior_history():
+    prior = [(2.0, 0.1, 40)]
+    m = max_steps_within(target_epsilon=3.0, noise_multiplier=1.0, sampling_rate=0.1, delta=1e-5, prior=prior)
+    assert epsilon_of([*prior, (1.0, 0.1, m)], delta=1e-5) <= 3.0 < epsilon_of([*prior, (1.0, 0.1, m + 1)],
+                                                                              delta=1e-5)
+    assert max_steps_within(target_epsilon=0.1, noise_multiplier=1.0, sampling_rate=0.1, delta=1e-5,
+                            prior=prior) == 0

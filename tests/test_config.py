@@ -10,7 +10,9 @@ from nnunet_dp.errors import DPConfigError
 @pytest.mark.parametrize("key,value,allowed", [
     ("target_epsilon", 0, "> 0"), ("target_epsilon", -1.0, "> 0"), ("delta", 1.0, "(0, 1)"),
     ("clip_norm", 0, "> 0"), ("clip_norm", -2, "> 0"), ("sampling_rate", 1.5, "(0, 1]"),
-    ("sampling_rate", 0.0, "(0, 1]"), ("accountant", "moments", "'rdp', 'prv', 'gdp'"),
+    ("sampling_rate", 0.0, "(0, 1]"), ("accountant", "moments", "'rdp', 'prv'"),
+    ("accountant", "gdp", "under-reports epsilon"), ("seed", 2**63, "[0, 2**63 - 1]"), ("seed", -1, "[0, 2**63 - 1]"),
+    ("seed", True, "null (default"), ("seed", 1.5, "not private"),
     ("num_epochs", 0, "integer > 0"), ("num_epochs", 2.5, "integer > 0"), ("norm_conversion", "layer", "'all'"),
     ("noise_multiplier", float("nan"), "> 0"), ("psac_r", 0, "> 0"),
 ])
@@ -58,3 +60,15 @@ def test_sampling_rate_from_expected_batch_size():
     assert DPConfig().sampling_rate_for(100, 4) == pytest.approx(0.04)
     assert DPConfig(expected_batch_size=10).sampling_rate_for(100, 4) == pytest.approx(0.1)
     assert DPConfig(sampling_rate=0.2).sampling_rate_for(100, 4) == pytest.approx(0.2)
+
+
+def test_seed_never_in_repr_or_release_dict():
+    """debug.json (nnU-Net) stores str() of the trainer's attributes, dp_config.json and checkpoints the release
+    dict: neither may hold the seed (DESIGN.md invariant 8)."""
+    seeded = DPConfig(seed=918273645)
+    assert "918273645" not in repr(seeded) and "918273645" not in str(seeded.release_dict())
+    assert seeded.release_dict()["private_randomness"] is False and "seed" not in seeded.release_dict()
+    assert DPConfig().release_dict()["private_randomness"] is True
+    assert DPConfig(seed=2**63 - 1).seed == 2**63 - 1
+    # dp_config.json read back (e.g. by --val) is accepted and carries no seed
+    assert DPConfig.from_mapping(seeded.release_dict()).seed is None

@@ -86,7 +86,7 @@ def test_interrupted_and_resumed_epsilon_equals_uninterrupted(root):
     assert crashed.returncode != 0 and "simulated crash" in crashed.stderr
     latest = folder / "checkpoint_latest.pth"
     ckpt = torch.load(latest, map_location="cpu", weights_only=False)
-    assert ckpt["dp_state"]["ledger"]["history"][0][2] == 4 and "noise_rng_state" in ckpt["dp_state"]
+    assert ckpt["dp_state"]["ledger"]["history"][0][2] == 4 and "noise_rng_state" not in ckpt["dp_state"]
 
     # a checkpoint without ledger is refused, never silently reset
     saved = folder / "latest.bak"
@@ -104,6 +104,95 @@ def test_interrupted_and_resumed_epsilon_equals_uninterrupted(root):
     resumed = check_privacy_json(folder, "flat", steps=6, cfg=cfg)
     assert resumed["epsilon"] == straight["epsilon"] and resumed["steps"] == straight["steps"] == 6
     assert resumed["ledger_history"] == straight["ledger_history"]
+
+
+def test_sigkill_at_random_points_then_resume(root):
+    """10 SIGKILLs (mid-step after the journal record, while a checkpoint is half written, after a checkpoint_best
+    newer than checkpoint_latest), each followed by nnUNetv2_train --c: training finishes, every checkpoint loads,
+    no lost-timeline checkpoint survives, noise is never replayed, and epsilon covers every journaled step."""
+    import random
+
+    from nnunet_dp.accounting import epsilon_of
+    from nnunet_dp.journal import JOURNAL_FILE, read_history, total_steps
+    trainer = "nnUNetTrainerDP_TestKill"
+    cfg = dict(TINY, num_epochs=8, save_every=2, noise_multiplier=1.0, target_epsilon=None,
+               num_val_iterations_per_epoch=0)
+    folder = fold(root, trainer)
+    shutil.rmtree(folder.parent, ignore_errors=True)
+    noise_log = root / "noise_log.txt"
+    noise_log.unlink(missing_ok=True)
+    rng = random.Random(20261127)
+    kills = [rng.choice([f"step:{rng.randint(1, 4)}", f"ckpt:{rng.randint(1, 2)}", f"best:{rng.randint(1, 2)}"])
+             for _ in range(10)]
+    kills[:3] = ["ckpt:1", "best:1", "step:3"]  # each kind at least once
+    for i, kill in enumerate(kills):
+        proc = train(root, trainer, cfg, *(["--c"] if i else []), check=False, NNUNET_DP_TEST_KILL=kill,
+                     NNUNET_DP_TEST_NOISE_LOG=str(noise_log))
+        assert proc.returncode == -9, (kill, proc.stderr[-2000:])
+    train(root, trainer, cfg, "--c", NNUNET_DP_TEST_NOISE_LOG=str(noise_log))
+
+    rep = json.loads((folder / "privacy.json").read_text())
+    history = read_history(str(folder / JOURNAL_FILE))
+    assert rep["status"] == "finished" and rep["steps"] == total_steps(history)
+    assert rep["epsilon"] >= epsilon_of(history, delta=rep["delta"]) - 1e-12
+    lines = [ln.split() for ln in noise_log.read_text().splitlines()]
+    assert len(lines) - len(kills) <= total_steps(history) <= len(lines)
+    vectors = [tuple(ln[2:]) for ln in lines]
+    assert len(set(vectors)) == len(vectors), "a noise draw was replayed"
+    pids = list(dict.fromkeys(ln[0] for ln in lines))
+    for crashed, resumed in zip(pids, pids[1:]):
+        first = next(tuple(ln[2:]) for ln in lines if ln[0] == resumed)
+        assert first not in {tuple(ln[2:]) for ln in lines if ln[0] == crashed}
+    assert not list(folder.glob("*.tmp"))
+    final_steps = None
+    for name in ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth"):
+        if (folder / name).exists():
+            ckpt = torch.load(folder / name, map_location="cpu", weights_only=False)
+            steps = total_steps(ckpt["dp_state"]["ledger"]["history"])  # every step of the folder up to its writing
+            final_steps = steps if final_steps is None else final_steps
+            assert steps <= final_steps, f"{name} is from a lost timeline"
+    assert final_steps == total_steps(history)
+    # the crashed steps are counted although the final model's own timeline has only the planned ones
+    assert total_steps(history) > cfg["num_epochs"] * cfg["num_iterations_per_epoch"]
+
+
+def test_seeded_run_publishes_no_seed_and_says_so(root):
+    """Invariant 8: no seed or generator state in any released file; privacy.json marks the run as not private."""
+    trainer, seed = "nnUNetTrainerDP", 918273645
+    folder = fold(root, trainer)
+    shutil.rmtree(folder.parent, ignore_errors=True)
+    train(root, trainer, dict(TINY, seed=seed))
+    rep = json.loads((folder / "privacy.json").read_text())
+    assert rep["private_randomness"] is False and any("Reproducible, not private" in a for a in rep["assumptions"])
+    for path in folder.parent.rglob("*"):
+        if path.is_file() and path.suffix != ".pth":
+            assert str(seed) not in path.read_text(errors="replace"), path
+    for path in folder.glob("*.pth"):
+        assert_no_seed(torch.load(path, map_location="cpu", weights_only=False), seed, path.name)
+
+
+def assert_no_seed(obj, seed, where):
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            assert not any(w in str(k).lower() for w in ("seed", "rng", "generator")), f"{where}: key {k}"
+            assert_no_seed(v, seed, f"{where}.{k}")
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            assert_no_seed(v, seed, where)
+    else:
+        assert not isinstance(obj, torch.Generator) and str(seed) not in str(obj), where
+
+
+def test_val_needs_no_environment_and_reads_the_folders_settings(root):
+    trainer = "nnUNetTrainerDP_AutoS"
+    if not (fold(root, trainer) / "checkpoint_final.pth").exists():
+        train(root, trainer, TINY)
+    env = nnunet_env(root)
+    env.pop("nnUNet_dp_config", None)
+    proc = run(["nnUNetv2_train", str(D2), "2d", "0", "-tr", trainer, "-device", "cpu", "--val"], env)
+    assert proc.returncode == 0
+    assert "dp_config.json (nnUNet_dp_config not set)" in next(fold(root, trainer).glob("training_log_*.txt")
+                                                              ).read_text() + proc.stdout
 
 
 def test_training_stops_before_overspending(root):

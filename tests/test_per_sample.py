@@ -195,6 +195,49 @@ def test_bk_refuses_what_it_cannot_do_exactly():
                    strategy="bk")
 
 
+def test_auto_falls_back_to_the_loop_when_bk_meets_a_layer_called_twice():
+    """Found only while running: 'auto' must not stop training; it takes the loop (exact) from then on."""
+    from torch import nn
+
+    from nnunet_dp.per_sample import choose_strategy
+    torch.manual_seed(0)
+    conv = nn.Conv2d(1, 1, 3, padding=1).double()
+    twice = nn.Sequential(conv, nn.Tanh(), conv)
+    x = torch.randn(3, 1, 8, 8, dtype=torch.float64)
+
+    def loss(o, _t):
+        return o.square().mean()
+    rule = make_rule("flat", clip_norm=0.05)
+    assert choose_strategy("auto", device=torch.device("cpu"), batch_size=3, case_voxels=64, model=twice) == "bk"
+    with pytest.warns(RuntimeWarning, match="called twice"):
+        got = scaled_sum(twice, loss, x, torch.zeros(3), rule, strategy="auto")
+    ref = scaled_sum(twice, loss, x, torch.zeros(3), rule, strategy="loop")
+    for g, r in zip(got.grads, ref.grads):
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-12)  # float64: only rounding may differ
+    assert choose_strategy("auto", device=torch.device("cpu"), batch_size=3, case_voxels=64, model=twice) == "loop"
+
+
+@pytest.mark.parametrize("strategy", ["loop", "bk"])
+@pytest.mark.parametrize("rule_name", ["flat", "autos", "nsgd", "psac"])
+def test_non_finite_cases_contribute_exactly_zero(strategy, rule_name):
+    """One NaN and one inf case in a batch: the sum is finite and equals the sum over the other cases, their scale
+    is 0 and they are counted as dropped (DESIGN.md invariant 4)."""
+    model = tiny_unet(2).double()
+    rule = make_rule(rule_name, clip_norm=0.5)
+    x, t = batch(2, 4, seed=3)
+    bad = x.clone()
+    bad[1, 0, 3, 3] = float("nan")
+    bad[3, 0, 5, 7] = float("inf")
+    got = scaled_sum(model, nnunet_loss(), bad, t, rule, strategy=strategy)
+    keep = [0, 2]
+    ref = scaled_sum(model, nnunet_loss(), x[keep], [a[keep] for a in t], rule, strategy="loop")
+    for g, r in zip(got.grads, ref.grads):
+        assert torch.isfinite(g).all()
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-12)
+    assert got.finite.tolist() == [True, False, True, False] and got.dropped == 2
+    assert got.scales[1] == 0 and got.scales[3] == 0
+
+
 def test_auto_choice_by_device_batch_and_patch():
     from nnunet_dp.per_sample import CPU_LOOP_MIN_CASE_VOXELS, choose_strategy
     cpu, cuda = torch.device("cpu"), torch.device("cuda")

@@ -15,6 +15,7 @@ import torch
 
 from nnunet_dp.alignment import all_rules, analyse_batch, case_gradient_matrix
 from nnunet_dp.alignment_report import ALIGNMENT_CSV, STEP_FIELDS, append_csv, step_rows
+from nnunet_dp.noise import stream_seed
 from nnunet_dp.per_sample import batch_size_of
 
 MC_DRAWS = 8  # Monte Carlo noise draws per recorded step (the closed-form private alignment is always written)
@@ -40,7 +41,7 @@ def maybe_record_alignment(trainer: Any, data: torch.Tensor | None, target: Any)
     rules = all_rules(clip_norm=cfg.clip_norm, autos_gamma=cfg.autos_gamma, nsgd_r=cfg.nsgd_r, psac_r=cfg.psac_r)
     G = case_gradient_matrix(trainer._plain_network(), trainer.loss, data, target, autocast=trainer._autocast())
     generator = torch.Generator(device=G.device)
-    generator.manual_seed(((cfg.seed or 0) << 32) + step)  # analysis noise only: reproducible, not private
+    generator.manual_seed(stream_seed(cfg.seed or 0, step))  # analysis noise only (never trains): reproducible
     result = analyse_batch(G, rules, noise_multiplier=run.plan.noise_multiplier, mc_draws=MC_DRAWS,
                            generator=generator)
     del G

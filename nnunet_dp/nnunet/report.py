@@ -8,6 +8,7 @@ from importlib import metadata
 from typing import Any
 
 from nnunet_dp.config import DPConfig
+from nnunet_dp.journal import JOURNAL_FILE
 from nnunet_dp.run import DPRun
 
 PRIVACY_JSON = "privacy.json"
@@ -16,25 +17,39 @@ CONFIG_JSON = "dp_config.json"
 # Data-dependent things a standard nnU-Net DP run releases that epsilon does not cover (DESIGN.md invariant 7).
 ASSUMPTIONS: tuple[str, ...] = (
     ("Plans and preprocessing: the dataset fingerprint (intensity percentiles, mean and std of foreground voxels "
-    "used for CT normalisation; image shapes and spacings that set target spacing and patch size) is computed "
-    "from all training cases without noise. Treat plans.json and dataset_fingerprint.json as private, or plan on "
-    "public data."),
+     "used for CT normalisation; image shapes and spacings that set target spacing and patch size) is computed "
+     "from all training cases without noise. Treat plans.json and dataset_fingerprint.json as private, or plan on "
+     "public data."),
+    ("The number of training cases N (num_training_cases, and q = expected_batch_size / N) is published in this "
+     "file and is assumed public; DP protects which cases took part, not how many."),
     ("Case membership: splits_final.json, debug.json and the training log name the training cases. Do not release "
-    "them with the model."),
-    ("checkpoint_best.pth is chosen by the (non-private) pseudo Dice on the validation cases; validation cases are "
-    "not protected by epsilon. checkpoint_final.pth involves no selection."),
+     "them with the model."),
+    ("Epsilon covers the training cases of this fold only. The fold's validation cases are not protected: "
+     "checkpoint_best.pth is chosen by the (non-private) pseudo Dice on them, and validation metrics "
+     "(validation/summary.json, the log's pseudo Dice) are computed from them. checkpoint_final.pth involves no "
+     "selection."),
+    ("Cross-validation and fold ensembles: under nnU-Net's 5-fold cross-validation every case trains 4 of the 5 "
+     "fold models and is a validation case of the fifth. A release of several folds (nnUNetv2_predict -f 0 1 2 3 4) "
+     "composes their epsilons for each case (the 4 trainings that contain it), and the fifth fold's validation-"
+     "based choices (checkpoint_best, pseudo Dice) use that case without noise. This file's epsilon is for this "
+     "fold's model alone."),
+    ("Model selection across trainings: nnUNetv2_find_best_configuration, DP-Morph's postprocessing search and any "
+     "choice between runs made on the cross-validation predictions look at the validation cases without noise "
+     "(unless DP-Morph's private selection, -epsilon_select, is used and its epsilon added)."),
+    ("Cascades: a 3d_cascade_fullres model is trained on the predictions of a 3d_lowres model of the same cases; "
+     "the cascade's release composes the epsilons of both stages."),
     ("The training-loss curve (training log, progress.png) is computed from the sampled training cases without "
-    "noise. Do not release it."),
-    ("Validation metrics (validation/summary.json) are computed on the validation cases, which epsilon does not "
-    "cover (they are not used for training)."),
-    ("checkpoint_latest.pth holds the noise generator's state so that a resumed run is reproducible: with it the "
-    "noise could be regenerated. Keep it private; checkpoint_final.pth and checkpoint_best.pth do not contain it."),
+     "noise. Do not release it."),
     ("Hyperparameters (learning rate, clip norm, epochs, rule constants) are assumed to be chosen without looking at "
-    "the private training cases; tuning them on these cases is not accounted for."),
+     "the private training cases; tuning them on these cases is not accounted for."),
     ("Gradient-alignment output (alignment.csv in the fold folder when alignment_every > 0, and everything "
      "nnUNetv2_dp_alignment writes: alignment.csv, alignment_cases.csv with per-case rows keyed by case identifier, "
      "summary.json, plots) is computed from unnoised per-case gradients and is not covered by epsilon."),
 )
+# Added when a seed is set (DESIGN.md invariant 8).
+SEEDED = ("Reproducible, not private: the noise and the Poisson sampling were seeded (setting 'seed'). Anyone who "
+          "knows or guesses the seed can regenerate the noise and remove it from the released weights: epsilon does "
+          "not hold. The seed is written to no file. Use seeds for testing only.")
 
 
 def versions() -> dict[str, str]:
@@ -47,7 +62,9 @@ def versions() -> dict[str, str]:
     return out
 
 
-def privacy_report(run: DPRun, cfg: DPConfig, *, status: str, seed: int | None) -> dict[str, Any]:
+def privacy_report(run: DPRun, cfg: DPConfig, *, status: str, dropped_cases: int = 0) -> dict[str, Any]:
+    """Epsilon counts every step recorded in the fold folder's journal (crashed runs included), not only the
+    steps of the model in checkpoint_final."""
     p = run.plan
     return {
         "epsilon": run.epsilon(),
@@ -69,9 +86,11 @@ def privacy_report(run: DPRun, cfg: DPConfig, *, status: str, seed: int | None) 
         "status": status,
         "privacy_unit": "one training case (image and label); Poisson sampling of cases",
         "ledger_history": run.ledger.history,
-        "seed": seed,
+        "journal": JOURNAL_FILE,
+        "dropped_cases": dropped_cases,
+        "private_randomness": cfg.private_randomness,
         "versions": versions(),
-        "assumptions": list(ASSUMPTIONS),
+        "assumptions": list(ASSUMPTIONS) + ([] if cfg.private_randomness else [SEEDED]),
     }
 
 

@@ -22,13 +22,14 @@ from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from torch import distributed as dist
 from torch._dynamo import OptimizedModule
 
-from nnunet_dp.config import DPConfig
-from nnunet_dp.errors import DPModelError
+from nnunet_dp.bookkeeping import unsupported_layers
+from nnunet_dp.errors import DPConfigError, DPModelError
 from nnunet_dp.nnunet.alignment_hook import maybe_record_alignment
 from nnunet_dp.nnunet.case_loss import make_case_loss
 from nnunet_dp.nnunet.loader import nnUNetPoissonDataLoader
 from nnunet_dp.nnunet.plans import apply_dp_to_configuration
 from nnunet_dp.nnunet.report import CONFIG_JSON, PRIVACY_JSON, privacy_report, write_json_atomic
+from nnunet_dp.nnunet.resume import attach_journal, check_dropped, load_dp_config
 from nnunet_dp.rules import RuleName
 from nnunet_dp.run import DPRun, dp_autocast, make_plan
 from nnunet_dp.sampling import shard
@@ -44,7 +45,7 @@ class nnUNetTrainerDP(nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):  # noqa: B008 (nnU-Net's exact signature)
         super().__init__(plans, configuration, fold, dataset_json, device)
-        cfg = DPConfig.from_env(**self.dp_defaults)
+        cfg, self.dp_config_source = load_dp_config(self.output_folder, self.dp_defaults)
         self.dp_config = cfg
         self.num_epochs = cfg.num_epochs
         self.num_iterations_per_epoch = cfg.num_iterations_per_epoch
@@ -58,6 +59,8 @@ class nnUNetTrainerDP(nnUNetTrainer):
                                   num_groups=cfg.group_norm_groups)
         self.dp_run: DPRun | None = None
         self.dp_status = "initialised"
+        self.dp_resumed_steps: int | None = None  # ledger steps of the checkpoint loaded by --c / --val
+        self.dp_dropped = 0  # cases dropped (non-finite gradient or loss) over the whole run
 
     # ---- network, loss, compile -------------------------------------------------------------------------------
     def _do_i_compile(self) -> bool:
@@ -68,6 +71,10 @@ class nnUNetTrainerDP(nnUNetTrainer):
         problems = find_problems(self._plain_network())
         if problems:
             raise DPModelError(problems)
+        if self.dp_config.per_sample_strategy == "bk" and (why := unsupported_layers(self._plain_network())):
+            raise DPConfigError("per_sample_strategy", "bk", "a strategy that can run on this network; 'bk' cannot: "
+                                + "; ".join(why) + ". Use 'auto' (falls back to 'loop') or 'loop'")
+        self.print_to_log_file(f"DP settings from {self.dp_config_source}")
         # nnU-Net's loss with a batched per-case evaluation (book-keeping strategy); identical values to self.loss
         self.dp_loss = make_case_loss(self.loss)
 
@@ -96,6 +103,12 @@ class nnUNetTrainerDP(nnUNetTrainer):
         return self.dp_run
 
     # ---- data ---------------------------------------------------------------------------------------------------
+    def _set_batch_size_and_oversample(self) -> None:
+        """nnU-Net splits its batch over DDP ranks and recomputes oversampling per rank; under DP each case decides
+        oversampling for itself with the configured probability, on every rank."""
+        super()._set_batch_size_and_oversample()
+        self.oversample_foreground_percent = self.dp_config.oversample_foreground_percent
+
     def get_dataloaders(self):
         run = self._dp_setup()
         rot, dummy_2d, initial_patch_size, mirror_axes = \
@@ -144,19 +157,27 @@ class nnUNetTrainerDP(nnUNetTrainer):
         maybe_record_alignment(self, data, target)  # analysis only (alignment_every > 0); reads, never writes .grad
         result = self.dp_run.private_step(self._plain_network(), self.dp_loss, data, target, self._autocast())
         self.optimizer.step()
-        # the mean per-case loss of the sampled cases (not private: see privacy.json assumptions); nan if empty
-        loss = result.losses.mean().item() if result.losses.numel() else float("nan")
-        return {"loss": np.array(loss), "batch_size": np.array(result.losses.numel())}
+        # the mean loss of the sampled finite cases (not private: see privacy.json assumptions); nan if none
+        finite = result.losses[result.finite]
+        loss = finite.mean().item() if finite.numel() else float("nan")
+        return {"loss": np.array(loss), "batch_size": np.array(result.losses.numel()),
+                "dropped": np.array(result.dropped)}
 
     def on_train_epoch_end(self, train_outputs: list[dict]) -> None:
         outputs = collate_outputs(train_outputs)
-        losses = np.atleast_1d(outputs["loss"])
+        stats = [np.atleast_1d(outputs[k]).astype(float) for k in ("loss", "batch_size", "dropped")]
         if self.is_ddp:
             gathered = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, losses)
-            losses = np.concatenate(gathered)
+            dist.all_gather_object(gathered, stats)
+            stats = [np.concatenate([g[i] for g in gathered]) for i in range(3)]
+        losses, sampled, dropped = stats[0], int(stats[1].sum()), int(stats[2].sum())
         self.logger.log("train_losses", float(np.nanmean(losses)) if np.isfinite(losses).any() else float("nan"),
                         self.current_epoch)
+        self.dp_dropped += dropped
+        if dropped:
+            self.print_to_log_file(f"DP: {dropped} of {sampled} sampled cases dropped this epoch (non-finite gradient "
+                                   "or loss; they contributed nothing, the steps still added their noise)")
+        check_dropped(dropped, sampled, self.current_epoch)
 
     def run_training(self) -> None:
         """nnU-Net's loop, stopping before a step that would overspend the target epsilon."""
@@ -171,7 +192,8 @@ class nnUNetTrainerDP(nnUNetTrainer):
             self.on_train_epoch_start()
             outputs = [self.train_step(next(self.dataloader_train))
                        for _ in range(self.num_iterations_per_epoch) if self.dp_run.can_step()]
-            self.on_train_epoch_end(outputs or [{"loss": np.array(np.nan)}])
+            self.on_train_epoch_end(outputs or [{"loss": np.array(np.nan), "batch_size": np.array(0),
+                                                 "dropped": np.array(0)}])
             with torch.no_grad():
                 self.on_validation_epoch_start()
                 val_outputs = [self.validation_step(next(self.dataloader_val))
@@ -185,9 +207,11 @@ class nnUNetTrainerDP(nnUNetTrainer):
     def on_train_start(self) -> None:
         super().on_train_start()
         self.dp_status = "training"
+        attach_journal(self)
         if self.local_rank == 0:
             write_json_atomic(join(self.output_folder, CONFIG_JSON),
-                              {"trainer": self.__class__.__name__, "rule": self.dp_rule, **self.dp_config.to_dict()})
+                              {"trainer": self.__class__.__name__, "rule": self.dp_rule,
+                               **self.dp_config.release_dict()})
             self._write_privacy_json()
 
     def on_epoch_end(self) -> None:
@@ -206,12 +230,14 @@ class nnUNetTrainerDP(nnUNetTrainer):
             self.dp_status = "finished"
         super().on_train_end()
         self._write_privacy_json()
+        if self.dp_run.journal is not None:
+            self.dp_run.journal.close()
 
     def _write_privacy_json(self) -> None:
         if self.local_rank == 0 and self.dp_run is not None:
             write_json_atomic(join(self.output_folder, PRIVACY_JSON),
                               privacy_report(self.dp_run, self.dp_config, status=self.dp_status,
-                                             seed=self.dp_config.seed))
+                                             dropped_cases=self.dp_dropped))
 
     # ---- checkpoints: the ledger travels in every one ------------------------------------------------------------
     def save_checkpoint(self, filename: str) -> None:
@@ -231,9 +257,8 @@ class nnUNetTrainerDP(nnUNetTrainer):
             "init_args": self.my_init_kwargs,
             "trainer_name": self.__class__.__name__,
             "inference_allowed_mirroring_axes": self.inference_allowed_mirroring_axes,
-            # the noise RNG state only goes into checkpoint_latest (it could regenerate the noise)
-            "dp_state": run.state_dict(with_rng=os.path.basename(filename) == "checkpoint_latest.pth"),
-            "dp_config": self.dp_config.to_dict(),
+            "dp_state": run.state_dict(),  # plan and ledger; never a noise generator state or seed
+            "dp_config": self.dp_config.release_dict(),
         }
         tmp = f"{filename}.tmp"
         torch.save(checkpoint, tmp)
@@ -246,6 +271,7 @@ class nnUNetTrainerDP(nnUNetTrainer):
             raise FileNotFoundError(f"checkpoint {filename_or_checkpoint!r} not found")
         checkpoint = torch.load(filename_or_checkpoint, map_location="cpu", weights_only=False)
         self._dp_setup().load_state_dict(checkpoint.get("dp_state"))
+        self.dp_resumed_steps = self.dp_run.steps
         super().load_checkpoint(filename_or_checkpoint)
         self.print_to_log_file(f"DP: resumed ledger with {self.dp_run.steps} steps, "
                                f"epsilon so far {self.dp_run.epsilon():.4f}")

@@ -1,0 +1,104 @@
+"""Starts and resumes of a DP training in one fold folder: settings, the step journal, lost timelines, divergence.
+
+Every start and resume continues the folder's write-ahead journal (nnunet_dp.journal), so that epsilon counts every
+step that ever ran there, crashed runs included. Checkpoints written by a run after the checkpoint that a resume
+starts from belong to a lost timeline (their steps are in the journal, their weights in no ledger of the resumed
+run) and are removed, so that only one timeline's models stay in the folder.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import distributed as dist
+
+from nnunet_dp.config import ENV_VAR, DPConfig
+from nnunet_dp.errors import DPDivergedError
+from nnunet_dp.journal import JOURNAL_FILE, StepJournal, total_steps
+
+CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_best.pth", "checkpoint_latest.pth")
+# stop when more than this fraction of an epoch's sampled cases (and at least MIN_DROPPED of them) were dropped
+MAX_DROPPED_FRACTION = 0.5
+MIN_DROPPED = 3
+
+
+def load_dp_config(output_folder: str, defaults: Mapping[str, Any]) -> tuple[DPConfig, str]:
+    """The settings: the JSON named by nnUNet_dp_config; without it, the fold folder's dp_config.json (what the
+    run being resumed or validated used: `--c` and `--val` need no environment); else the defaults."""
+    saved = os.path.join(output_folder, "dp_config.json")
+    if os.environ.get(ENV_VAR) or not os.path.isfile(saved):
+        return DPConfig.from_env(**defaults), os.environ.get(ENV_VAR) or "defaults (nnUNet_dp_config not set)"
+    with open(saved) as f:
+        values = {k: v for k, v in json.load(f).items() if k not in ("trainer", "rule")}
+    return DPConfig.from_mapping(values, source=saved, **defaults), f"{saved} ({ENV_VAR} not set)"
+
+
+def check_dropped(dropped: int, sampled: int, epoch: int) -> None:
+    if dropped >= MIN_DROPPED and dropped > MAX_DROPPED_FRACTION * sampled:
+        raise DPDivergedError(
+            f"DP: {dropped} of the {sampled} cases sampled in epoch {epoch} had a non-finite gradient or loss and "
+            "contributed nothing. Either the images contain NaN/inf voxels (check the raw data and the "
+            "preprocessed files) or the training diverged (lower initial_lr or clip_norm). Steps already taken are "
+            "counted in privacy.json; training stops here.")
+
+
+def remove_lost_timeline(folder: str, resumed_steps: int, log: Any) -> list[str]:
+    """Delete checkpoints written after step `resumed_steps` (by a crashed run, or by an earlier run in this folder
+    when training starts afresh) and half-written *.tmp files. Returns the removed names."""
+    removed = []
+    for path in sorted(glob.glob(os.path.join(folder, "checkpoint_*.pth.tmp"))):
+        os.remove(path)
+        removed.append(os.path.basename(path))
+    for name in CHECKPOINTS:
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            continue
+        try:
+            ledger = torch.load(path, map_location="cpu", weights_only=False)["dp_state"]["ledger"]
+            steps = total_steps(ledger["history"])
+        except Exception:  # noqa: BLE001 (unreadable, truncated or not a DP checkpoint: no timeline of ours)
+            steps = None
+        if steps is None or steps > resumed_steps:
+            os.remove(path)
+            removed.append(name)
+            log(f"DP: removed {name} ({'unreadable' if steps is None else f'{steps} steps'}): written after step "
+                f"{resumed_steps}, where this run continues, so it belongs to a lost timeline. Its steps stay "
+                "counted in epsilon (journal).")
+    return removed
+
+
+def attach_journal(trainer: Any) -> None:
+    """Continue the fold folder's journal (rank 0), or start one; under DDP every rank gets rank 0's history."""
+    run, folder = trainer.dp_run, trainer.output_folder
+    resumed = trainer.dp_resumed_steps or 0
+    journal, history = None, None
+    if trainer.local_rank == 0:
+        journal = StepJournal(folder)
+        known, ledger = journal.history(), run.ledger.history
+        if total_steps(ledger) > total_steps(known):  # a folder without journal (older version, copied checkpoint)
+            s, q, _ = ledger[-1]
+            journal.import_history([(s, q, total_steps(ledger) - total_steps(known))])
+        history = journal.history()
+        lost = total_steps(history) - resumed
+        if lost and trainer.dp_resumed_steps is None:
+            trainer.print_to_log_file(
+                f"DP WARNING: this folder's journal ({JOURNAL_FILE}) records {lost} steps of earlier trainings here. "
+                "They stay counted in epsilon for everything released from this folder. To start a separately "
+                "accounted training, use a new output folder (delete this fold folder only if nothing from it was "
+                "released).")
+        elif lost:
+            trainer.print_to_log_file(f"DP: {lost} steps ran after the checkpoint this run resumes from (a crash); "
+                                      "they are counted in epsilon.")
+        remove_lost_timeline(folder, resumed, trainer.print_to_log_file)
+    if trainer.is_ddp:
+        box = [history]
+        dist.broadcast_object_list(box, src=0)
+        history = box[0]
+    run.attach_journal(journal, history)
+    if not run.can_step():
+        trainer.print_to_log_file(f"DP: the {run.steps} steps recorded for this folder already reach "
+                                  f"target_epsilon={run.plan.target_epsilon}; no further step will run.")
