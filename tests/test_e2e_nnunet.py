@@ -1,6 +1,7 @@
 """End to end through nnU-Net's own commands: nnUNetv2_train with every DP trainer, nnUNetv2_predict, resume."""
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 
@@ -140,7 +141,7 @@ def test_sigkill_at_random_points_then_resume(root):
     vectors = [tuple(ln[2:]) for ln in lines]
     assert len(set(vectors)) == len(vectors), "a noise draw was replayed"
     pids = list(dict.fromkeys(ln[0] for ln in lines))
-    for crashed, resumed in zip(pids, pids[1:]):
+    for crashed, resumed in itertools.pairwise(pids):
         first = next(tuple(ln[2:]) for ln in lines if ln[0] == resumed)
         assert first not in {tuple(ln[2:]) for ln in lines if ln[0] == crashed}
     assert not list(folder.glob("*.tmp"))
