@@ -101,7 +101,8 @@ class PrivacyLedger:
                         delta: float) -> PrivacyLedger:
         """Restore; a missing ledger or one made with another accountant/delta is an error, never a reset."""
         if not state or "history" not in state:
-            raise DPLedgerError("The checkpoint has no privacy ledger (key 'dp_ledger'). Resuming would restart the "
+            raise DPLedgerError("The checkpoint has no privacy ledger (key 'dp_state'; not written by a DP trainer). "
+                                "Resuming would restart the "
                                 "privacy accounting at zero and under-report epsilon. Start a new training "
                                 "(without --c) in a fresh output folder, or resume from the checkpoint written by "
                                 "the DP trainer.")

@@ -42,7 +42,9 @@ class DPConfig:
     num_epochs: int = 50
     num_iterations_per_epoch: int = 50
     num_val_iterations_per_epoch: int = 10
-    initial_lr: float | None = None
+    initial_lr: float | None = None  # None: nnunet_dp.optim.default_lr (from sigma, C, qN and the planned steps)
+    momentum: float = 0.9  # SGD momentum (nnU-Net's 0.99 remembers ~100 steps: too long for a noisy, short DP run)
+    nesterov: bool = True
     accountant: AccountantName = "rdp"
     autos_gamma: float = 0.01
     nsgd_r: float = 0.1
@@ -173,6 +175,19 @@ def _nonneg_int(name: str, allow_none: bool = False):
     return check
 
 
+def _momentum(cfg: DPConfig) -> None:
+    v = cfg.momentum
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not 0 <= v < 1:
+        raise DPConfigError("momentum", v, "a number in [0, 1) (default 0.9)")
+
+
+def _nesterov(cfg: DPConfig) -> None:
+    if not isinstance(cfg.nesterov, bool):
+        raise DPConfigError("nesterov", cfg.nesterov, "true or false (default true)")
+    if cfg.nesterov and cfg.momentum == 0:
+        raise DPConfigError("nesterov", cfg.nesterov, "false when momentum is 0 (Nesterov needs momentum)")
+
+
 def _seed(cfg: DPConfig) -> None:
     v = cfg.seed
     if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= SEED_MAX):
@@ -203,7 +218,7 @@ _CHECKS = (
     _positive("noise_multiplier", allow_none=True), _positive("clip_norm"),
     _positive("expected_batch_size", allow_none=True), _unit_interval("sampling_rate", True, False, True),
     _positive("num_epochs", integer=True), _positive("num_iterations_per_epoch", integer=True),
-    _nonneg_int("num_val_iterations_per_epoch"), _positive("initial_lr", allow_none=True),
+    _nonneg_int("num_val_iterations_per_epoch"), _positive("initial_lr", allow_none=True), _momentum, _nesterov,
     _accountant, _positive("autos_gamma"), _positive("nsgd_r"), _positive("psac_r"),
     _choice("norm_conversion", NORM_CONVERSIONS), _positive("group_norm_groups", integer=True),
     _choice("per_sample_strategy", STRATEGIES), _unit_interval("oversample_foreground_percent", False, False),

@@ -35,3 +35,11 @@ class DPBudgetExhausted(DPError):
 
 class DPDivergedError(DPError):
     """Most sampled cases had a non-finite gradient or loss: the data hold NaN/inf or the training diverged."""
+
+
+class DPCheckpointError(DPError):
+    """A checkpoint cannot be read or does not fit this training."""
+
+
+class DPDataError(DPError):
+    """The training data hold values the dataset does not allow (e.g. labels outside dataset.json's classes)."""

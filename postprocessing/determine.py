@@ -16,6 +16,7 @@ from batchgenerators.utilities.file_and_folder_operations import load_json
 from nnunet_dp.postprocessing.errors import DPMorphError
 from nnunet_dp.postprocessing.folders import (
     DatasetInfo,
+    check_folders,
     final_case,
     find_json,
     load_dataset_info,
@@ -129,6 +130,7 @@ def determine_dp_morph(folder_predictions: str, folder_ref: str, plans_file: str
     """
     _check_options(mode, radius_unit, margin, num_processes, epsilon_select, seed)
     candidates = make_candidates(operations, radii, planes)
+    check_folders(folder_predictions, folder_ref)  # before looking for plans.json beside -i
     plans_file = find_json(plans_file, folder_predictions, "plans.json", "-plans_json")
     dataset_json_file = find_json(dataset_json_file, folder_predictions, "dataset.json", "-dataset_json")
     info = load_dataset_info(plans_file, dataset_json_file)

@@ -61,11 +61,15 @@ def load_dataset_info(plans_file: str, dataset_json_file: str) -> DatasetInfo:
                        plans_manager.image_reader_writer_class(), spacing)
 
 
-def pair_cases(pred_folder: str, ref_folder: str, file_ending: str) -> list[tuple[str, str]]:
-    """(prediction, reference) paths; every prediction needs a reference (extra references are fine)."""
+def check_folders(pred_folder: str, ref_folder: str) -> None:
     for option, folder in (("-i", pred_folder), ("-ref", ref_folder)):
         if not os.path.isdir(folder):
             raise DPMorphError(option, folder, "an existing folder")
+
+
+def pair_cases(pred_folder: str, ref_folder: str, file_ending: str) -> list[tuple[str, str]]:
+    """(prediction, reference) paths; every prediction needs a reference (extra references are fine)."""
+    check_folders(pred_folder, ref_folder)
     preds = subfiles(pred_folder, suffix=file_ending, join=False)
     if not preds:
         raise DPMorphError("-i", pred_folder, f"a folder with predictions ending in {file_ending!r}; it is empty")

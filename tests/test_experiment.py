@@ -1,11 +1,14 @@
-"""nnUNetv2_dp_experiment: the held-out split, the DP-Morph choice blind to test labels, and a minimal end-to-end
-run (non-private + flat at one ε, all three refinements) with resume."""
+"""nnUNetv2_dp_experiment: the held-out split, the DP-Morph choice blind to test labels, the lr sweep and its choice on
+validation, and a minimal end-to-end run (non-private + flat at one ε with the default lr rule and --lrs 0.05, all
+three refinements) with resume."""
 from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import pickle
+import re
 import shutil
 from pathlib import Path
 
@@ -14,6 +17,8 @@ import pytest
 import SimpleITK as sitk
 from e2e import nnunet_env, run
 
+from nnunet_dp.config import DPConfig
+from nnunet_dp.nnunet import experiment as experiment_cli
 from nnunet_dp.nnunet.experiment_plan import (
     BUDGETS,
     ExperimentError,
@@ -22,12 +27,16 @@ from nnunet_dp.nnunet.experiment_plan import (
     run_grid,
     split_cases,
 )
+from nnunet_dp.nnunet.experiment_report import CHOSEN, DEFAULT, mark_lr_choice, write_report
 from nnunet_dp.nnunet.experiment_run import choose_and_apply
 from nnunet_dp.nnunet.synthetic import make_dataset
+from nnunet_dp.optim import default_lr
 
 DATASET_ID = 977
+SWEEP_LR = 0.05  # the end-to-end run's --lrs
+RUNS = ("nonprivate", "flat_eps8", f"flat_eps8_lr{SWEEP_LR:g}")
 MINIMAL = {"num_epochs": 1, "num_iterations_per_epoch": 2, "num_val_iterations_per_epoch": 1, "batch_size": 4,
-           "save_every": 1, "features_per_stage": [8, 16]}
+           "save_every": 1, "features_per_stage": [8, 16, 32]}  # 3 stages: nnU-Net's loss is NaN with 2
 
 
 def test_split_is_deterministic_disjoint_and_complete():
@@ -54,13 +63,137 @@ def test_run_grid_and_settings():
         run_grid(["clip"], [1])
     with pytest.raises(ExperimentError, match="--epsilons"):
         run_grid(["flat"], [0])
-    dp = dp_settings(specs[1], BUDGETS["tiny"], seed=5)
-    assert dp["target_epsilon"] == 1 and dp["expected_batch_size"] == BUDGETS["tiny"].batch_size and dp["seed"] == 5
-    base = dp_settings(specs[0], BUDGETS["tiny"], seed=5)
+    dp = dp_settings(specs[1], BUDGETS["tiny"])
+    assert dp["target_epsilon"] == 1 and dp["expected_batch_size"] == BUDGETS["tiny"].batch_size
+    base = dp_settings(specs[0], BUDGETS["tiny"])
     assert base["batch_size"] == dp["expected_batch_size"] and base["num_epochs"] == dp["num_epochs"]
     assert base["num_iterations_per_epoch"] == dp["num_iterations_per_epoch"]
     with pytest.raises(ExperimentError, match="--budget"):
         resolve_budget("huge")
+
+
+def test_dp_runs_get_no_seed_unless_reproducible():
+    """DESIGN.md invariant 8: by default no DP run's settings hold a seed (fresh OS entropy); --seed seeds the split
+    only. --reproducible passes it to the DP runs, never to the non-private baseline."""
+    specs = run_grid(["nonprivate", "flat", "psac"], [1, 8])
+    assert all("seed" not in dp_settings(s, BUDGETS["tiny"]) for s in specs)
+    assert all("seed" not in dp_settings(s, BUDGETS["tiny"], None) for s in specs)
+    assert [dp_settings(s, BUDGETS["tiny"], 7).get("seed") for s in specs] == [None, 7, 7, 7, 7]
+    parser = experiment_cli.build_parser()
+    args = parser.parse_args(["-d", "1"])
+    assert args.seed == 0 and args.reproducible is False
+    assert parser.parse_args(["-d", "1", "--reproducible", "--seed", "3"]).reproducible is True
+    assert "held-out test split only" in " ".join(parser.format_help().split())
+
+
+def test_dp_settings_have_no_initial_lr_unless_lrs():
+    """DP runs leave the lr to the trainers' default rule (no initial_lr, no momentum: the DP default 0.9); --lrs adds
+    one run per lr with initial_lr = LR. The baseline keeps the budget's lr in every case."""
+    budget = BUDGETS["tiny"]
+    plain = run_grid(["nonprivate", "flat", "psac"], [1, 8])
+    assert [s.lr for s in plain] == [None] * 5
+    settings = [dp_settings(s, budget) for s in plain]
+    assert settings[0]["initial_lr"] == budget.nonprivate_lr
+    assert all("initial_lr" not in d and "momentum" not in d for d in settings[1:])
+    specs = run_grid(["nonprivate", "flat"], [1, 8], [0.05, 0.2, 0.05])
+    assert [s.name for s in specs] == ["nonprivate", "flat_eps1", "flat_eps1_lr0.05", "flat_eps1_lr0.2", "flat_eps8",
+                                       "flat_eps8_lr0.05", "flat_eps8_lr0.2"]
+    assert [dp_settings(s, budget).get("initial_lr") for s in specs] == [
+        budget.nonprivate_lr, None, 0.05, 0.2, None, 0.05, 0.2]
+    assert all("momentum" not in dp_settings(s, budget) for s in specs)
+    assert experiment_cli.build_parser().parse_args(["-d", "1", "--lrs", "0.05", "0.2"]).lrs == [0.05, 0.2]
+
+
+@pytest.mark.parametrize("bad", [[0.0], [-0.1], [float("nan")], [float("inf")], [0.1, 0.1000000001]])
+def test_bad_lrs_name_the_option(bad):
+    with pytest.raises(ExperimentError, match="--lrs"):
+        run_grid(["flat"], [8], bad)
+
+
+def test_bad_lrs_stop_before_any_work(tmp_path, monkeypatch):
+    for var in ("nnUNet_raw", "nnUNet_preprocessed"):
+        monkeypatch.setenv(var, str(tmp_path / var))
+    with pytest.raises(SystemExit, match=r"--lrs = -0\.1 is not allowed: expected finite numbers > 0"):
+        experiment_cli.main(["-d", "1", "--rules", "flat", "--lrs", "0.05", "-0.1", "-o", str(tmp_path / "out")])
+    with pytest.raises(SystemExit, match=r"--lrs.*DP rules"):
+        experiment_cli.main(["-d", "1", "--rules", "nonprivate", "--lrs", "0.05", "-o", str(tmp_path / "out")])
+    assert os.listdir(tmp_path) == []
+
+
+def _row(rule, eps, refine, lr, val, source="--lrs"):
+    return {"run": f"{rule}_{eps}_{lr}", "rule": rule, "target_epsilon": eps, "refinement": refine, "lr_value": lr,
+            "lr_source": source, "validation_dice": val, "dice_mean": 0.5}
+
+
+def test_mark_lr_choice_on_hand_made_rows():
+    """Per (rule, ε, refinement) with several lrs: the best validation Dice is chosen (never the test Dice; equals: the
+    first; non-finite never), the default-rule row is labelled; single-lr groups and the baseline stay unmarked."""
+    table = [_row("nonprivate", None, "none", 0.01, 0.9, "budget"),
+             _row("flat", 8.0, "none", 0.03, 0.40, DEFAULT), _row("flat", 8.0, "none", 0.05, 0.60),
+             _row("flat", 8.0, "none", 0.2, 0.50),
+             _row("flat", 8.0, "global", 0.03, 0.70, DEFAULT), _row("flat", 8.0, "global", 0.05, 0.65),
+             _row("flat", 8.0, "global", 0.2, float("nan")),
+             _row("flat", 1.0, "none", 0.01, 0.1, DEFAULT), _row("flat", 1.0, "none", 0.05, 0.1),
+             _row("psac", 8.0, "none", 0.03, 0.3, DEFAULT), _row("psac", 8.0, "none", 0.05, None),
+             _row("autos", 8.0, "none", 0.03, 0.3, DEFAULT)]
+    table[2]["dice_mean"] = 0.0  # the test Dice plays no part
+    marked = mark_lr_choice(table)
+    assert [r["lr_choice"] for r in marked] == ["", DEFAULT, CHOSEN, "", CHOSEN, "", "", CHOSEN, "", CHOSEN, "", ""]
+    assert "lr_choice" not in table[0]  # a pure function: the input rows are unchanged
+    groups = {(r["rule"], r["target_epsilon"], r["refinement"]) for r in marked if r["rule"] != "nonprivate"}
+    multi = [g for g in groups if g != ("autos", 8.0, "none")]
+    for group in multi:
+        assert [r["lr_choice"] for r in marked if (r["rule"], r["target_epsilon"], r["refinement"]) == group
+                ].count(CHOSEN) == 1
+
+
+def _fake_result(run, rule, eps, lr=None, val=0.3, dice=0.45):
+    scores = {"none": {"dice": {"disk": 0.5, "ring": 0.4}, "dice_mean": dice, "num_cases": 2}}
+    privacy = {"noise_multiplier": 1.0, "clip_norm": 1.0, "expected_batch_size": 4.0, "planned_steps": 4} if eps else \
+        {"noise_multiplier": None}
+    return {"run": run, "rule": rule, "target_epsilon": eps, "epsilon": eps, **privacy, "steps": 4,
+            "initial_lr": 0.1 if rule == "nonprivate" else lr, "scores": scores, "validation_dice": {"none": val},
+            "train_seconds": 6.0, "seconds": 9.0}
+
+
+def _header(reproducible=False):
+    return {"dataset": "Dataset977_ExpTest", "configuration": "2d", "seed": 3, "reproducible": reproducible,
+            "budget": {"name": "minimal", "steps": 4, "batch_size": 4},
+            "split": {"num_test": 2, "num_train": 10, "num_val": 3}, "command": "nnUNetv2_dp_experiment ..."}
+
+
+def test_report_states_the_default_lr_and_the_validation_choice(tmp_path):
+    """The default-rule lr is recomputed from the run's privacy fields; the headline compares it with the lr chosen
+    on validation (here 0.05: better validation Dice, worse test Dice)."""
+    write_report(str(tmp_path), _header(), [
+        _fake_result("nonprivate", "nonprivate", None, dice=0.8), _fake_result("flat_eps8", "flat", 8.0, None, 0.3, 0.4),
+        _fake_result("flat_eps8_lr0.05", "flat", 8.0, 0.05, 0.5, 0.2)])
+    lr = default_lr(noise_multiplier=1.0, clip_norm=1.0, expected_batch_size=4.0, steps=4,
+                    momentum=DPConfig().momentum)
+    with open(tmp_path / "results.csv") as f:
+        table = {r["run"]: r for r in csv.DictReader(f)}
+    assert table["flat_eps8"]["lr"] == f"default ({lr:.3g})" and float(table["flat_eps8"]["lr_value"]) == lr
+    assert table["flat_eps8"]["lr_choice"] == DEFAULT and table["flat_eps8_lr0.05"]["lr_choice"] == CHOSEN
+    assert table["flat_eps8_lr0.05"]["lr"] == "0.05" and table["nonprivate"]["lr"] == "0.1"
+    md = (tmp_path / "results.md").read_text()
+    assert f"| 8 | flat | default ({lr:.3g}) | 0.4000 | 0.5000 | 0.05 | 0.2000 | 0.2500 |" in md
+    assert CHOSEN in md
+
+
+@pytest.mark.parametrize("reproducible", [False, True])
+def test_results_tables_state_the_randomness(tmp_path, reproducible):
+    write_report(str(tmp_path), _header(reproducible), [_fake_result("nonprivate", "nonprivate", None),
+                                         _fake_result("flat_eps8", "flat", 8.0)])
+    md = (tmp_path / "results.md").read_text().lower()
+    with open(tmp_path / "results.csv") as f:
+        table = {r["run"]: r["private_randomness"] for r in csv.DictReader(f)}
+    assert table["nonprivate"] == "n/a"
+    if reproducible:
+        assert "private randomness: no (reproducible, not private: noise and sampling seeded)" in md
+        assert table["flat_eps8"] == "no (reproducible, not private: noise and sampling seeded)"
+    else:
+        assert "private randomness: yes" in md and "reproducible, not private" not in md
+        assert table["flat_eps8"] == "yes"
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +204,7 @@ def experiment(tmp_path_factory):
     (root / "minimal.json").write_text(json.dumps(MINIMAL))
     out = root / "out"
     cmd = ["nnUNetv2_dp_experiment", "-d", str(DATASET_ID), "-c", "2d", "--rules", "nonprivate", "flat",
-           "--epsilons", "8", "--budget", str(root / "minimal.json"), "-o", str(out), "-device", "cpu", "-np", "1"]
+           "--epsilons", "8", "--lrs", str(SWEEP_LR), "--budget", str(root / "minimal.json"), "-o", str(out), "-device", "cpu", "-np", "1"]
     env = nnunet_env(root)
     first = run(cmd, env)
     return {"root": root, "out": out, "cmd": cmd, "env": env, "first": first}
@@ -85,7 +218,7 @@ def test_end_to_end_files_plots_and_dice(experiment):
     with open(out / "results.csv") as f:
         table = list(csv.DictReader(f))
     assert {(r["run"], r["refinement"]) for r in table} == {
-        (run_, ref) for run_ in ("nonprivate", "flat_eps8") for ref in ("none", "global", "adaptive")}
+        (run_, ref) for run_ in RUNS for ref in ("none", "global", "adaptive")}
     for row in table:
         for key in ("dice_disk", "dice_ring", "dice_mean"):
             assert 0.0 <= float(row[key]) <= 1.0
@@ -102,13 +235,81 @@ def test_end_to_end_files_plots_and_dice(experiment):
     assert tested == set(split["test"])
 
 
+def test_default_runs_hold_no_seed_and_tables_say_private(experiment):
+    out = experiment["out"]
+    for run_ in RUNS:
+        assert "seed" not in json.loads((out / "runs" / run_ / "settings.json").read_text())
+    privacy = json.loads((Path(json.loads((out / "runs" / "flat_eps8" / "result.json").read_text())["model_folder"])
+                          / "fold_0" / "privacy.json").read_text())
+    assert privacy.get("seed") is None and privacy.get("private_randomness", True) is True
+    assert "private randomness: yes" in (out / "results.md").read_text().lower()
+    with open(out / "results.csv") as f:
+        assert {r["private_randomness"] for r in csv.DictReader(f) if r["rule"] == "flat"} == {"yes"}
+
+
+def _logged_lr(result: dict) -> str:
+    logs = sorted((Path(result["model_folder"]) / "fold_0").glob("training_log_*.txt"))
+    return re.findall(r"DP optimizer: SGD lr=(\S+) \((default rule|initial_lr setting)", logs[-1].read_text())[-1]
+
+
+def test_lrs_give_one_row_per_lr_and_one_choice_on_validation(experiment):
+    """--lrs 0.05: per refinement, flat at ε = 8 has the default-rule row (its lr as the trainer logged it) and the
+    0.05 row; exactly one is chosen, the one with the better validation Dice; results.md has the headline."""
+    out = experiment["out"]
+    settings = {r: json.loads((out / "runs" / r / "settings.json").read_text()) for r in RUNS}
+    assert "initial_lr" not in settings["flat_eps8"] and settings[RUNS[2]]["initial_lr"] == SWEEP_LR
+    results = {r: json.loads((out / "runs" / r / "result.json").read_text()) for r in RUNS}
+    with open(out / "results.csv") as f:
+        table = [r for r in csv.DictReader(f) if r["rule"] == "flat"]
+    default = next(r for r in table if r["run"] == "flat_eps8")
+    assert _logged_lr(results["flat_eps8"]) == (f"{float(default['lr_value']):.4g}", "default rule")
+    assert _logged_lr(results[RUNS[2]]) == (f"{SWEEP_LR:.4g}", "initial_lr setting")
+    for refine in ("none", "global", "adaptive"):
+        group = [r for r in table if r["refinement"] == refine]
+        assert sorted(r["lr"] for r in group) == sorted([default["lr"], f"{SWEEP_LR:g}"])
+        assert default["lr"].startswith("default (")
+        assert [r["lr_choice"] for r in group].count(CHOSEN) == 1
+        chosen = next(r for r in group if r["lr_choice"] == CHOSEN)
+        val = {r["run"]: results[r["run"]]["validation_dice"][refine] for r in group}
+        assert val[chosen["run"]] == max(val.values()) and float(chosen["validation_dice"]) == val[chosen["run"]]
+        assert all(r["lr_choice"] == DEFAULT for r in group if r["run"] == "flat_eps8" and r is not chosen)
+        assert all(math.isfinite(v) for v in val.values())
+    md = (out / "results.md").read_text()
+    assert "## Headline: default lr vs lr chosen on validation" in md and CHOSEN in md
+
+
+def test_resume_refuses_to_switch_the_randomness_mode(experiment, tmp_path, monkeypatch):
+    """A folder's runs keep their mode: --reproducible on private runs, or private on seeded runs (an older
+    experiment seeded every run), stops naming --reproducible before any training, and the tables stay as they were."""
+    src, out = experiment["out"], tmp_path / "out"
+    for name in ("split.json", "results.csv", "results.md"):
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src / name, out / name)
+    for run_ in RUNS:
+        shutil.copytree(src / "runs" / run_, out / "runs" / run_,
+                        ignore=shutil.ignore_patterns("nnUNet_results", "test"))
+    for key, value in experiment["env"].items():
+        if key.startswith("nnUNet"):
+            monkeypatch.setenv(key, value)
+    cmd = experiment["cmd"][1:]
+    cmd = cmd[:cmd.index("-o") + 1] + [str(out)] + cmd[cmd.index("-o") + 2:]
+    before = (out / "results.csv").read_bytes()
+    with pytest.raises(SystemExit, match=r"flat_eps8.*drop --reproducible"):
+        experiment_cli.main([*cmd, "--reproducible"])
+    settings = out / "runs" / "flat_eps8" / "settings.json"
+    settings.write_text(json.dumps({**json.loads(settings.read_text()), "seed": 0}))
+    with pytest.raises(SystemExit, match=r"flat_eps8.*add --reproducible and the same --seed"):
+        experiment_cli.main(cmd)
+    assert (out / "results.csv").read_bytes() == before
+
+
 def test_second_invocation_skips_finished_runs(experiment):
     out = experiment["out"]
     ckpts = [Path(json.loads((out / "runs" / r / "result.json").read_text())["model_folder"]) / "fold_0" /
-             "checkpoint_final.pth" for r in ("nonprivate", "flat_eps8")]
+             "checkpoint_final.pth" for r in RUNS]
     before = [c.stat().st_mtime_ns for c in ckpts]
     again = run(experiment["cmd"], experiment["env"])
-    assert again.stdout.count("finished earlier, skipped") == 2
+    assert again.stdout.count("finished earlier, skipped") == len(RUNS)
     assert "nnUNetv2_train" not in again.stdout
     assert [c.stat().st_mtime_ns for c in ckpts] == before
     assert (out / "results.md").is_file()

@@ -11,6 +11,7 @@ import argparse
 import json
 import math
 import os
+import pickle
 import sys
 from dataclasses import dataclass, replace
 from os.path import isdir, isfile, join
@@ -108,6 +109,24 @@ def locate(args: argparse.Namespace) -> Target:
     return Target(dataset=name, preprocessed=pre, fold_folder=fold_folder, plans_file=plans_file)
 
 
+def read_checkpoint(path: str) -> dict:
+    """A DP trainer's checkpoint; a file that torch cannot read, or one without the DP settings (another trainer's),
+    stops with its path and what is wrong."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except (OSError, RuntimeError, EOFError, ValueError, AttributeError, ImportError, pickle.UnpicklingError) as e:
+        first = (str(e).splitlines() or [""])[0]
+        raise AlignmentCLIError(f"checkpoint {path} cannot be read ({type(e).__name__}: {first}); it is truncated "
+                                "or not a checkpoint. Use another one (-chk) or train again") from None
+    if not isinstance(ckpt, dict) or "network_weights" not in ckpt:
+        raise AlignmentCLIError(f"checkpoint {path} is not an nnU-Net checkpoint (no 'network_weights')")
+    if "dp_config" not in ckpt:
+        raise AlignmentCLIError(f"checkpoint {path} was written by trainer {ckpt.get('trainer_name')!r}, not by a DP "
+                                "trainer: it holds no DP settings (dp_config) to rebuild its network, q and sigma. "
+                                "Use a checkpoint of a DP trainer, or -chk none")
+    return ckpt
+
+
 def checkpoint_paths(names: list[str], fold_folder: str) -> dict[str, str | None]:
     """Label -> path (None for a fresh network). Missing files stop with what the fold folder holds."""
     out: dict[str, str | None] = {}
@@ -167,7 +186,7 @@ def load_weights(network: torch.nn.Module, path: str | None, init_state: dict) -
     if path is None:
         network.load_state_dict(init_state)
         return {}
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = read_checkpoint(path)
     state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in ckpt["network_weights"].items()}
     try:
         network.load_state_dict(state)
@@ -175,6 +194,39 @@ def load_weights(network: torch.nn.Module, path: str | None, init_state: dict) -
         raise AlignmentCLIError(f"checkpoint {path} does not fit the network built from the plans and its DP "
                                 f"settings (dp_config): {str(e).splitlines()[0]}") from None
     return ckpt
+
+
+def check_batch(batch: dict, labels: list[int]) -> None:
+    """Stop, naming the cases, on NaN/inf image voxels or label values outside dataset.json's labels: either would
+    give NaN alignment or a bare torch error (training would drop such a case without a word)."""
+    data, target = batch["data"], batch["target"]
+    keys = [str(k) for k in batch["keys"]]
+    bad = [k for k, ok in zip(keys, torch.isfinite(data).flatten(1).all(1).tolist()) if not ok]
+    if bad:
+        raise AlignmentCLIError(f"case(s) {bad} have NaN or inf voxels in their preprocessed image; fix the raw "
+                                "images and preprocess again")
+    seg = target[0] if isinstance(target, list) else target
+    for key, case in zip(keys, seg):
+        values = sorted(set(torch.unique(case).tolist()) - set(labels))
+        unknown = [int(v) if float(v).is_integer() else v for v in values]
+        if unknown:
+            raise AlignmentCLIError(f"case {key!r} has label values {unknown} outside dataset.json's labels {labels}; "
+                                    "fix its label file and preprocess again")
+
+
+def check_gradients(G: torch.Tensor, keys: list) -> None:
+    """Non-finite per-case gradients (a diverged checkpoint) would make every alignment metric NaN."""
+    bad = [str(k) for k, ok in zip(keys, torch.isfinite(G).all(1).tolist()) if not ok]
+    if bad:
+        raise AlignmentCLIError(f"the gradients of case(s) {bad} are not finite (NaN/inf): the checkpoint's weights "
+                                "or these cases' data are broken")
+
+
+def allowed_labels(trainer: Any) -> list[int]:
+    """Values a training target may hold: dataset.json's labels (0/1 per channel for regions) and the ignore label."""
+    lm = trainer.label_manager
+    labels = {0, 1} if lm.has_regions else {0, *(int(v) for v in lm.all_labels)}
+    return sorted(labels | ({int(lm.ignore_label)} if lm.has_ignore_label else set()))
 
 
 def to_device(batch: dict, device: torch.device) -> tuple[torch.Tensor | None, Any]:
@@ -198,7 +250,9 @@ def dataset_reference(trainer: Any, loader: Any, steps: int) -> tuple[torch.Tens
         data, target = to_device(batch, trainer.device)
         if data is None:
             continue
+        check_batch(batch, allowed_labels(trainer))
         G = case_gradient_matrix(network, trainer.loss, data, target, autocast=trainer._autocast())
+        check_gradients(G, list(batch["keys"]))
         total = G.double().sum(0) if total is None else total + G.double().sum(0)
         count += G.shape[0]
     if count == 0:
@@ -223,7 +277,9 @@ def analyse_checkpoint(trainer: Any, loader: Any, args: argparse.Namespace, labe
         if data is None:
             empty += 1
             continue
+        check_batch(batch, allowed_labels(trainer))
         G = case_gradient_matrix(trainer._plain_network(), trainer.loss, data, target, autocast=trainer._autocast())
+        check_gradients(G, list(batch["keys"]))
         result = analyse_batch(G, rules, noise_multiplier=sigma, reference=reference, mc_draws=args.mc,
                                generator=generator)
         del G
@@ -233,16 +289,35 @@ def analyse_checkpoint(trainer: Any, loader: Any, args: argparse.Namespace, labe
     return empty
 
 
-def run(args: argparse.Namespace) -> dict:
-    target = locate(args)
-    checkpoints = checkpoint_paths(args.chk, target.fold_folder)
-    out = args.o or join(target.fold_folder, "alignment")
-    os.makedirs(out, exist_ok=True)
-    for name in (ALIGNMENT_CSV, CASES_CSV):  # a fresh analysis, never appended to an older one
+RESULTS = (ALIGNMENT_CSV, CASES_CSV, "summary.json")  # what a finished analysis leaves in -o (and the plots)
+
+
+def remove_results(out: str) -> None:
+    for name in RESULTS:
         if isfile(join(out, name)):
             os.remove(join(out, name))
-    first = next((p for p in checkpoints.values() if p is not None), None)
-    saved = torch.load(first, map_location="cpu", weights_only=False) if first else {}
+
+
+def run(args: argparse.Namespace) -> dict:
+    """The analysis; on any error the output folder holds no results (no partial CSV, no older summary)."""
+    target = locate(args)
+    checkpoints = checkpoint_paths(args.chk, target.fold_folder)
+    saved: dict = {}
+    for path in (p for p in checkpoints.values() if p is not None):  # every checkpoint checked before any output
+        ckpt = read_checkpoint(path)
+        saved = saved or ckpt  # the first one's DP settings rebuild the network
+    out = args.o or join(target.fold_folder, "alignment")
+    os.makedirs(out, exist_ok=True)
+    remove_results(out)  # a fresh analysis, never appended to an older one
+    try:
+        return analyse(args, target, checkpoints, saved, out)
+    except BaseException:
+        remove_results(out)
+        raise
+
+
+def analyse(args: argparse.Namespace, target: Target, checkpoints: dict[str, str | None], saved: dict,
+            out: str) -> dict:
     old_env = os.environ.get(ENV_VAR)
     try:
         trainer = build_trainer(args, target, saved.get("dp_config"), out)

@@ -32,8 +32,16 @@ def privacy_main() -> None:
     path = os.path.join(args.folder, "privacy.json")
     if not os.path.isfile(path):
         sys.exit(f"No privacy.json in {args.folder!r}: is this the fold folder of a DP trainer run?")
-    with open(path) as f:
-        rep = json.load(f)
+    try:
+        with open(path) as f:
+            rep = json.load(f)
+        missing = [k for k in ("epsilon", "delta", "accountant", "steps", "noise_multiplier", "sampling_rate", "rule",
+                               "clip_norm", "num_training_cases", "status", "assumptions") if k not in rep]
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, TypeError) as e:
+        sys.exit(f"{path} is not a readable privacy.json ({type(e).__name__}: {e}); it may be truncated. Rerun "
+                 "the training with --c to rewrite it.")
+    if missing:
+        sys.exit(f"{path} lacks {', '.join(missing)}: not a privacy.json written by an nnunet-dp trainer.")
     print(f"epsilon = {rep['epsilon']:.4f} at delta = {rep['delta']} ({rep['accountant']}), {rep['steps']} steps, "
           f"sigma = {rep['noise_multiplier']:.4f}, q = {rep['sampling_rate']:.4f}, rule = {rep['rule']}, "
           f"C = {rep['clip_norm']}, N = {rep['num_training_cases']}, status: {rep['status']}")

@@ -6,6 +6,10 @@ holds out a seeded test split of the raw training cases, trains the non-private 
 the same budget on the rest (fold 0 of the experiment's own splits_final.json), chooses DP-Morph on the validation
 predictions only, applies it to the test predictions and scores all on test. Writes OUT/results.csv, results.md and
 PNG plots. Finished runs (OUT/runs/<name>/result.json) are skipped; an interrupted training resumes with --c.
+--seed seeds the split only: the DP runs draw their noise and sampling from fresh OS entropy, unless --reproducible
+seeds them too (repeatable, not private; the results tables say so). DP runs use the DP trainers' default learning
+rate (nnunet_dp.optim.default_lr); --lrs LR ... trains each (rule, ε) once more per LR, and the report marks the lr
+with the best validation Dice (a choice on private cases: not private).
 """
 from __future__ import annotations
 
@@ -35,7 +39,7 @@ from nnunet_dp.nnunet.experiment_plan import (
     split_cases,
 )
 from nnunet_dp.nnunet.experiment_report import write_report
-from nnunet_dp.nnunet.experiment_run import RESULT_JSON, Context, execute, record_or_check
+from nnunet_dp.nnunet.experiment_run import RESULT_JSON, Context, check_settings, execute, record_or_check
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,12 +49,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rules", nargs="+", default=list(RULES), help=f"runs, from {list(RULES)}. Default: all")
     p.add_argument("--epsilons", nargs="+", type=float, default=[1.0, 8.0], help="target ε of the DP runs. "
                                                                                 "Default: 1 8")
+    p.add_argument("--lrs", nargs="+", type=float, default=[], metavar="LR",
+                   help="learning-rate sweep: each (rule, ε) DP run is trained once with the DP default rule "
+                        "(nnunet_dp.optim.default_lr) and once per LR (initial_lr = LR, momentum the default 0.9); "
+                        "the report marks the lr with the best validation Dice (not private: tuning on the private "
+                        "cases leaks). The non-private baseline keeps the budget's lr. Default: none (the rule only)")
     p.add_argument("--refine", nargs="+", default=list(REFINEMENTS),
                    help=f"DP-Morph modes scored on test, from {list(REFINEMENTS)} ('none' is always scored)")
     p.add_argument("--budget", default="tiny", help=f"one of {list(BUDGETS)} (tiny: 2 CPU cores; small, full: a GPU) "
                    "or a JSON file with the budget's fields. Default: tiny")
     p.add_argument("--test-fraction", type=float, default=0.2, help="held-out share of the cases. Default: 0.2")
-    p.add_argument("--seed", type=int, default=0, help="seed of the split and of the DP noise/sampling. Default: 0")
+    p.add_argument("--seed", type=int, default=0, help="seed of the held-out test split only; the DP runs' noise and "
+                   "Poisson sampling draw fresh OS entropy (no seed in any file) unless --reproducible. Default: 0")
+    p.add_argument("--reproducible", action="store_true",
+                   help="seed the DP runs' noise and sampling with --seed too: repeatable, NOT private (the noise can "
+                        "be regenerated and subtracted from the weights); results.md/csv then say 'private "
+                        "randomness: no'")
     p.add_argument("-o", default=None, help="output folder. Default: ./dp_experiment_<dataset>_<c>_<budget>")
     p.add_argument("-device", default=None, help="cpu or cuda. Default: cuda if available")
     p.add_argument("-np", type=int, default=2, help="processes for DP-Morph and evaluation. Default: 2")
@@ -65,6 +79,8 @@ def _check(args: argparse.Namespace) -> None:
         raise ExperimentError("-device", args.device, "cpu or cuda")
     if args.np < 1:
         raise ExperimentError("-np", args.np, "an integer >= 1")
+    if not 0 < args.test_fraction < 1:
+        raise ExperimentError("--test-fraction", args.test_fraction, "a number strictly between 0 and 1")
     for var in ("nnUNet_raw", "nnUNet_preprocessed"):
         if not os.environ.get(var):
             raise ExperimentError(f"environment variable {var}", os.environ.get(var), "a folder",
@@ -126,9 +142,9 @@ def prepare(args: argparse.Namespace, out: str, env: dict[str, str], budget_name
     name, raw = _dataset(str(args.d))
     with open(join(raw, "dataset.json")) as f:
         file_ending = json.load(f)["file_ending"]
-    source = ensure_preprocessed(name, args.c, env, join(out, "preprocess_log.txt"))
     cases = [f[:-len(file_ending)] for f in os.listdir(join(raw, "labelsTr")) if f.endswith(file_ending)]
-    split = split_cases(cases, test_fraction=args.test_fraction, seed=args.seed)
+    split = split_cases(cases, test_fraction=args.test_fraction, seed=args.seed)  # before minutes of preprocessing
+    source = ensure_preprocessed(name, args.c, env, join(out, "preprocess_log.txt"))
     record = {"seed": args.seed, "test_fraction": args.test_fraction, "val_fraction_of_rest": 0.2, **split}
     record_or_check(join(out, "split.json"), record,
                     ExperimentError("-o", out, "a folder made with the same dataset, --seed and --test-fraction",
@@ -141,8 +157,9 @@ def prepare(args: argparse.Namespace, out: str, env: dict[str, str], budget_name
     ctx = Context(name, args.c, out, preprocessed, join(out, "test_data", "imagesTs"),
                   join(out, "test_data", "labelsTs"), device, args.np, env, tuple(dict.fromkeys(args.refine)))
     header = {"dataset": name, "configuration": args.c, "budget": budget_record(budget_name, budget), "seed": args.seed,
-              "split": {"num_test": len(split["test"]), "num_train": len(split["train"]),
-                        "num_val": len(split["val"])}, "device": device}
+              "reproducible": args.reproducible, "lrs": list(args.lrs),
+              "split": {"num_test": len(split["test"]), "num_train": len(split["train"]), "num_val": len(split["val"])},
+              "device": device}
     return ctx, header
 
 
@@ -156,20 +173,27 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         _check(args)
-        specs = run_grid(args.rules, args.epsilons)
+        specs = run_grid(args.rules, args.epsilons, args.lrs)
         budget_name, budget = resolve_budget(args.budget)  # before preprocessing: a bad file fails at once
         out = os.path.abspath(args.o or f"dp_experiment_{args.d}_{args.c}_{args.budget}")
+        if os.path.exists(out) and not isdir(out):
+            raise ExperimentError("-o", out, "a folder (new or from an earlier invocation); it is a file")
         os.makedirs(out, exist_ok=True)
         ctx, header = prepare(args, out, _environment(), budget_name, budget)
         header["command"] = "nnUNetv2_dp_experiment " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-        results = run_all(ctx, specs, budget, args.seed)
+        results = run_all(ctx, specs, budget, args.seed if args.reproducible else None)
         path = write_report(out, header, results)
     except (DPError, RuntimeError, subprocess.SubprocessError) as error:
         sys.exit(f"ERROR: {error}")
     print(f"\nResults: {path}")
 
 
-def run_all(ctx: Context, specs: list, budget: BudgetSpec, seed: int) -> list[dict]:
+def run_all(ctx: Context, specs: list, budget: BudgetSpec, dp_seed: int | None) -> list[dict]:
+    """Every run in order (finished ones read back). dp_seed: None = private randomness; an int only under
+    --reproducible."""
+    settings = {spec.name: dp_settings(spec, budget, dp_seed) for spec in specs}
+    for spec in specs:  # all before the first training; finished runs too: they are reported under these options
+        check_settings(join(ctx.out, "runs", spec.name), settings[spec.name])
     t0, results = time.time(), []
     for i, spec in enumerate(specs, 1):
         run_dir = join(ctx.out, "runs", spec.name)
@@ -182,7 +206,7 @@ def run_all(ctx: Context, specs: list, budget: BudgetSpec, seed: int) -> list[di
             continue
         print(f"[{i}/{len(specs)}] {spec.name}: {spec.trainer}, training + test predictions ({elapsed}; "
               f"log: {join(run_dir, 'log.txt')})", flush=True)
-        result = execute(ctx, run_dir, spec, dp_settings(spec, budget, seed))
+        result = execute(ctx, run_dir, spec, settings[spec.name])
         mean = {k: round(v["dice_mean"], 4) for k, v in result["scores"].items()}
         print(f"[{i}/{len(specs)}] {spec.name}: done in {result['seconds'] / 60:.1f} min; mean test Dice {mean}",
               flush=True)

@@ -1,5 +1,5 @@
-"""nnUNetv2_dp_experiment, the plan: budgets, learning rates, the run grid, the held-out test split and the private
-copy of the preprocessed dataset that carries the experiment's own splits_final.json.
+"""nnUNetv2_dp_experiment, the plan: budgets, learning rates, the run grid (rule × ε × lr), the held-out test split
+and the private copy of the preprocessed dataset that carries the experiment's own splits_final.json.
 
 Pure functions except `mirror_preprocessed` and `link_test_cases` (file system).
 """
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -23,15 +24,15 @@ TRAINERS: dict[Rule, str] = {"nonprivate": "nnUNetTrainerNonPrivateBudget", "fla
                              "autos": "nnUNetTrainerDP_AutoS", "nsgd": "nnUNetTrainerDP_NSGD",
                              "psac": "nnUNetTrainerDP_PSAC"}
 # Learning rates (never tuned on the test cases):
-# - DP rules: 0.1 for all four, the value of nnUNetv2_dp_demo. With C = 1 every rule bounds a case's contribution by
-#   the same C and adds the same noise σC, and for per-case norms above C flat clipping is the normalising rules
-#   (Bu et al., NeurIPS 2023, show Auto-S at lr η equals flat clipping with a small threshold R at lr η/R); one lr
-#   keeps the comparison about the rule. The noisy sum is divided by the expected batch size, so its signal part has
-#   norm <= C, unlike nnU-Net's unclipped gradient, hence 10x nnU-Net's lr.
-# - nonprivate: nnU-Net's own 0.01 for the GPU budgets. For `tiny`, 0.01 never left background in 400 steps (validation
-#   pseudo-Dice 0 at every epoch, Dataset902 fold 0 of the experiment split), while 0.1 did within 75 steps: `tiny` uses
-#   0.1 for every run.
-LEARNING_RATES: dict[Rule, float] = {"nonprivate": 0.01, "flat": 0.1, "autos": 0.1, "nsgd": 0.1, "psac": 0.1}
+# - DP rules: no `initial_lr` in their settings, so the DP trainers' own default rule decides (nnunet_dp.optim.default_lr:
+#   from σ, C, qN and the planned steps, with momentum 0.9; docs/optimizer.md). With C = 1 every rule bounds a case's
+#   contribution by the same C and adds the same noise σC, so one rule for the lr keeps the comparison about the
+#   scaling rule. `--lrs LR ...` adds one run per lr for each (rule, ε) beside the default-rule run (initial_lr = LR,
+#   momentum still the default); the report marks the lr with the best *validation* Dice, which is not private.
+# - nonprivate: nnU-Net's own optimizer and its 0.01 for the GPU budgets. For `tiny`, 0.01 never left background in
+#   400 steps (validation pseudo-Dice 0 at every epoch, Dataset902 fold 0 of the experiment split), while 0.1 did
+#   within 75 steps: `tiny` uses 0.1 for the baseline.
+NONPRIVATE_LR = 0.01
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ class BudgetSpec:
     batch_size: int
     save_every: int
     features_per_stage: tuple[int, ...] | None  # None: the plans' network; else a smaller one (CPU)
-    nonprivate_lr: float = LEARNING_RATES["nonprivate"]
+    nonprivate_lr: float = NONPRIVATE_LR
 
 
 BUDGETS: dict[Budget, BudgetSpec] = {
@@ -70,22 +71,40 @@ class ExperimentError(DPError, ValueError):
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One training: a rule at a target ε (None for the non-private baseline)."""
+    """One training: a rule at a target ε (None for the non-private baseline) with a learning rate (None: the DP
+    trainers' default rule, or the budget's lr for the baseline)."""
 
     rule: Rule
     epsilon: float | None
+    lr: float | None = None
 
     @property
     def name(self) -> str:
-        return self.rule if self.epsilon is None else f"{self.rule}_eps{self.epsilon:g}"
+        base = self.rule if self.epsilon is None else f"{self.rule}_eps{self.epsilon:g}"
+        return base if self.lr is None else f"{base}_lr{self.lr:g}"
 
     @property
     def trainer(self) -> str:
         return TRAINERS[self.rule]
 
 
-def run_grid(rules: list[str], epsilons: list[float]) -> list[RunSpec]:
-    """The non-private baseline first (if asked), then each DP rule at each ε, in the given order."""
+def check_lrs(lrs: Sequence[float], dp_rules: bool) -> list[float]:
+    """--lrs: finite numbers > 0, distinct in run names (6 significant digits), for DP rules only. Deduplicated."""
+    for lr in lrs:
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (np.isfinite(lr) and lr > 0):
+            raise ExperimentError("--lrs", lr, "finite numbers > 0 (learning rates of extra DP runs beside the "
+                                  "default rule)")
+    unique = [float(lr) for lr in dict.fromkeys(lrs)]
+    if len({f"{lr:g}" for lr in unique}) < len(unique):
+        raise ExperimentError("--lrs", lrs, "values that differ in their first 6 significant digits (run names)")
+    if unique and not dp_rules:
+        raise ExperimentError("--lrs", lrs, "DP rules in --rules too (the non-private baseline keeps the budget's lr)")
+    return unique
+
+
+def run_grid(rules: list[str], epsilons: list[float], lrs: Sequence[float] = ()) -> list[RunSpec]:
+    """The non-private baseline first (if asked), then each DP rule at each ε, in the given order: first with the
+    default learning-rate rule, then once per lr of `lrs` (--lrs)."""
     for rule in rules:
         if rule not in RULES:
             raise ExperimentError("--rules", rule, f"one of {list(RULES)}")
@@ -96,9 +115,10 @@ def run_grid(rules: list[str], epsilons: list[float]) -> list[RunSpec]:
         raise ExperimentError("--rules", rules, "at least one rule")
     if any(r != "nonprivate" for r in rules) and not epsilons:
         raise ExperimentError("--epsilons", epsilons, "at least one ε for the DP rules")
+    sweep = [None, *check_lrs(lrs, any(r != "nonprivate" for r in rules))]
     specs = [RunSpec("nonprivate", None)] if "nonprivate" in rules else []
-    specs += [RunSpec(r, float(e)) for r in dict.fromkeys(rules) if r != "nonprivate"  # type: ignore[arg-type]
-              for e in dict.fromkeys(epsilons)]
+    specs += [RunSpec(r, float(e), lr) for r in dict.fromkeys(rules) if r != "nonprivate"  # type: ignore[arg-type]
+              for e in dict.fromkeys(epsilons) for lr in sweep]
     return specs
 
 
@@ -118,16 +138,22 @@ def split_cases(cases: list[str], *, test_fraction: float, val_fraction: float =
     return {"test": pick(order[:n_test]), "val": pick(rest[:n_val]), "train": pick(rest[n_val:])}
 
 
-def dp_settings(spec: RunSpec, budget: BudgetSpec, seed: int) -> dict[str, Any]:
-    """The nnUNet_dp_config JSON of a DP run, or the nnUNet_dp_experiment_budget JSON of the baseline."""
+def dp_settings(spec: RunSpec, budget: BudgetSpec, seed: int | None = None) -> dict[str, Any]:
+    """The nnUNet_dp_config JSON of a DP run, or the nnUNet_dp_experiment_budget JSON of the baseline.
+
+    seed None (the default): no `seed` key, so the DP run draws its noise and Poisson sampling from fresh OS entropy.
+    An integer only under --reproducible: the run can be repeated, and its noise regenerated, so it is not private
+    (DESIGN.md invariant 8).
+    A DP run has `initial_lr` only when spec.lr is set (--lrs); without it the trainer's default rule decides
+    (nnunet_dp.optim.default_lr). Momentum is never set here: the DP default (0.9) for every DP run."""
     common = {"num_epochs": budget.num_epochs, "num_iterations_per_epoch": budget.num_iterations_per_epoch,
-              "num_val_iterations_per_epoch": budget.num_val_iterations_per_epoch,
-              "initial_lr": budget.nonprivate_lr if spec.rule == "nonprivate" else LEARNING_RATES[spec.rule],
-              "save_every": budget.save_every}
+              "num_val_iterations_per_epoch": budget.num_val_iterations_per_epoch, "save_every": budget.save_every}
     if spec.epsilon is None:
-        return {**common, "batch_size": budget.batch_size}
+        return {**common, "initial_lr": budget.nonprivate_lr, "batch_size": budget.batch_size}
+    if spec.lr is not None:
+        common["initial_lr"] = spec.lr
     return {**common, "target_epsilon": spec.epsilon, "delta": 1e-5, "clip_norm": 1.0,
-            "expected_batch_size": budget.batch_size, "seed": seed}
+            "expected_batch_size": budget.batch_size, **({} if seed is None else {"seed": seed})}
 
 
 def _link(src: str, dst: str) -> None:
@@ -189,13 +215,37 @@ def resolve_budget(value: str) -> tuple[str, BudgetSpec]:
             fields = json.load(f)
         features = fields.get("features_per_stage")
         spec = BudgetSpec(**{**fields, "features_per_stage": tuple(features) if features else None})
-    except (OSError, TypeError, ValueError) as error:
+    except (OSError, TypeError, ValueError, AttributeError) as error:
         raise ExperimentError("--budget", value, "a readable JSON file with the keys "
                               f"{list(BudgetSpec.__dataclass_fields__)}", str(error)) from error
+    check_budget(spec, value)
     return os.path.splitext(os.path.basename(value))[0], spec
+
+
+def check_budget(spec: BudgetSpec, source: str) -> None:
+    """Every field of a budget file, before any preprocessing or training: integers where nnU-Net counts."""
+    def bad(key: str, allowed: str) -> ExperimentError:
+        return ExperimentError(f"--budget {source}: {key}", getattr(spec, key), allowed)
+
+    def integer(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    for key in ("num_epochs", "num_iterations_per_epoch", "batch_size", "save_every"):
+        if not integer(getattr(spec, key)) or getattr(spec, key) < 1:
+            raise bad(key, "an integer >= 1")
+    if not integer(spec.num_val_iterations_per_epoch) or spec.num_val_iterations_per_epoch < 0:
+        raise bad("num_val_iterations_per_epoch", "an integer >= 0")
+    lr = spec.nonprivate_lr
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (np.isfinite(lr) and lr > 0):
+        raise bad("nonprivate_lr", "a finite number > 0")
+    features = spec.features_per_stage
+    # nnU-Net's deep-supervision weights drop the lowest output: with fewer than 3 stages they are 0/0, the loss NaN
+    if features is not None and (len(features) < 3 or not all(integer(f) and f >= 1 for f in features)):
+        raise bad("features_per_stage", "null or a list of at least 3 integers >= 1 (with fewer stages nnU-Net's "
+                  "deep-supervision loss weights are 0/0 and every loss is NaN)")
 
 
 def budget_record(name: str, spec: BudgetSpec) -> dict[str, Any]:
     fields = asdict(spec)
     return {"name": name, **fields, "steps": spec.num_epochs * spec.num_iterations_per_epoch,
-            "learning_rates": {**LEARNING_RATES, "nonprivate": spec.nonprivate_lr}}
+            "learning_rates": {"nonprivate": spec.nonprivate_lr, "dp": "default rule (nnunet_dp.optim.default_lr)"}}

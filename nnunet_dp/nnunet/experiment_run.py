@@ -17,6 +17,7 @@ from nnunet_dp.nnunet.demo import console_script
 from nnunet_dp.nnunet.experiment_plan import ExperimentError, RunSpec
 
 RESULT_JSON = "result.json"
+SETTINGS_JSON = "settings.json"  # the nnUNet_dp_config (or baseline budget) file of a run: never a seed by default
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,7 @@ def model_folder(ctx: Context, run_dir: str, spec: RunSpec) -> str:
 def run_env(ctx: Context, run_dir: str, spec: RunSpec) -> dict[str, str]:
     env = {**ctx.env, "nnUNet_results": join(run_dir, "nnUNet_results"), "nnUNet_preprocessed": ctx.preprocessed}
     key = "nnUNet_dp_experiment_budget" if spec.epsilon is None else "nnUNet_dp_config"
-    env[key] = join(run_dir, "settings.json")
+    env[key] = join(run_dir, SETTINGS_JSON)
     return env
 
 
@@ -140,6 +141,17 @@ def evaluate(pred: str, labels: str, model: str, num_processes: int) -> dict[str
             "num_cases": len(summary["metric_per_case"])}
 
 
+def validation_dice(validation: str, test_folder: str, refinements: tuple[str, ...]) -> dict[str, float]:
+    """Mean foreground Dice on the validation fold per refinement, the scores the DP-Morph choice was made with:
+    nnU-Net's validation summary for 'none', DP-Morph's dice_after on the same cases for the others. Never test."""
+    with open(join(validation, "summary.json")) as f:
+        out = {"none": float(json.load(f)["foreground_mean"]["Dice"])}
+    for mode in (m for m in refinements if m != "none"):
+        with open(join(test_folder, f"dpmorph_{mode}", "postprocessing.json")) as f:
+            out[mode] = float(json.load(f)["dp_morph"]["dice_after"]["foreground_mean"])
+    return out
+
+
 def privacy_summary(fold: str) -> dict[str, Any]:
     path = join(fold, "privacy.json")
     if not isfile(path):
@@ -147,7 +159,8 @@ def privacy_summary(fold: str) -> dict[str, Any]:
     with open(path) as f:
         rep = json.load(f)
     return {k: rep.get(k) for k in ("epsilon", "delta", "noise_multiplier", "steps", "sampling_rate",
-                                    "expected_batch_size", "num_training_cases", "status")}
+                                    "expected_batch_size", "num_training_cases", "status", "clip_norm",
+                                    "planned_steps")}
 
 
 def record_or_check(path: str, record: dict[str, Any], mismatch: ExperimentError) -> None:
@@ -160,12 +173,32 @@ def record_or_check(path: str, record: dict[str, Any], mismatch: ExperimentError
         json.dump(record, f, indent=2)
 
 
+def check_settings(run_dir: str, settings: dict[str, Any]) -> None:
+    """Record the run's settings in run_dir/settings.json, or stop if an earlier invocation used others (also for a
+    finished run, whose results would otherwise be reported under this invocation's options)."""
+    path = join(run_dir, SETTINGS_JSON)
+    fix = "Another budget or --seed was used in this folder: use the same options to resume it, or another -o."
+    if isfile(path):
+        with open(path) as f:
+            old = json.load(f)
+        seeded = "seed" in old
+        if old.get("initial_lr") != settings.get("initial_lr"):
+            fix = (f"This run was trained with initial_lr {old.get('initial_lr')!r}, this invocation asks for "
+                   f"{settings.get('initial_lr')!r} (None: the DP default learning-rate rule; nnUNetv2_dp_experiment "
+                   "before that rule fixed 0.1 for every DP run): use another -o (--lrs LR adds runs with a fixed lr).")
+        if seeded != ("seed" in settings):
+            fix = ("This run's DP noise and sampling were seeded (--reproducible, or an nnUNetv2_dp_experiment older "
+                   "than --reproducible): add --reproducible and the same --seed to resume or report it as "
+                   "reproducible, not private; or use another -o for private runs." if seeded else
+                   "This run drew fresh OS entropy (private randomness) and --reproducible cannot be added to it "
+                   "afterwards: drop --reproducible, or use another -o.")
+    os.makedirs(run_dir, exist_ok=True)
+    record_or_check(path, settings, ExperimentError("-o", run_dir, "a run folder made with the same settings", fix))
+
+
 def execute(ctx: Context, run_dir: str, spec: RunSpec, settings: dict[str, Any]) -> dict[str, Any]:
     """The whole run; returns and writes result.json (its presence marks the run finished)."""
-    os.makedirs(run_dir, exist_ok=True)
-    record_or_check(join(run_dir, "settings.json"), settings,
-                    ExperimentError("output folder", run_dir, "a run with the same settings",
-                                    "Another budget/seed was used in this folder; choose another -o."))
+    check_settings(run_dir, settings)
     t0 = time.time()
     train_seconds = train(ctx, run_dir, spec)
     model = model_folder(ctx, run_dir, spec)
@@ -178,12 +211,11 @@ def execute(ctx: Context, run_dir: str, spec: RunSpec, settings: dict[str, Any])
         choices[mode] = choose_and_apply(join(fold, "validation"), ctx.gt_segmentations, model, test_none, pred,
                                          mode, ctx.num_processes)
         scores[mode] = evaluate(pred, ctx.test_labels, model, ctx.num_processes)
-    with open(join(fold, "validation", "summary.json")) as f:
-        val_dice = float(json.load(f)["foreground_mean"]["Dice"])
+    val_dice = validation_dice(join(fold, "validation"), join(run_dir, "test"), tuple(scores))
     result = {"run": spec.name, "rule": spec.rule, "target_epsilon": spec.epsilon, "trainer": spec.trainer,
-              **privacy_summary(fold), "initial_lr": settings["initial_lr"], "scores": scores,
-              "dpmorph_choice": choices, "validation_dice_mean": val_dice, "train_seconds": train_seconds,
-              "seconds": time.time() - t0, "model_folder": model}
+              **privacy_summary(fold), "initial_lr": settings.get("initial_lr"), "scores": scores,
+              "dpmorph_choice": choices, "validation_dice_mean": val_dice["none"], "validation_dice": val_dice,
+              "train_seconds": train_seconds, "seconds": time.time() - t0, "model_folder": model}
     with open(join(run_dir, RESULT_JSON), "w") as f:
         json.dump(result, f, indent=2)
     return result

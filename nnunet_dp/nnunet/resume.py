@@ -17,7 +17,7 @@ import torch
 from torch import distributed as dist
 
 from nnunet_dp.config import ENV_VAR, DPConfig
-from nnunet_dp.errors import DPDivergedError
+from nnunet_dp.errors import DPCheckpointError, DPDataError, DPDivergedError
 from nnunet_dp.journal import JOURNAL_FILE, StepJournal, total_steps
 
 CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_best.pth", "checkpoint_latest.pth")
@@ -35,6 +35,35 @@ def load_dp_config(output_folder: str, defaults: Mapping[str, Any]) -> tuple[DPC
     with open(saved) as f:
         values = {k: v for k, v in json.load(f).items() if k not in ("trainer", "rule")}
     return DPConfig.from_mapping(values, source=saved, **defaults), f"{saved} ({ENV_VAR} not set)"
+
+
+def read_checkpoint(path: str) -> dict:
+    """torch.load with an error that names the file (a truncated checkpoint otherwise says only 'zip archive')."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise DPCheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0]}): "
+                                "it is truncated or damaged. Delete it to resume from another checkpoint of this "
+                                "folder (checkpoint_latest.pth or checkpoint_best.pth), or start without --c.") from e
+    if not isinstance(checkpoint, dict):
+        raise DPCheckpointError(f"checkpoint {path} holds a {type(checkpoint).__name__}, not an nnU-Net checkpoint")
+    return checkpoint
+
+
+def check_labels(target: Any, label_manager: Any, keys: Any, error: Exception) -> None:
+    """After a failed step: raise a DPDataError naming the cases whose labels are outside dataset.json's classes."""
+    seg = target[0] if isinstance(target, (list, tuple)) else target
+    if seg is None or label_manager.has_regions:
+        return
+    allowed = set(label_manager.all_labels) | ({label_manager.ignore_label} - {None})
+    bad = {}
+    for i in range(seg.shape[0]):
+        values = {int(v) for v in torch.unique(seg[i]).tolist()} - allowed
+        if values:
+            bad[str(keys[i]) if keys is not None else f"#{i}"] = sorted(values)
+    if bad:
+        raise DPDataError(f"label values outside dataset.json's labels {sorted(allowed)} in cases {bad}: fix the "
+                          "labels (or dataset.json) and preprocess again") from error
 
 
 def check_dropped(dropped: int, sampled: int, epoch: int) -> None:

@@ -16,6 +16,7 @@ from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMu
 from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.collate_outputs import collate_outputs
 from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
@@ -23,13 +24,14 @@ from torch import distributed as dist
 from torch._dynamo import OptimizedModule
 
 from nnunet_dp.bookkeeping import unsupported_layers
-from nnunet_dp.errors import DPConfigError, DPModelError
+from nnunet_dp.errors import DPCheckpointError, DPConfigError, DPModelError
 from nnunet_dp.nnunet.alignment_hook import maybe_record_alignment
 from nnunet_dp.nnunet.case_loss import make_case_loss
 from nnunet_dp.nnunet.loader import nnUNetPoissonDataLoader
 from nnunet_dp.nnunet.plans import apply_dp_to_configuration
 from nnunet_dp.nnunet.report import CONFIG_JSON, PRIVACY_JSON, privacy_report, write_json_atomic
-from nnunet_dp.nnunet.resume import attach_journal, check_dropped, load_dp_config
+from nnunet_dp.nnunet.resume import attach_journal, check_dropped, check_labels, load_dp_config, read_checkpoint
+from nnunet_dp.optim import default_lr, noise_per_coordinate
 from nnunet_dp.rules import RuleName
 from nnunet_dp.run import DPRun, dp_autocast, make_plan
 from nnunet_dp.sampling import shard
@@ -50,7 +52,7 @@ class nnUNetTrainerDP(nnUNetTrainer):
         self.num_epochs = cfg.num_epochs
         self.num_iterations_per_epoch = cfg.num_iterations_per_epoch
         self.num_val_iterations_per_epoch = cfg.num_val_iterations_per_epoch
-        self.initial_lr = cfg.initial_lr if cfg.initial_lr is not None else self.initial_lr
+        self.initial_lr = cfg.initial_lr  # None until configure_optimizers applies the DP default (needs sigma)
         self.oversample_foreground_percent = cfg.oversample_foreground_percent
         self.save_every = cfg.save_every
         self.grad_scaler = None  # per-case norms must be unscaled; CUDA uses bf16 autocast without a GradScaler
@@ -81,6 +83,25 @@ class nnUNetTrainerDP(nnUNetTrainer):
     def _plain_network(self) -> torch.nn.Module:
         mod = self.network.module if self.is_ddp else self.network
         return mod._orig_mod if isinstance(mod, OptimizedModule) else mod
+
+    def configure_optimizers(self):
+        """nnU-Net's SGD and poly schedule with DP-aware defaults: momentum 0.9 and, unless initial_lr is set, the
+        learning rate of nnunet_dp.optim.default_lr for this run's noise and steps."""
+        cfg, plan = self.dp_config, self._dp_setup().plan
+        rule_lr = default_lr(noise_multiplier=plan.noise_multiplier, clip_norm=plan.clip_norm,
+                             expected_batch_size=plan.expected_batch_size, steps=plan.planned_steps,
+                             momentum=cfg.momentum)
+        self.initial_lr = cfg.initial_lr if cfg.initial_lr is not None else rule_lr
+        noise = noise_per_coordinate(noise_multiplier=plan.noise_multiplier, clip_norm=plan.clip_norm,
+                                     expected_batch_size=plan.expected_batch_size)
+        source = "initial_lr setting" if cfg.initial_lr is not None else "default rule"
+        self.print_to_log_file(
+            f"DP optimizer: SGD lr={self.initial_lr:.4g} ({source}; rule: {rule_lr:.4g}), momentum={cfg.momentum}, "
+            f"nesterov={cfg.nesterov}, effective step lr/(1-momentum)={self.initial_lr / (1 - cfg.momentum):.4g}, "
+            f"noise per coordinate sigma*C/(qN)={noise:.4g}")
+        optimizer = torch.optim.SGD(self.network.parameters(), self.initial_lr, weight_decay=self.weight_decay,
+                                    momentum=cfg.momentum, nesterov=cfg.nesterov)
+        return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
 
     # ---- privacy plan -----------------------------------------------------------------------------------------
     def _dp_setup(self) -> DPRun:
@@ -155,7 +176,11 @@ class nnUNetTrainerDP(nnUNetTrainer):
                 else target.to(self.device, non_blocking=True)
         self.optimizer.zero_grad(set_to_none=True)
         maybe_record_alignment(self, data, target)  # analysis only (alignment_every > 0); reads, never writes .grad
-        result = self.dp_run.private_step(self._plain_network(), self.dp_loss, data, target, self._autocast())
+        try:
+            result = self.dp_run.private_step(self._plain_network(), self.dp_loss, data, target, self._autocast())
+        except (IndexError, RuntimeError) as e:  # e.g. a label value outside dataset.json's classes
+            check_labels(target, self.label_manager, batch.get("keys"), e)
+            raise
         self.optimizer.step()
         # the mean loss of the sampled finite cases (not private: see privacy.json assumptions); nan if none
         finite = result.losses[result.finite]
@@ -269,9 +294,14 @@ class nnUNetTrainerDP(nnUNetTrainer):
             self.initialize()
         if not isinstance(filename_or_checkpoint, str) or not isfile(filename_or_checkpoint):
             raise FileNotFoundError(f"checkpoint {filename_or_checkpoint!r} not found")
-        checkpoint = torch.load(filename_or_checkpoint, map_location="cpu", weights_only=False)
+        checkpoint = read_checkpoint(filename_or_checkpoint)
         self._dp_setup().load_state_dict(checkpoint.get("dp_state"))
         self.dp_resumed_steps = self.dp_run.steps
-        super().load_checkpoint(filename_or_checkpoint)
+        try:
+            super().load_checkpoint(filename_or_checkpoint)  # (nnU-Net 2.8 reads only a path, not a dict)
+        except RuntimeError as e:  # nnU-Net's load_state_dict: missing keys, size mismatch
+            raise DPCheckpointError(f"checkpoint {filename_or_checkpoint} does not fit the network built from this "
+                                    f"folder's plans (it was trained with other plans or another configuration): "
+                                    f"{str(e).splitlines()[0]}") from e
         self.print_to_log_file(f"DP: resumed ledger with {self.dp_run.steps} steps, "
                                f"epsilon so far {self.dp_run.epsilon():.4f}")

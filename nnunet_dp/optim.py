@@ -1,0 +1,42 @@
+"""DP-aware optimizer defaults: the learning rate from the noise on the averaged update and the number of steps.
+
+After the division by the expected batch size qN, each coordinate of the update carries Gaussian noise of std
+n = sigma * C / (qN), and the clipped signal has norm <= C. SGD with momentum beta moves the weights by the
+effective step lr / (1 - beta) times that update; over T steps the noise in each weight adds up like a random walk,
+to about lr_eff * n * sqrt(T). The default keeps that accumulated noise at a fixed level tau:
+
+    lr_eff = min(tau * qN / (sigma * C * sqrt(T)), LR_EFF_MAX / C),   lr = (1 - beta) * lr_eff
+
+so that, as in Sander et al. 2023 ("TAN without a burn": at a fixed sigma / B the utility is a function of the total
+noise), runs with the same noise per coordinate and the same number of steps get the same step. The 1/C keeps the
+weight displacement independent of the clip norm. tau and the momentum were chosen on synthetic data only
+(benchmarks/lr_sweep.py; numbers in docs/optimizer.md), never on a user's private cases.
+"""
+from __future__ import annotations
+
+import math
+
+# accumulated noise per weight that the default step allows (benchmarks/lr_sweep.py, docs/optimizer.md)
+LR_NOISE_TAU = 0.5
+# never a larger effective step than this (times 1/C): nnU-Net's own 0.01 / (1 - 0.99)
+LR_EFF_MAX = 1.0
+# momentum 0.9 (memory ~10 steps) instead of nnU-Net's 0.99 (~100 steps, a quarter of a short DP run)
+DEFAULT_MOMENTUM = 0.9
+DEFAULT_NESTEROV = True
+
+
+def noise_per_coordinate(*, noise_multiplier: float, clip_norm: float, expected_batch_size: float) -> float:
+    """Std of the noise on each coordinate of the averaged update: sigma * C / (qN)."""
+    return noise_multiplier * clip_norm / expected_batch_size
+
+
+def default_lr(*, noise_multiplier: float, clip_norm: float, expected_batch_size: float, steps: int,
+               momentum: float = DEFAULT_MOMENTUM, tau: float = LR_NOISE_TAU) -> float:
+    """The initial learning rate of the rule above (for SGD with this momentum; the poly schedule decays it)."""
+    if steps < 1 or not 0 <= momentum < 1:
+        raise ValueError(f"default_lr needs steps >= 1 and 0 <= momentum < 1, got steps={steps}, momentum={momentum}")
+    noise = noise_per_coordinate(noise_multiplier=noise_multiplier, clip_norm=clip_norm,
+                                 expected_batch_size=expected_batch_size)
+    cap = LR_EFF_MAX / clip_norm
+    lr_eff = min(tau / (noise * math.sqrt(steps)), cap) if noise > 0 else cap  # tau * qN / (sigma * C * sqrt(T))
+    return (1.0 - momentum) * lr_eff

@@ -1,0 +1,44 @@
+"""The DP default learning rate in closed form, and the optimizer settings' validation."""
+import math
+
+import pytest
+
+from nnunet_dp.config import DPConfig
+from nnunet_dp.errors import DPConfigError
+from nnunet_dp.optim import LR_EFF_MAX, LR_NOISE_TAU, default_lr, noise_per_coordinate
+
+
+@pytest.mark.parametrize("sigma,clip,qn,steps,momentum", [(2.61, 1.0, 32, 400, 0.9), (15.8, 1.0, 32, 400, 0.9),
+                                                           (2.0, 0.5, 64, 1000, 0.0), (5.0, 2.0, 16, 100, 0.99)])
+def test_default_lr_closed_form(sigma, clip, qn, steps, momentum):
+    lr_eff = min(LR_NOISE_TAU * qn / (sigma * clip * math.sqrt(steps)), LR_EFF_MAX / clip)
+    got = default_lr(noise_multiplier=sigma, clip_norm=clip, expected_batch_size=qn, steps=steps, momentum=momentum)
+    assert got == pytest.approx((1 - momentum) * lr_eff, rel=1e-12)
+    assert noise_per_coordinate(noise_multiplier=sigma, clip_norm=clip, expected_batch_size=qn) == sigma * clip / qn
+
+
+def test_default_lr_on_the_issue_setting_lands_in_the_range_that_learned():
+    """Dataset904 tiny at epsilon 8 (sigma 2.61, qN 32, 400 steps): lr 0.02-0.04 with momentum 0.9 learned, 0.005 and
+    0.1 did not (issue 15). Not used to choose tau (that was synthetic data); a check that the rule agrees."""
+    lr = default_lr(noise_multiplier=2.61, clip_norm=1.0, expected_batch_size=32, steps=400, momentum=0.9)
+    assert 0.02 <= lr <= 0.04
+
+
+def test_same_noise_per_coordinate_and_steps_give_the_same_step():
+    a = default_lr(noise_multiplier=2.0, clip_norm=1.0, expected_batch_size=32, steps=400)
+    b = default_lr(noise_multiplier=4.0, clip_norm=1.0, expected_batch_size=64, steps=400)
+    assert a == pytest.approx(b, rel=1e-12)
+    assert default_lr(noise_multiplier=1e-9, clip_norm=2.0, expected_batch_size=32, steps=10) == pytest.approx(
+        0.1 * LR_EFF_MAX / 2.0)
+
+
+@pytest.mark.parametrize("key,value,allowed", [("momentum", 1.0, "[0, 1)"), ("momentum", -0.1, "[0, 1)"),
+                                               ("momentum", "0.9", "[0, 1)"), ("nesterov", "yes", "true or false"),
+                                               ("nesterov", 1, "true or false")])
+def test_optimizer_settings_are_validated(key, value, allowed):
+    with pytest.raises(DPConfigError) as e:
+        DPConfig.from_mapping({key: value})
+    assert f"'{key}'" in str(e.value) and allowed in str(e.value)
+    with pytest.raises(DPConfigError, match="Nesterov needs momentum"):
+        DPConfig(momentum=0.0)
+    assert DPConfig(momentum=0.0, nesterov=False).release_dict()["momentum"] == 0.0
