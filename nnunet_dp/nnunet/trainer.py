@@ -12,8 +12,6 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
-from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
@@ -26,6 +24,7 @@ from torch._dynamo import OptimizedModule
 from nnunet_dp.bookkeeping import unsupported_layers
 from nnunet_dp.errors import DPCheckpointError, DPConfigError, DPModelError
 from nnunet_dp.nnunet.alignment_hook import maybe_record_alignment
+from nnunet_dp.nnunet.augmenter import make_augmenter
 from nnunet_dp.nnunet.case_loss import make_case_loss
 from nnunet_dp.nnunet.loader import nnUNetPoissonDataLoader
 from nnunet_dp.nnunet.plans import apply_dp_to_configuration
@@ -157,12 +156,11 @@ class nnUNetTrainerDP(nnUNetTrainer):
         return self._augmenter(dl_tr, train=True), self._augmenter(dl_val, train=False)
 
     def _augmenter(self, loader, *, train: bool):
+        """Workers read round-robin (nnunet_dp.nnunet.augmenter): which Poisson batch is step t is fixed in advance,
+        never by which worker finishes first (DESIGN.md invariant 1)."""
         n = get_allowed_n_proc_DA()
-        if n == 0:
-            return SingleThreadedAugmenter(loader, None)
-        procs = n if train else max(1, n // 2)
-        return NonDetMultiThreadedAugmenter(loader, None, num_processes=procs, num_cached=max(6 if train else 3, procs),
-                                            seeds=None, pin_memory=self.device.type == "cuda", wait_time=0.002)
+        procs = n if train or n == 0 else max(1, n // 2)
+        return make_augmenter(loader, num_processes=procs, train=train, pin_memory=self.device.type == "cuda")
 
     # ---- the private step --------------------------------------------------------------------------------------
     def _autocast(self) -> Callable[[], Any]:
