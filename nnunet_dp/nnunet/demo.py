@@ -21,10 +21,11 @@ from nnunet_dp.nnunet.synthetic import make_dataset
 
 DATASET_ID, NAME = 990, "DPDemo"
 DATASET = f"Dataset{DATASET_ID}_{NAME}"
-# A budget that finishes in about 10 minutes on 2 CPU cores: Poisson batches of ~32 of the 320 training cases.
+# A budget that finishes in about 10 minutes on 2 CPU cores: Poisson batches of ~32 of the 320 training cases. The
+# learning rate and momentum are the DP trainers' defaults (nnunet_dp/optim.py).
 DEMO_SETTINGS = {"target_epsilon": 8.0, "delta": 1e-5, "clip_norm": 1.0, "expected_batch_size": 32,
                  "num_epochs": 6, "num_iterations_per_epoch": 20, "num_val_iterations_per_epoch": 2,
-                 "initial_lr": 0.1, "save_every": 2}
+                 "save_every": 2}
 QUICK_SETTINGS = {**DEMO_SETTINGS, "num_epochs": 1, "num_iterations_per_epoch": 2, "expected_batch_size": 8}
 # The demo shrinks nnU-Net's 2D network for CPU (features per stage): DP noise grows with the parameter count.
 DEMO_FEATURES = [8, 16, 32, 64]
