@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from os.path import isfile, join
+from os.path import isdir, isfile, join
 from typing import Any, ClassVar
 
 import numpy as np
@@ -22,7 +22,7 @@ from torch import distributed as dist
 from torch._dynamo import OptimizedModule
 
 from nnunet_dp.bookkeeping import unsupported_layers
-from nnunet_dp.errors import DPCheckpointError, DPConfigError, DPModelError
+from nnunet_dp.errors import DPCheckpointError, DPConfigError, DPDivergedError, DPModelError
 from nnunet_dp.nnunet.alignment_hook import maybe_record_alignment
 from nnunet_dp.nnunet.augmenter import make_augmenter
 from nnunet_dp.nnunet.case_loss import make_case_loss
@@ -200,7 +200,13 @@ class nnUNetTrainerDP(nnUNetTrainer):
         if dropped:
             self.print_to_log_file(f"DP: {dropped} of {sampled} sampled cases dropped this epoch (non-finite gradient "
                                    "or loss; they contributed nothing, the steps still added their noise)")
-        check_dropped(dropped, sampled, self.current_epoch)
+        try:
+            check_dropped(dropped, sampled, self.current_epoch)
+        except DPDivergedError:
+            self.dp_status = "stopped: most sampled cases were not finite"
+            if isdir(self.output_folder):  # the epoch's steps are journaled: privacy.json counts them before stopping
+                self._write_privacy_json()
+            raise
 
     def run_training(self) -> None:
         """nnU-Net's loop, stopping before a step that would overspend the target epsilon."""
