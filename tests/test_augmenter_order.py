@@ -97,3 +97,22 @@ def test_no_workers_runs_in_process_and_bad_counts_are_refused():
     for bad in (-1, 1.5, True, "2"):
         with pytest.raises(ValueError, match="num_processes"):
             make_augmenter(TaggedLoader(), num_processes=bad, train=True, pin_memory=False)
+
+
+def test_poisson_loader_reseeds_torch_per_worker():
+    """Forked workers inherit one torch RNG state; nnU-Net's transforms draw from it. Each worker's loader reseeds
+    it from its own entropy, so two workers' augmentations differ (and a reproducible seed repeats them)."""
+    import torch
+
+    from nnunet_dp.nnunet.loader import nnUNetPoissonDataLoader
+
+    def draws(seed, thread_id):
+        loader = nnUNetPoissonDataLoader.__new__(nnUNetPoissonDataLoader)
+        loader._seed, loader._seed_salt, loader._rng, loader._rng_pid, loader.thread_id = seed, 0, None, None, thread_id
+        torch.manual_seed(0)  # the state every forked worker starts from
+        loader._generator()
+        return torch.rand(8)
+
+    assert not torch.equal(draws(None, 0), draws(None, 1))
+    assert not torch.equal(draws(5, 0), draws(5, 1))
+    assert torch.equal(draws(5, 1), draws(5, 1))

@@ -11,6 +11,7 @@ import os
 import secrets
 
 import numpy as np
+import torch
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 
 from nnunet_dp.sampling import poisson_sample
@@ -35,6 +36,9 @@ class nnUNetPoissonDataLoader(nnUNetDataLoader):
             seq = np.random.SeedSequence([entropy, self._seed_salt, self.thread_id])
             self._rng, self._rng_pid = np.random.default_rng(seq), os.getpid()
             np.random.seed(seq.generate_state(1)[0])  # nnU-Net's patch placement uses the global numpy RNG
+            # nnU-Net's transforms draw from torch's global RNG, which forked workers inherit identically: without
+            # this, steps t and t+1 (two workers) would share their augmentation randomness
+            torch.manual_seed(int(seq.generate_state(2, np.uint64)[1]) & (2**63 - 1))
         return self._rng
 
     def get_indices(self) -> list[str]:
