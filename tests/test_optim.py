@@ -5,13 +5,13 @@ import pytest
 
 from nnunet_dp.config import DPConfig
 from nnunet_dp.errors import DPConfigError
-from nnunet_dp.optim import LR_EFF_MAX, LR_NOISE_TAU, default_lr, noise_per_coordinate
+from nnunet_dp.optim import LR_EFF_MAX, LR_EFF_MIN, LR_NOISE_TAU, default_lr, noise_per_coordinate
 
 
 @pytest.mark.parametrize("sigma,clip,qn,steps,momentum", [(2.61, 1.0, 32, 400, 0.9), (15.8, 1.0, 32, 400, 0.9),
                                                            (2.0, 0.5, 64, 1000, 0.0), (5.0, 2.0, 16, 100, 0.99)])
 def test_default_lr_closed_form(sigma, clip, qn, steps, momentum):
-    lr_eff = min(LR_NOISE_TAU * qn / (sigma * clip * math.sqrt(steps)), LR_EFF_MAX / clip)
+    lr_eff = min(max(LR_NOISE_TAU * qn / (sigma * clip * math.sqrt(steps)), LR_EFF_MIN / clip), LR_EFF_MAX / clip)
     got = default_lr(noise_multiplier=sigma, clip_norm=clip, expected_batch_size=qn, steps=steps, momentum=momentum)
     assert got == pytest.approx((1 - momentum) * lr_eff, rel=1e-12)
     assert noise_per_coordinate(noise_multiplier=sigma, clip_norm=clip, expected_batch_size=qn) == sigma * clip / qn
@@ -28,6 +28,9 @@ def test_same_noise_per_coordinate_and_steps_give_the_same_step():
     a = default_lr(noise_multiplier=2.0, clip_norm=1.0, expected_batch_size=32, steps=400)
     b = default_lr(noise_multiplier=4.0, clip_norm=1.0, expected_batch_size=64, steps=400)
     assert a == pytest.approx(b, rel=1e-12)
+    assert LR_EFF_MIN < a / 0.1 < LR_EFF_MAX  # between the bounds: the noise rule itself
+    assert default_lr(noise_multiplier=50.0, clip_norm=1.0, expected_batch_size=32, steps=400) == pytest.approx(
+        0.1 * LR_EFF_MIN)
     assert default_lr(noise_multiplier=1e-9, clip_norm=2.0, expected_batch_size=32, steps=10) == pytest.approx(
         0.1 * LR_EFF_MAX / 2.0)
 
