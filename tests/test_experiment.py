@@ -149,8 +149,8 @@ def test_mark_lr_choice_on_hand_made_rows():
 
 def _fake_result(run, rule, eps, lr=None, val=0.3, dice=0.45):
     scores = {"none": {"dice": {"disk": 0.5, "ring": 0.4}, "dice_mean": dice, "num_cases": 2}}
-    privacy = {"noise_multiplier": 1.0, "clip_norm": 1.0, "expected_batch_size": 4.0, "planned_steps": 4} if eps else \
-        {"noise_multiplier": None}
+    privacy = {"noise_multiplier": 2.6, "clip_norm": 1.0, "expected_batch_size": 32.0, "planned_steps": 400} if eps \
+        else {"noise_multiplier": None}
     return {"run": run, "rule": rule, "target_epsilon": eps, "epsilon": eps, **privacy, "steps": 4,
             "initial_lr": 0.1 if rule == "nonprivate" else lr, "scores": scores, "validation_dice": {"none": val},
             "train_seconds": 6.0, "seconds": 9.0}
@@ -168,15 +168,16 @@ def test_report_states_the_default_lr_and_the_validation_choice(tmp_path):
     write_report(str(tmp_path), _header(), [
         _fake_result("nonprivate", "nonprivate", None, dice=0.8), _fake_result("flat_eps8", "flat", 8.0, None, 0.3, 0.4),
         _fake_result("flat_eps8_lr0.05", "flat", 8.0, 0.05, 0.5, 0.2)])
-    lr = default_lr(noise_multiplier=1.0, clip_norm=1.0, expected_batch_size=4.0, steps=4,
+    lr = default_lr(noise_multiplier=2.6, clip_norm=1.0, expected_batch_size=32.0, steps=400,
                     momentum=DPConfig().momentum)
+    assert lr == pytest.approx((1 - 0.9) * 0.5 * 32 / (2.6 * 1.0 * 400 ** 0.5))  # (1-β)·τ·qN/(σC√T), uncapped
     with open(tmp_path / "results.csv") as f:
         table = {r["run"]: r for r in csv.DictReader(f)}
-    assert table["flat_eps8"]["lr"] == f"default ({lr:.3g})" and float(table["flat_eps8"]["lr_value"]) == lr
+    assert table["flat_eps8"]["lr"] == "default (0.0308)" and float(table["flat_eps8"]["lr_value"]) == lr
     assert table["flat_eps8"]["lr_choice"] == DEFAULT and table["flat_eps8_lr0.05"]["lr_choice"] == CHOSEN
     assert table["flat_eps8_lr0.05"]["lr"] == "0.05" and table["nonprivate"]["lr"] == "0.1"
     md = (tmp_path / "results.md").read_text()
-    assert f"| 8 | flat | default ({lr:.3g}) | 0.4000 | 0.5000 | 0.05 | 0.2000 | 0.2500 |" in md
+    assert "| 8 | flat | default (0.0308) | 0.4000 | 0.5000 | 0.05 | 0.2000 | 0.2500 |" in md
     assert CHOSEN in md
 
 
@@ -280,7 +281,8 @@ def test_lrs_give_one_row_per_lr_and_one_choice_on_validation(experiment):
 
 def test_resume_refuses_to_switch_the_randomness_mode(experiment, tmp_path, monkeypatch):
     """A folder's runs keep their mode: --reproducible on private runs, or private on seeded runs (an older
-    experiment seeded every run), stops naming --reproducible before any training, and the tables stay as they were."""
+    experiment seeded every run), stops naming --reproducible before any training, and the tables stay as they were.
+    So does a DP run trained with a fixed lr 0.1 (the harness before the default lr rule) under the default rule."""
     src, out = experiment["out"], tmp_path / "out"
     for name in ("split.json", "results.csv", "results.md"):
         (out / name).parent.mkdir(parents=True, exist_ok=True)
@@ -299,6 +301,10 @@ def test_resume_refuses_to_switch_the_randomness_mode(experiment, tmp_path, monk
     settings = out / "runs" / "flat_eps8" / "settings.json"
     settings.write_text(json.dumps({**json.loads(settings.read_text()), "seed": 0}))
     with pytest.raises(SystemExit, match=r"flat_eps8.*add --reproducible and the same --seed"):
+        experiment_cli.main(cmd)
+    old = {k: v for k, v in json.loads(settings.read_text()).items() if k != "seed"}
+    settings.write_text(json.dumps({**old, "initial_lr": 0.1}))  # a run of the harness that fixed lr 0.1 for DP
+    with pytest.raises(SystemExit, match=r"flat_eps8.*trained with initial_lr 0\.1.*default learning-rate rule"):
         experiment_cli.main(cmd)
     assert (out / "results.csv").read_bytes() == before
 

@@ -84,7 +84,7 @@ def mark_lr_choice(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if row["rule"] != "nonprivate":
             groups.setdefault((row["rule"], row["target_epsilon"], row["refinement"]), []).append(row)
     for group in groups.values():
-        if len({row["lr_value"] for row in group}) < 2:
+        if len(group) < 2:  # one run (one lr) per group and refinement: nothing was chosen
             continue
         for row in group:
             if row["lr_source"] == DEFAULT:
