@@ -137,9 +137,10 @@ def _exact_convolutions() -> Iterator[None]:
         conv.fp32_precision = before
 
 
-def _select_cases(t: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """t with the rows (cases) where keep is False set to exact zeros (selection: nan/inf rows do not survive)."""
-    if bool(keep.all()):
+def _select_cases(t: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """t with the rows (cases) where keep is False set to exact zeros (selection: nan/inf rows do not survive);
+    keep None: every case is kept."""
+    if keep is None:
         return t
     return torch.where(keep.view(-1, *[1] * (t.dim() - 1)).to(t.device), t, torch.zeros((), dtype=t.dtype,
                                                                                          device=t.device))
@@ -299,6 +300,7 @@ class Tape:
         parameters). Dropped cases are selected away before any product (their rows may hold nan/inf)."""
         acc = {id(p): torch.zeros(p.shape, dtype=torch.promote_types(p.dtype, torch.float32), device=p.device)
                for p in params}
+        keep = None if bool(keep.all()) else keep  # one device sync per step, not one per parameter
         for call in self.calls.values():
             for pid, per_case in call.per_case.items():
                 flat = _select_cases(per_case.flatten(1).to(acc[pid].dtype), keep)

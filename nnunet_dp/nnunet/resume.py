@@ -75,29 +75,24 @@ def check_dropped(dropped: int, sampled: int, epoch: int) -> None:
             "counted in privacy.json; training stops here.")
 
 
-def remove_lost_timeline(folder: str, resumed_steps: int, log: Any) -> list[str]:
+def remove_lost_timeline(folder: str, resumed_steps: int, log: Any) -> None:
     """Delete checkpoints written after step `resumed_steps` (by a crashed run, or by an earlier run in this folder
-    when training starts afresh) and half-written *.tmp files. Returns the removed names."""
-    removed = []
+    when training starts afresh) and half-written *.tmp files."""
     for path in sorted(glob.glob(os.path.join(folder, "checkpoint_*.pth.tmp"))):
         os.remove(path)
-        removed.append(os.path.basename(path))
     for name in CHECKPOINTS:
         path = os.path.join(folder, name)
         if not os.path.isfile(path):
             continue
         try:
-            ledger = torch.load(path, map_location="cpu", weights_only=False)["dp_state"]["ledger"]
-            steps = total_steps(ledger["history"])
-        except Exception:  # noqa: BLE001 (unreadable, truncated or not a DP checkpoint: no timeline of ours)
+            steps = total_steps(read_checkpoint(path)["dp_state"]["ledger"]["history"])
+        except (DPCheckpointError, KeyError, TypeError):  # unreadable, truncated or not a DP checkpoint
             steps = None
         if steps is None or steps > resumed_steps:
             os.remove(path)
-            removed.append(name)
             log(f"DP: removed {name} ({'unreadable' if steps is None else f'{steps} steps'}): written after step "
                 f"{resumed_steps}, where this run continues, so it belongs to a lost timeline. Its steps stay "
                 "counted in epsilon (journal).")
-    return removed
 
 
 def attach_journal(trainer: Any) -> None:
