@@ -27,6 +27,9 @@ REFUSED_ACCOUNTANTS = {"gdp": "opacus' Gaussian-DP accountant is a central-limit
 SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed takes seeds below 2**63 (unsigned 64-bit wraps into negatives)
 NORM_CONVERSIONS: tuple[str, ...] = ("batchnorm", "all")
 STRATEGIES: tuple[str, ...] = ("auto", "loop", "bk")
+Trainable = Literal["all", "norm_bias", "decoder"]
+TRAINABLE: tuple[str, ...] = ("all", "norm_bias", "decoder")
+MAX_AUGMENTATIONS_PER_CASE = 64  # De et al. 2022 saw diminishing returns after 8-16; more only multiplies the cost
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,10 @@ class DPConfig:
     # repr=False: nnU-Net's debug.json stores str() of every trainer attribute; the seed must not reach any file
     seed: int | None = dataclasses.field(default=None, repr=False)
     save_every: int = 10
+    # fine-tuning levers (issue 11); none of them costs privacy: the unit stays the case, the sensitivity C
+    trainable: Trainable = "all"  # which parameters DP-SGD trains; the others stay frozen (no gradient, noise, update)
+    augmentations_per_case: int = 1  # K patches per sampled case, their gradients averaged before the rule scales it
+    ema_decay: float | None = None  # exponential moving average of the weights (post-processing); null = off
 
     def __post_init__(self) -> None:
         for check in _CHECKS:
@@ -188,6 +195,13 @@ def _nesterov(cfg: DPConfig) -> None:
         raise DPConfigError("nesterov", cfg.nesterov, "false when momentum is 0 (Nesterov needs momentum)")
 
 
+def _augmentations(cfg: DPConfig) -> None:
+    v = cfg.augmentations_per_case
+    if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_AUGMENTATIONS_PER_CASE:
+        raise DPConfigError("augmentations_per_case", v, f"an integer in [1, {MAX_AUGMENTATIONS_PER_CASE}] (default 1: "
+                            "one patch per sampled case; K > 1 averages K augmented patches of the case)")
+
+
 def _seed(cfg: DPConfig) -> None:
     v = cfg.seed
     if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= SEED_MAX):
@@ -223,5 +237,6 @@ _CHECKS = (
     _choice("norm_conversion", NORM_CONVERSIONS), _positive("group_norm_groups", integer=True),
     _choice("per_sample_strategy", STRATEGIES), _unit_interval("oversample_foreground_percent", False, False),
     _nonneg_int("alignment_every"), _seed, _positive("save_every", integer=True),
+    _choice("trainable", TRAINABLE), _augmentations, _unit_interval("ema_decay", True, True, allow_none=True),
     _privacy_target, _one_rate,
 )

@@ -62,9 +62,11 @@ def versions() -> dict[str, str]:
     return out
 
 
-def privacy_report(run: DPRun, cfg: DPConfig, *, status: str, dropped_cases: int = 0) -> dict[str, Any]:
+def privacy_report(run: DPRun, cfg: DPConfig, *, status: str, dropped_cases: int = 0,
+                   extra: dict[str, Any] | None = None, extra_assumptions: list[str] | None = None) -> dict[str, Any]:
     """Epsilon counts every step recorded in the fold folder's journal (crashed runs included), not only the
-    steps of the model in checkpoint_final."""
+    steps of the model in checkpoint_final. `extra`: fields of the trainer's fine-tuning levers (trained
+    parameters, pretrained weights, augmentations per case, EMA, noise advice), placed before `versions`."""
     p = run.plan
     return {
         "epsilon": run.epsilon(),
@@ -89,8 +91,9 @@ def privacy_report(run: DPRun, cfg: DPConfig, *, status: str, dropped_cases: int
         "journal": JOURNAL_FILE,
         "dropped_cases": dropped_cases,
         "private_randomness": cfg.private_randomness,
+        **(extra or {}),
         "versions": versions(),
-        "assumptions": list(ASSUMPTIONS) + ([] if cfg.private_randomness else [SEEDED]),
+        "assumptions": list(ASSUMPTIONS) + list(extra_assumptions or []) + ([] if cfg.private_randomness else [SEEDED]),
     }
 
 
