@@ -15,20 +15,35 @@ the whole batch instead of once per case. Here:
 Exactness guards (an error names the layer): a layer called twice in one forward, a parameter shared by two layers,
 an input modified in place before its backward, a layer that reaches the loss but not the input. Layers without a
 per-case rule make `unsupported_layers` non-empty, and 'auto' then uses the micro-batch loop.
+Augmentation multiplicity (group K > 1, nnunet_dp.bk_groups): the tape sees B*K rows, case-major; per-case gradients
+are the sums of each case's K row gradients, formed before the norms (a conv's in one convolution_backward).
+Frozen parameters (requires_grad False) get no per-case gradient: not computed, not returned. The layer structure is
+read once per model and cached; `refresh_structure` (called by per_sample.scaled_sum every step) reads it again when
+the set of trainable parameters changed, and `forget_structure` drops it explicitly (with any `mark_unsupported`).
 """
 from __future__ import annotations
 
-import contextlib
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 from torch.nn.modules.instancenorm import _InstanceNorm
+
+from nnunet_dp.bk_groups import (
+    case_sums,
+    exact_convolutions,
+    fold_cases,
+    normalised,
+    per_row,
+    select_cases,
+    spatial_sum,
+    sq_norms,
+    trained,
+)
 
 CHUNK_ELEMENTS = 1 << 24  # per-case gradients materialised at once for a layer that only needs its norms (64 MB fp32)
 # keep a conv's per-case weight gradients (B x weight) while they are at most KEEP_RATIO x its input + output gradient;
@@ -53,6 +68,18 @@ _STRUCTURE: weakref.WeakKeyDictionary[nn.Module, tuple[Layers, list[str]]] = wea
 def parameterised_layers(model: nn.Module) -> Layers:
     """Each distinct module with trainable parameters of its own (aliases such as nnU-Net's all_modules counted once)."""
     return _structure(model)[0]
+
+
+def refresh_structure(model: nn.Module, params: list[nn.Parameter]) -> None:
+    """Read the model's structure again if its trainable parameters are no longer those it was read with
+    (parameters frozen or unfrozen since): a set comparison per step, no module walk."""
+    if model in _STRUCTURE and {id(p) for p in params} != {id(p) for _, _, ps in _STRUCTURE[model][0] for p in ps}:
+        forget_structure(model)
+
+
+def forget_structure(model: nn.Module) -> None:
+    """Drop the cached structure of `model` (and problems recorded by `mark_unsupported`); read again when needed."""
+    _STRUCTURE.pop(model, None)
 
 
 def _structure(model: nn.Module) -> tuple[Layers, list[str]]:
@@ -98,20 +125,22 @@ def _problems(layers: Layers) -> list[str]:
     return problems
 
 
-def _conv_weight_grad(m: _ConvNd, a: torch.Tensor, g: torch.Tensor, *, per_case: bool) -> torch.Tensor:
-    """Weight gradient of conv `m` for input a and output gradient g: per case (k, *w), or summed over the batch.
+def _conv_weight_grad(m: _ConvNd, a: torch.Tensor, g: torch.Tensor, *, per_case: bool,
+                      group: int = 1) -> torch.Tensor:
+    """Weight gradient of conv `m` for input a and output gradient g: per case (k, *w), a case being `group`
+    consecutive rows whose gradients are summed (the batch sum of convolution_backward), or summed over the batch.
     Per case on CUDA: the k cases folded into the channels, groups x k (one call); on CPU one call per case, which
     measured faster there (oneDNN's grouped weight gradient is slow for many groups)."""
     a = a.to(g.dtype)
     if not per_case:
         return _wgrad(m, a, g, 1)
-    k, shape = a.shape[0], m.weight.shape
+    k, shape = a.shape[0] // group, m.weight.shape
     if PER_CASE_CONV == "loop" or (PER_CASE_CONV == "auto" and a.device.type == "cpu"):
         out = torch.empty(k, *shape, dtype=g.dtype, device=g.device)
         for i in range(k):
-            out[i] = _wgrad(m, a[i:i + 1], g[i:i + 1], 1)
+            out[i] = _wgrad(m, a[i * group:(i + 1) * group], g[i * group:(i + 1) * group], 1)
         return out
-    return _wgrad(m, a.reshape(1, -1, *a.shape[2:]), g.reshape(1, -1, *g.shape[2:]), k).view(k, *shape)
+    return _wgrad(m, fold_cases(a, group), fold_cases(g, group), k).view(k, *shape)
 
 
 def _wgrad(m: _ConvNd, a: torch.Tensor, g: torch.Tensor, k: int) -> torch.Tensor:
@@ -122,43 +151,6 @@ def _wgrad(m: _ConvNd, a: torch.Tensor, g: torch.Tensor, k: int) -> torch.Tensor
     out_pad = list(m.output_padding) if transposed else [0] * len(m.stride)
     return torch.ops.aten.convolution_backward(g, a, dummy, None, list(m.stride), list(m.padding), list(m.dilation),
                                                transposed, out_pad, m.groups * k, (False, True, False))[1]
-
-
-@contextlib.contextmanager
-def _exact_convolutions() -> Iterator[None]:
-    """cuDNN convolutions in full fp32 (no TF32) inside the block: a deferred layer's norms and its weighted sum are
-    two separate convolutions, and TF32 would round them differently (~1e-3). No effect on CPU."""
-    conv = torch.backends.cudnn.conv  # torch's fp32-precision API (>= 2.9); the legacy allow_tf32 must not be mixed
-    before = conv.fp32_precision
-    conv.fp32_precision = "ieee"
-    try:
-        yield
-    finally:
-        conv.fp32_precision = before
-
-
-def _select_cases(t: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-    """t with the rows (cases) where keep is False set to exact zeros (selection: nan/inf rows do not survive);
-    keep None: every case is kept."""
-    if keep is None:
-        return t
-    return torch.where(keep.view(-1, *[1] * (t.dim() - 1)).to(t.device), t, torch.zeros((), dtype=t.dtype,
-                                                                                         device=t.device))
-
-
-def _sq_norms(per_case: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return torch.linalg.vector_norm(per_case.flatten(1), dim=1, dtype=dtype).square()
-
-
-def _spatial_sum(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return t.sum(dim=tuple(range(2, t.dim())), dtype=dtype)
-
-
-def _normalised(m: nn.Module, a: torch.Tensor) -> torch.Tensor:
-    """x_hat of a GroupNorm / InstanceNorm (per-sample statistics), the factor of the affine weight's gradient."""
-    if isinstance(m, nn.GroupNorm):
-        return F.group_norm(a, m.num_groups, eps=m.eps)
-    return F.instance_norm(a, eps=m.eps)
 
 
 class _Capture(torch.autograd.Function):
@@ -192,13 +184,15 @@ class _Call:
 
 
 class Tape:
-    """Forward hooks on every parameterised layer and autograd-node pre-hooks on their outputs."""
+    """Forward hooks on every parameterised layer and autograd-node pre-hooks on their outputs. `cases` cases of
+    `group` consecutive rows each; per-case gradients and norms are per case."""
 
-    def __init__(self, model: nn.Module, batch_size: int, work_dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, model: nn.Module, cases: int, work_dtype: torch.dtype, device: torch.device, *,
+                 group: int = 1) -> None:
         self.layers = parameterised_layers(model)
         self.calls: dict[int, _Call] = {}
-        self.sq_norms = torch.zeros(batch_size, dtype=work_dtype, device=device)
-        self.work = work_dtype
+        self.sq_norms = torch.zeros(cases, dtype=work_dtype, device=device)
+        self.work, self.group = work_dtype, group
         self.handles = [m.register_forward_hook(self._forward_hook(name, ps)) for name, m, ps in self.layers]
 
     def remove(self) -> None:
@@ -242,33 +236,36 @@ class Tape:
         m = call.module
         if isinstance(m, _ConvNd):
             self._conv(call, m, a, g)
-        else:
-            xhat = _normalised(m, a.to(self.work) if a.dtype == torch.float64 else a.float())
-            self._keep(call, m.weight, _spatial_sum(g * xhat, self.work))
-            self._keep(call, m.bias, _spatial_sum(g, self.work))
+            return
+        if trained(m.weight):  # only what is trained: a frozen affine weight costs nothing
+            xhat = normalised(m, a.to(self.work) if a.dtype == torch.float64 else a.float())
+            self._keep(call, m.weight, case_sums(spatial_sum(g * xhat, self.work), self.group))
+        if trained(m.bias):
+            self._keep(call, m.bias, case_sums(spatial_sum(g, self.work), self.group))
 
-    def _keep(self, call: _Call, p: nn.Parameter | None, per_case: torch.Tensor) -> None:
-        if p is not None and p.requires_grad:
-            call.per_case[id(p)] = per_case
-            self.sq_norms += _sq_norms(per_case, self.work)
+    def _keep(self, call: _Call, p: nn.Parameter, per_case: torch.Tensor) -> None:
+        call.per_case[id(p)] = per_case
+        self.sq_norms += sq_norms(per_case, self.work)
 
     def _conv(self, call: _Call, m: _ConvNd, a: torch.Tensor, g: torch.Tensor) -> None:
-        self._keep(call, m.bias, _spatial_sum(g, self.work))
+        if trained(m.bias):
+            self._keep(call, m.bias, case_sums(spatial_sum(g, self.work), self.group))
         if not m.weight.requires_grad:
             return
-        a = a.to(g.dtype)  # what the convolution saw (bf16 under autocast)
-        b, size = a.shape[0], m.weight.numel()
+        a, k = a.to(g.dtype), self.group  # what the convolution saw (bf16 under autocast)
+        b, size = a.shape[0] // k, m.weight.numel()
         if b * size <= KEEP_RATIO * (a.numel() + g.numel()):
-            self._keep(call, m.weight, _conv_weight_grad(m, a, g, per_case=True))
+            self._keep(call, m.weight, _conv_weight_grad(m, a, g, per_case=True, group=k))
             return
         # Deferred: the norms now, the weighted sum after all norms are known. Both from the same (a, g) in the work
-        # dtype without TF32, so that the summed share of case i is the gradient whose norm was clipped.
+        # dtype without TF32, so that the summed share of case i is the gradient whose norm was clipped. Chunks hold
+        # whole cases (k rows each).
         chunk = max(1, CHUNK_ELEMENTS // size)
-        with _exact_convolutions():
+        with exact_convolutions():
             for s in range(0, b, chunk):
-                part = _conv_weight_grad(m, a[s:s + chunk].to(self.work), g[s:s + chunk].to(self.work),
-                                         per_case=True)
-                self.sq_norms[s:s + chunk] += _sq_norms(part, self.work)
+                part = _conv_weight_grad(m, a[s * k:(s + chunk) * k].to(self.work),
+                                         g[s * k:(s + chunk) * k].to(self.work), per_case=True, group=k)
+                self.sq_norms[s:s + chunk] += sq_norms(part, self.work)
         call.deferred = (a, g)
 
     def check_complete(self, roots: list[Any]) -> None:
@@ -297,18 +294,21 @@ class Tape:
 
     def scaled_sum(self, params: list[nn.Parameter], scales: torch.Tensor, keep: torch.Tensor) -> list[torch.Tensor]:
         """sum_i s_i g_i per parameter over the cases with keep[i], accumulated in fp32 (or float64 for float64
-        parameters). Dropped cases are selected away before any product (their rows may hold nan/inf)."""
+        parameters). Dropped cases are selected away before any product (their rows may hold nan/inf); a deferred
+        layer's rows get their case's scale and keep flag."""
         acc = {id(p): torch.zeros(p.shape, dtype=torch.promote_types(p.dtype, torch.float32), device=p.device)
                for p in params}
         keep = None if bool(keep.all()) else keep  # one device sync per step, not one per parameter
+        row_keep, row_scales = None if keep is None else per_row(keep, self.group), per_row(scales, self.group)
         for call in self.calls.values():
             for pid, per_case in call.per_case.items():
-                flat = _select_cases(per_case.flatten(1).to(acc[pid].dtype), keep)
+                flat = select_cases(per_case.flatten(1).to(acc[pid].dtype), keep)
                 acc[pid].view(-1).addmv_(flat.t(), scales.to(flat.dtype))
             if call.deferred is not None:
-                a, g = (_select_cases(t, keep) for t in call.deferred)
-                gs = g.to(self.work) * scales.view(-1, *[1] * (g.dim() - 1)).to(device=g.device, dtype=self.work)
-                with _exact_convolutions():
+                a, g = (select_cases(t, row_keep) for t in call.deferred)
+                gs = g.to(self.work) * row_scales.view(-1, *[1] * (g.dim() - 1)).to(device=g.device,
+                                                                                      dtype=self.work)
+                with exact_convolutions():
                     share = _conv_weight_grad(call.module, a.to(self.work), gs, per_case=False)
                 acc[id(call.module.weight)] += share.to(acc[id(call.module.weight)].dtype)
         return [acc[id(p)] for p in params]

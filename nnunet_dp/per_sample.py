@@ -14,6 +14,13 @@ deep-supervision head with weight 0) gets an exact zero, never a skip.
 A case whose gradient norm or loss is not finite (NaN/inf voxels, a diverged network) contributes exactly zero: its
 share is selected away (torch.where), never multiplied by zero (0 * inf = nan), so one such case cannot poison the
 sum and the sensitivity bound holds (DESIGN.md invariant 4). The caller still adds the noise and counts the step.
+Augmentation multiplicity (`group` K = augmentations_per_case): the batch has B*K rows, case-major (rows
+[i*K, (i+1)*K) are case i's K patches). A case's gradient is the gradient of the mean of its K row losses, i.e. the
+mean of its K patch gradients, formed before the norm and scaled once: the sensitivity stays C (invariant 2). Norms,
+scales, losses and finite flags are per case. K = 1 runs exactly the ungrouped code.
+Frozen parameters (requires_grad False, set before training) get no per-case gradient: neither computed nor returned.
+'bk' caches each model's layer structure; it is read again when the set of trainable parameters changes
+(bookkeeping.refresh_structure, every step), and `bookkeeping.forget_structure(model)` drops it explicitly.
 """
 from __future__ import annotations
 
@@ -25,7 +32,14 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from nnunet_dp.bookkeeping import BookkeepingUnsupported, Tape, mark_unsupported, unsupported_layers
+from nnunet_dp.bk_groups import check_group
+from nnunet_dp.bookkeeping import (
+    BookkeepingUnsupported,
+    Tape,
+    mark_unsupported,
+    refresh_structure,
+    unsupported_layers,
+)
 from nnunet_dp.rules import ScalingRule
 
 # loss of a batch of one; may have `per_case(output, target) -> (B,)`, each case's loss in one batched call
@@ -40,9 +54,9 @@ class ScaledSum:
     """Result of one private aggregation (before noise)."""
 
     grads: list[torch.Tensor]  # sum_i s_i g_i over the finite cases, one tensor per trainable parameter
-    norms: torch.Tensor  # ||g_i|| per case (float32/64, length B)
+    norms: torch.Tensor  # ||g_i|| per case (float32/64, length B = rows / group)
     scales: torch.Tensor  # s_i per case (0 for a dropped case)
-    losses: torch.Tensor  # per-case loss values (detached)
+    losses: torch.Tensor  # per-case loss values (detached; the mean of the case's row losses)
     finite: torch.Tensor  # bool per case: False = dropped (non-finite gradient or loss), contributed nothing
 
     @property
@@ -63,11 +77,20 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def case_slice(x: Target, i: int) -> Target:
-    """Case i of a batch as a batch of one (tensor or deep-supervision list of tensors)."""
+def case_slice(x: Target, i: int, group: int = 1) -> Target:
+    """Case i of a batch, its `group` rows (tensor or deep-supervision list of tensors)."""
     if isinstance(x, torch.Tensor):
-        return x[i:i + 1]
-    return [t[i:i + 1] for t in x]
+        return x[i * group:(i + 1) * group]
+    return [t[i * group:(i + 1) * group] for t in x]
+
+
+def row_losses(loss_fn: LossFn, output: Any, target: Target, rows: int) -> torch.Tensor:
+    """(rows,) each row's loss alone: `loss_fn.per_case` in one batched call where the loss has it, else the loss
+    on each row's slice (exactly the loss of a batch of one, whatever the loss reduces over the batch)."""
+    per_case = getattr(loss_fn, "per_case", None)  # batched per-case losses (nnunet_dp.nnunet.case_loss)
+    if per_case is not None:
+        return per_case(output, target)
+    return torch.stack([loss_fn(case_slice(output, i), case_slice(target, i)) for i in range(rows)])
 
 
 def batch_size_of(data: torch.Tensor | None) -> int:
@@ -80,21 +103,26 @@ def global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack(norms))
 
 
-def case_gradient(model: nn.Module, params: list[nn.Parameter], loss_fn: LossFn, data: torch.Tensor,
-                  target: Target, autocast: Callable[[], Any]) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Gradient of one case's loss (a batch of one) over `params`; unreached parameters get zeros."""
+def case_gradient(model: nn.Module, params: list[nn.Parameter], loss_fn: LossFn, data: torch.Tensor, target: Target,
+                  autocast: Callable[[], Any], group: int = 1) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Gradient of one case's loss over `params`; unreached parameters get zeros. group 1: the loss of the batch of
+    one; group K: the mean of the K row losses (one forward/backward of the K rows), i.e. the mean patch gradient."""
     with autocast():
-        loss = loss_fn(model(data), target)
+        if group == 1:
+            loss = loss_fn(model(data), target)
+        else:
+            loss = row_losses(loss_fn, model(data), target, group).mean()
     grads = torch.autograd.grad(loss, params, allow_unused=True)
     return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)], loss.detach().float()
 
 
 def _scaled_sum_loop(model: nn.Module, params: list[nn.Parameter], loss_fn: LossFn, data: torch.Tensor,
-                     target: Target, rule: ScalingRule, autocast: Callable[[], Any]) -> ScaledSum:
+                     target: Target, rule: ScalingRule, autocast: Callable[[], Any], group: int = 1) -> ScaledSum:
     acc = [torch.zeros_like(p) for p in params]
     norms, scales, losses, finite = [], [], [], []
-    for i in range(batch_size_of(data)):
-        grads, loss = case_gradient(model, params, loss_fn, case_slice(data, i), case_slice(target, i), autocast)
+    for i in range(batch_size_of(data) // group):
+        grads, loss = case_gradient(model, params, loss_fn, case_slice(data, i, group), case_slice(target, i, group),
+                                    autocast, group)
         norm = global_norm(grads)
         scale, ok = finite_scales(rule, norm, loss)
         shares = torch._foreach_mul(grads, scale.to(grads[0].dtype))
@@ -117,10 +145,19 @@ def _outputs(out: Any) -> list[torch.Tensor]:
     return [out] if isinstance(out, torch.Tensor) else list(out)
 
 
+def _case_losses(rows: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(what to backpropagate, per-case losses in fp32+): sum over cases of the mean of each case's row losses."""
+    if group == 1:
+        losses = rows.float()
+        return losses.sum(), losses
+    per_case = rows.reshape(-1, group).mean(1)  # in the loss's dtype: the factor 1/K as exact as the loop's
+    return per_case.sum(), per_case.float()
+
+
 def _scaled_sum_bk(model: nn.Module, params: list[nn.Parameter], loss_fn: LossFn, data: torch.Tensor,
-                   target: Target, rule: ScalingRule, autocast: Callable[[], Any]) -> ScaledSum:
+                   target: Target, rule: ScalingRule, autocast: Callable[[], Any], group: int = 1) -> ScaledSum:
     b, work = batch_size_of(data), torch.promote_types(params[0].dtype, torch.float32)
-    tape = Tape(model, b, work, data.device)
+    tape = Tape(model, b // group, work, data.device, group=group)
     try:
         x = data.detach().requires_grad_(True)
         with autocast():
@@ -128,11 +165,9 @@ def _scaled_sum_bk(model: nn.Module, params: list[nn.Parameter], loss_fn: LossFn
         outs = _outputs(out)
         detached = [o.detach().requires_grad_(True) for o in outs]
         as_output = detached[0] if isinstance(out, torch.Tensor) else detached
-        per_case = getattr(loss_fn, "per_case", None)  # batched per-case losses (nnunet_dp.nnunet.case_loss)
-        with autocast():  # else each case's loss on its own slice, exactly the loop's per-case loss
-            losses = per_case(as_output, target).float() if per_case is not None else torch.stack(
-                [loss_fn(case_slice(as_output, i), case_slice(target, i)).float() for i in range(b)])
-        out_grads = torch.autograd.grad(losses.sum(), detached, allow_unused=True)
+        with autocast():  # each row's loss alone, exactly the loop's per-row loss
+            total, losses = _case_losses(row_losses(loss_fn, as_output, target, b), group)
+        out_grads = torch.autograd.grad(total, detached, allow_unused=True)
         used = [(o, g) for o, g in zip(outs, out_grads) if g is not None]
         tape.remove()
         torch.autograd.grad([o for o, _ in used], [x], [g for _, g in used])
@@ -148,25 +183,28 @@ _STRATEGIES: dict[str, Callable[..., ScaledSum]] = {"loop": _scaled_sum_loop, "b
 
 
 def scaled_sum(model: nn.Module, loss_fn: LossFn, data: torch.Tensor | None, target: Target | None,
-               rule: ScalingRule, *, strategy: Requested = "loop",
-               autocast: Callable[[], Any] = torch.enable_grad) -> ScaledSum:
+               rule: ScalingRule, *, strategy: Requested = "loop", autocast: Callable[[], Any] = torch.enable_grad,
+               group: int = 1) -> ScaledSum:
     """sum_i s(||g_i||) g_i over the cases of the batch (an empty batch gives zeros), with per-case norms.
-    strategy 'auto' is resolved here, per batch, by `choose_strategy`."""
+    group K: every case is K consecutive rows (patches) and g_i the mean of their gradients; ValueError if the rows
+    are not a multiple of K. strategy 'auto' is resolved here, per batch, by `choose_strategy`."""
+    cases = check_group(batch_size_of(data), group)
     params = trainable_parameters(model)
-    if batch_size_of(data) == 0:
+    if cases == 0:
         return ScaledSum([torch.zeros_like(p) for p in params], *(_stack([], params),) * 3,
                          _stack([], params, torch.bool))
-    name = choose_strategy(strategy, device=data.device, batch_size=batch_size_of(data),
-                           case_voxels=data[0, 0].numel(), model=model)
+    refresh_structure(model, params)  # parameters frozen or unfrozen since the last step
+    name = choose_strategy(strategy, device=data.device, batch_size=cases, case_voxels=data[0, 0].numel() * group,
+                           model=model)
     if strategy != "auto" or name != "bk":
-        return _STRATEGIES[name](model, params, loss_fn, data, target, rule, autocast)
+        return _STRATEGIES[name](model, params, loss_fn, data, target, rule, autocast, group)
     try:
-        return _scaled_sum_bk(model, params, loss_fn, data, target, rule, autocast)
+        return _scaled_sum_bk(model, params, loss_fn, data, target, rule, autocast, group)
     except BookkeepingUnsupported as e:  # found only while running (a layer called twice, ...): loop from now on
         mark_unsupported(model, str(e))
         warnings.warn(f"per_sample_strategy 'auto': {e}; this model uses the micro-batch loop from now on",
                       RuntimeWarning, stacklevel=2)
-        return _scaled_sum_loop(model, params, loss_fn, data, target, rule, autocast)
+        return _scaled_sum_loop(model, params, loss_fn, data, target, rule, autocast, group)
 
 
 # auto on CPU: the loop where one case alone is this many voxels or more (it then keeps both cores busy and its

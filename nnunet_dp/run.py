@@ -119,12 +119,14 @@ class DPRun:
                            accountant=self.plan.accountant)  # type: ignore[arg-type]
 
     def private_step(self, model: nn.Module, loss_fn: LossFn, data: torch.Tensor | None, target: Target | None,
-                     autocast: Callable[[], Any] = torch.enable_grad) -> ScaledSum:
-        """Per-case gradients -> rule -> sum -> noise once -> / qN, written into .grad; one ledger step."""
+                     autocast: Callable[[], Any] = torch.enable_grad, *, group: int = 1) -> ScaledSum:
+        """Per-case gradients -> rule -> sum -> noise once -> / qN, written into .grad; one ledger step.
+        group: patches per case (augmentations_per_case); the batch holds them case-major (see scaled_sum)."""
         if not self.can_step():
             raise DPLedgerError(f"privacy budget exhausted: {self.steps} steps already reach the target epsilon "
                                 f"{self.plan.target_epsilon}")
-        result = scaled_sum(model, loss_fn, data, target, self.rule, strategy=self.strategy, autocast=autocast)
+        result = scaled_sum(model, loss_fn, data, target, self.rule, strategy=self.strategy, autocast=autocast,
+                            group=group)
         if self.journal is not None:
             self.journal.record_step()  # write-ahead: synced before the noise is drawn
         summed = [g.float() if g.dtype in (torch.float16, torch.bfloat16) else g for g in result.grads]
