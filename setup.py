@@ -41,6 +41,7 @@ setup(
             "nnUNetv2_dp_alignment=nnunet_dp.nnunet.alignment_cli:main",
             "nnUNetv2_dp_benchmark=nnunet_dp.nnunet.benchmark_cli:main",
             "nnUNetv2_dp_experiment=nnunet_dp.nnunet.experiment:main",
+            "nnUNetv2_dp_advise=nnunet_dp.nnunet.advise_cli:main",
         ],
     },
 )
