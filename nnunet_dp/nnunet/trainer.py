@@ -20,9 +20,12 @@ from nnunetv2.utilities.collate_outputs import collate_outputs
 from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from torch import distributed as dist
 from torch._dynamo import OptimizedModule
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nnunet_dp.bookkeeping import unsupported_layers
+from nnunet_dp.ema import ParameterEMA, applied
 from nnunet_dp.errors import DPCheckpointError, DPConfigError, DPDivergedError, DPModelError
+from nnunet_dp.nnunet import finetune
 from nnunet_dp.nnunet.alignment_hook import maybe_record_alignment
 from nnunet_dp.nnunet.augmenter import make_augmenter
 from nnunet_dp.nnunet.case_loss import make_case_loss
@@ -62,6 +65,10 @@ class nnUNetTrainerDP(nnUNetTrainer):
         self.dp_status = "initialised"
         self.dp_resumed_steps: int | None = None  # ledger steps of the checkpoint loaded by --c / --val
         self.dp_dropped = 0  # cases dropped (non-finite gradient or loss) over the whole run
+        self.dp_selection: finetune.Selection | None = None  # the parameters DP-SGD trains (setting trainable)
+        self.dp_pretrained: dict | None = None  # privacy.json's pretrained_weights (nnunet_dp.nnunet.finetune)
+        self.dp_ema: ParameterEMA | None = None  # setting ema_decay
+        self.dp_raw_weights: dict | None = None  # raw weights of a loaded checkpoint_final/best, for a resume
 
     # ---- network, loss, compile -------------------------------------------------------------------------------
     def _do_i_compile(self) -> bool:
@@ -72,6 +79,8 @@ class nnUNetTrainerDP(nnUNetTrainer):
         problems = find_problems(self._plain_network())
         if problems:
             raise DPModelError(problems)
+        finetune.freeze_(self._plain_network(), self.dp_selection)  # before the engines read (and cache) the structure
+        self.print_to_log_file(self.dp_selection.summary())
         if self.dp_config.per_sample_strategy == "bk" and (why := unsupported_layers(self._plain_network())):
             raise DPConfigError("per_sample_strategy", "bk", "a strategy that can run on this network; 'bk' cannot: "
                                 + "; ".join(why) + ". Use 'auto' (falls back to 'loop') or 'loop'")
@@ -80,7 +89,7 @@ class nnUNetTrainerDP(nnUNetTrainer):
         self.dp_loss = make_case_loss(self.loss)
 
     def _plain_network(self) -> torch.nn.Module:
-        mod = self.network.module if self.is_ddp else self.network
+        mod = self.network.module if isinstance(self.network, DDP) else self.network  # (not yet DDP in initialize)
         return mod._orig_mod if isinstance(mod, OptimizedModule) else mod
 
     def configure_optimizers(self):
@@ -98,7 +107,8 @@ class nnUNetTrainerDP(nnUNetTrainer):
             f"DP optimizer: SGD lr={self.initial_lr:.4g} ({source}; rule: {rule_lr:.4g}), momentum={cfg.momentum}, "
             f"nesterov={cfg.nesterov}, effective step lr/(1-momentum)={self.initial_lr / (1 - cfg.momentum):.4g}, "
             f"noise per coordinate sigma*C/(qN)={noise:.4g}")
-        optimizer = torch.optim.SGD(self.network.parameters(), self.initial_lr, weight_decay=self.weight_decay,
+        self.dp_selection = finetune.select_trainable(self._plain_network(), cfg.trainable)  # frozen in initialize
+        optimizer = torch.optim.SGD(self.dp_selection.trained, self.initial_lr, weight_decay=self.weight_decay,
                                     momentum=cfg.momentum, nesterov=cfg.nesterov)
         return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
 
@@ -148,7 +158,8 @@ class nnUNetTrainerDP(nnUNetTrainer):
         dl_tr = nnUNetPoissonDataLoader(
             dataset_tr, initial_patch_size, self.configuration_manager.patch_size, lm,
             sampling_rate=run.plan.sampling_rate, oversample_foreground_percent=self.oversample_foreground_percent,
-            transforms=tr_transforms, seed=self.dp_config.seed, seed_salt=self.current_epoch * 1000 + self.local_rank)
+            transforms=tr_transforms, seed=self.dp_config.seed, seed_salt=self.current_epoch * 1000 + self.local_rank,
+            augmentations_per_case=self.dp_config.augmentations_per_case)
         dl_val = nnUNetDataLoader(dataset_val, self.batch_size, self.configuration_manager.patch_size,
                                   self.configuration_manager.patch_size, lm,
                                   oversample_foreground_percent=self.oversample_foreground_percent,
@@ -174,16 +185,20 @@ class nnUNetTrainerDP(nnUNetTrainer):
                 else target.to(self.device, non_blocking=True)
         self.optimizer.zero_grad(set_to_none=True)
         maybe_record_alignment(self, data, target)  # analysis only (alignment_every > 0); reads, never writes .grad
+        k = self.dp_config.augmentations_per_case  # rows = K augmented patches per sampled case
         try:
-            result = self.dp_run.private_step(self._plain_network(), self.dp_loss, data, target, self._autocast())
+            result = self.dp_run.private_step(self._plain_network(), self.dp_loss, data, target, self._autocast(),
+                                              group=k)
         except (IndexError, RuntimeError) as e:  # e.g. a label value outside dataset.json's classes
             check_labels(target, self.label_manager, batch.get("keys"), e)
             raise
         self.optimizer.step()
+        if self.dp_ema is not None:
+            self.dp_ema.update(self._plain_network())
         # the mean loss of the sampled finite cases (not private: see privacy.json assumptions); nan if none
         finite = result.losses[result.finite]
         loss = finite.mean().item() if finite.numel() else float("nan")
-        return {"loss": np.array(loss), "batch_size": np.array(result.losses.numel()),
+        return {"loss": np.array(loss), "batch_size": np.array(0 if data is None else data.shape[0] // k),
                 "dropped": np.array(result.dropped)}
 
     def on_train_epoch_end(self, train_outputs: list[dict]) -> None:
@@ -223,7 +238,7 @@ class nnUNetTrainerDP(nnUNetTrainer):
                        for _ in range(self.num_iterations_per_epoch) if self.dp_run.can_step()]
             self.on_train_epoch_end(outputs or [{"loss": np.array(np.nan), "batch_size": np.array(0),
                                                  "dropped": np.array(0)}])
-            with torch.no_grad():
+            with torch.no_grad(), applied(self.dp_ema, self._plain_network()):  # validate the average
                 self.on_validation_epoch_start()
                 val_outputs = [self.validation_step(next(self.dataloader_val))
                                for _ in range(self.num_val_iterations_per_epoch)]
@@ -234,6 +249,7 @@ class nnUNetTrainerDP(nnUNetTrainer):
 
     # ---- reporting ----------------------------------------------------------------------------------------------
     def on_train_start(self) -> None:
+        finetune.start_finetuning(self)  # raw weights of a resume, the public checkpoint's record, the EMA
         super().on_train_start()
         self.dp_status = "training"
         attach_journal(self)
@@ -257,16 +273,20 @@ class nnUNetTrainerDP(nnUNetTrainer):
     def on_train_end(self) -> None:
         if self.dp_status == "training":
             self.dp_status = "finished"
-        super().on_train_end()
+        super().on_train_end()  # checkpoint_final: the average in network_weights (finetune.checkpoint_weights)
+        if self.dp_ema is not None:  # nnU-Net's final validation (perform_actual_validation) uses the average
+            self.dp_ema.copy_to(self._plain_network())
         self._write_privacy_json()
         if self.dp_run.journal is not None:
             self.dp_run.journal.close()
 
     def _write_privacy_json(self) -> None:
         if self.local_rank == 0 and self.dp_run is not None:
+            extra, assumptions = finetune.report_extra(self.dp_config, self.dp_selection, self.dp_pretrained)
             write_json_atomic(join(self.output_folder, PRIVACY_JSON),
                               privacy_report(self.dp_run, self.dp_config, status=self.dp_status,
-                                             dropped_cases=self.dp_dropped))
+                                             dropped_cases=self.dp_dropped, extra=extra,
+                                             extra_assumptions=assumptions))
 
     # ---- checkpoints: the ledger travels in every one ------------------------------------------------------------
     def save_checkpoint(self, filename: str) -> None:
@@ -277,7 +297,7 @@ class nnUNetTrainerDP(nnUNetTrainer):
             return
         run = self._dp_setup()
         checkpoint = {
-            "network_weights": self._plain_network().state_dict(),
+            **finetune.checkpoint_weights(self._plain_network(), self.dp_ema, filename),  # raw / EMA (finetune)
             "optimizer_state": self.optimizer.state_dict(),
             "grad_scaler_state": None,
             "logging": self.logger.get_checkpoint(),
@@ -288,6 +308,7 @@ class nnUNetTrainerDP(nnUNetTrainer):
             "inference_allowed_mirroring_axes": self.inference_allowed_mirroring_axes,
             "dp_state": run.state_dict(),  # plan and ledger; never a noise generator state or seed
             "dp_config": self.dp_config.release_dict(),
+            "dp_pretrained": self.dp_pretrained,
         }
         tmp = f"{filename}.tmp"
         torch.save(checkpoint, tmp)
@@ -300,6 +321,7 @@ class nnUNetTrainerDP(nnUNetTrainer):
             raise FileNotFoundError(f"checkpoint {filename_or_checkpoint!r} not found")
         checkpoint = read_checkpoint(filename_or_checkpoint)
         self._dp_setup().load_state_dict(checkpoint.get("dp_state"))
+        finetune.check_resume(checkpoint, self.dp_config)
         self.dp_resumed_steps = self.dp_run.steps
         try:
             super().load_checkpoint(filename_or_checkpoint)  # (nnU-Net 2.8 reads only a path, not a dict)
@@ -307,5 +329,11 @@ class nnUNetTrainerDP(nnUNetTrainer):
             raise DPCheckpointError(f"checkpoint {filename_or_checkpoint} does not fit the network built from this "
                                     f"folder's plans (it was trained with other plans or another configuration): "
                                     f"{str(e).splitlines()[0]}") from e
+        # nnU-Net loaded network_weights (the average, in checkpoint_final/best): kept for --val; a resume continues
+        # from the raw weights (finetune.start_finetuning)
+        self.dp_raw_weights = checkpoint.get("raw_network_weights")
+        self.dp_pretrained = checkpoint.get("dp_pretrained")
+        self.dp_ema = finetune.restore_ema(checkpoint, self._plain_network(), self.dp_config.ema_decay,
+                                           self.print_to_log_file)
         self.print_to_log_file(f"DP: resumed ledger with {self.dp_run.steps} steps, "
                                f"epsilon so far {self.dp_run.epsilon():.4f}")

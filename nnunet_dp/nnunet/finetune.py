@@ -1,0 +1,268 @@
+"""Fine-tuning from public weights: which parameters DP-SGD trains (setting `trainable`), the record of the public
+checkpoint a training starts from (`nnUNetv2_train ... -pretrained_weights FILE`), and the EMA's checkpoint entries.
+
+Freezing costs no privacy: frozen parameters get no gradient, no noise and no update, and the sensitivity is still
+the clip norm over the trained ones (DESIGN.md invariant 4; privacy.json records the setting). A public checkpoint
+costs none either, provided the pretraining data do not contain the private cases (privacy.json says so).
+
+nnU-Net loads -pretrained_weights itself (run_training.maybe_load_checkpoint: trainer.initialize(), then
+load_pretrained_weights(trainer.network, FILE)) and does not tell the trainer the file. The trainer reads the option
+from the command line (`pretrained_weights_arg`) and records the file only if the network's weights equal the file's
+for every key nnU-Net transfers (`pretrained_record`).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+import torch
+from torch import nn
+
+from nnunet_dp.config import DPConfig, Trainable
+from nnunet_dp.ema import ParameterEMA
+from nnunet_dp.errors import DPConfigError
+from nnunet_dp.nnunet.resume import read_checkpoint
+
+PRETRAINED_ASSUMPTION = ("The pretraining data must not contain the private training cases; epsilon covers only the "
+                         "fine-tuning on them.")
+SKIPPED_BY_NNUNET = ".seg_layers."  # nnunetv2.run.load_pretrained_weights never transfers the segmentation heads
+_RUNNING_STATS = ("running_mean", "running_var", "num_batches_tracked")
+_NORMS: tuple[type, ...] = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm,
+                            *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()))
+
+
+# ---- which parameters train --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Selection:
+    mode: Trainable
+    trained: list[nn.Parameter]  # in model.parameters() order
+    num_trained: int  # scalar parameters
+    num_parameters: int
+
+    def summary(self) -> str:
+        share = 100.0 * self.num_trained / max(self.num_parameters, 1)
+        return (f"DP trainable={self.mode}: {self.num_trained} of {self.num_parameters} parameters trained "
+                f"({share:.2f} %)")
+
+
+def _layout_error(mode: str, model: nn.Module, needs: str) -> DPConfigError:
+    return DPConfigError("trainable", mode, f"'all' on this network ({type(model).__name__}): '{mode}' needs {needs}, "
+                         "as nnU-Net's PlainConvUNet and ResidualEncoderUNet have", "nnUNet_dp_config")
+
+
+def _seg_heads(model: nn.Module, mode: str) -> list[nn.Parameter]:
+    heads = getattr(getattr(model, "decoder", None), "seg_layers", None)
+    if not isinstance(heads, nn.Module):
+        raise _layout_error(mode, model, "the segmentation heads at `.decoder.seg_layers` (nnU-Net never transfers "
+                            "them from pretrained weights, so they must train)")
+    return list(heads.parameters())
+
+
+def _norm_bias(model: nn.Module) -> list[nn.Parameter]:
+    """Affine weights and biases of every norm layer, every bias, the segmentation heads (DP-BiTFiT style: Bu et
+    al. 2024, "Differentially private bias-term fine-tuning of foundation models")."""
+    chosen = [p for m in model.modules() if isinstance(m, _NORMS) for p in m.parameters(recurse=False)]
+    chosen += [p for m in model.modules() for n, p in m.named_parameters(recurse=False) if n == "bias"]
+    return chosen + _seg_heads(model, "norm_bias")
+
+
+def _decoder(model: nn.Module) -> list[nn.Parameter]:
+    """Decoder stages, transposed convolutions, segmentation heads: the decoder's parameters minus the encoder's
+    (nnU-Net's UNetDecoder holds a reference to the encoder, so its .parameters() include the encoder's)."""
+    encoder, decoder = getattr(model, "encoder", None), getattr(model, "decoder", None)
+    if not isinstance(encoder, nn.Module) or not isinstance(decoder, nn.Module):
+        raise _layout_error("decoder", model, "`.encoder` and `.decoder` submodules")
+    in_encoder = {id(p) for p in encoder.parameters()}
+    return [p for p in decoder.parameters() if id(p) not in in_encoder]
+
+
+_SELECTORS: dict[str, Callable[[nn.Module], list[nn.Parameter]]] = {
+    "all": lambda model: list(model.parameters()), "norm_bias": _norm_bias, "decoder": _decoder}
+
+
+def select_trainable(model: nn.Module, mode: Trainable) -> Selection:
+    """The parameters setting `trainable` = `mode` trains (nothing is changed on the model)."""
+    if mode not in _SELECTORS:
+        raise DPConfigError("trainable", mode, f"one of {', '.join(repr(k) for k in _SELECTORS)}")
+    chosen = {id(p) for p in _SELECTORS[mode](model)}
+    trained = [p for p in model.parameters() if id(p) in chosen]
+    if not trained:
+        raise _layout_error(mode, model, "at least one parameter it selects")
+    return Selection(mode, trained, sum(p.numel() for p in trained), sum(p.numel() for p in model.parameters()))
+
+
+def freeze_(model: nn.Module, selection: Selection) -> None:
+    """requires_grad=False on every parameter the selection does not train. Call before anything reads the
+    network's structure (the per-case engines cache each model's trainable layers on first use)."""
+    trained = {id(p) for p in selection.trained}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in trained)
+
+
+# ---- the public checkpoint ----------------------------------------------------------------------------------------
+def pretrained_weights_arg(argv: Sequence[str]) -> str | None:
+    """The FILE of nnUNetv2_train's `-pretrained_weights FILE` (or `=FILE`) in `argv`, read as nnU-Net's own parser
+    (run_training_entry) reads it. nnU-Net's `-p PLANS` is declared too: Python 3.11's argparse would otherwise read
+    it as a prefix of -pretrained_weights (allow_abbrev=False does not stop that for single-dash options). A command
+    line nnU-Net would refuse (e.g. the ambiguous `-pre`) names no file."""
+    parser = _NoExitParser(add_help=False)
+    parser.add_argument("-p", type=str, default=None)
+    parser.add_argument("-pretrained_weights", type=str, default=None)
+    try:
+        args, _ = parser.parse_known_args(list(argv))
+    except ValueError:
+        return None
+    return args.pretrained_weights
+
+
+class _NoExitParser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # argparse would print usage and exit the training
+        raise ValueError(message)
+
+
+def sha256_of(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _source_dataset(checkpoint: dict) -> str | None:
+    init = checkpoint.get("init_args") or {}
+    plans, dataset_json = init.get("plans") or {}, init.get("dataset_json") or {}
+    return plans.get("dataset_name") or dataset_json.get("name")
+
+
+def _untransferred_words(keys: list[str]) -> list[str]:
+    """Plain words for the keys of the file that nnU-Net does not transfer."""
+    heads = [k for k in keys if SKIPPED_BY_NNUNET in k]
+    stats = [k for k in keys if k not in heads and k.rsplit(".", 1)[-1] in _RUNNING_STATS]
+    other = [k for k in keys if k not in heads and k not in stats]
+    words = []
+    if heads:
+        words.append(f"{len(heads)} segmentation-head tensors: nnU-Net never transfers them; the heads start from "
+                     "random initialisation and train")
+    if stats:
+        words.append(f"{len(stats)} BatchNorm running statistics (running_mean, running_var, num_batches_tracked) of "
+                     "the public network: they have no place in this per-sample norm network (GroupNorm/InstanceNorm "
+                     "normalise each case by its own statistics); the norm layers' affine weights and biases were "
+                     "transferred")
+    if other:
+        words.append(f"{len(other)} tensors with no counterpart in this network (e.g. {other[0]!r})")
+    return words
+
+
+def pretrained_record(path: str, model: nn.Module, dataset_name: str) -> tuple[dict[str, Any] | None, list[str]]:
+    """privacy.json's `pretrained_weights` for the public checkpoint `path` that nnU-Net loaded into `model`, and
+    log lines. None (with the reason logged) where the network's weights differ from the file's for a key that
+    nnU-Net transfers: then the file was not what this network started from."""
+    checkpoint = read_checkpoint(path)
+    file_weights = checkpoint.get("network_weights")
+    if not isinstance(file_weights, dict):
+        return None, [f"DP: {path} holds no 'network_weights'; pretrained_weights recorded as null"]
+    state = model.state_dict()
+    mapped = [k for k in file_weights if k in state and SKIPPED_BY_NNUNET not in k]
+    differ = [k for k in mapped if not torch.equal(state[k].detach().cpu(), file_weights[k].detach().cpu())]
+    if differ or not mapped:
+        why = f"{len(differ)} of the {len(mapped)} transferred tensors (e.g. {differ[0]!r})" if differ else \
+            "no tensor of the file fits this network"
+        return None, [(f"DP WARNING: -pretrained_weights {path} was given, but the network's weights differ from "
+                       f"the file's in {why}: the file was not loaded into this network (a programmatic training?). "
+                       "pretrained_weights is recorded as null.")]
+    source = _source_dataset(checkpoint)
+    transferred = set(mapped)
+    not_transferred = sorted(k for k in file_weights if k not in transferred)
+    record = {"path": os.path.abspath(path), "sha256": sha256_of(path), "plans_source_dataset": source,
+              "other_dataset": None if source is None else source != dataset_name,
+              "trainer_name": checkpoint.get("trainer_name"), "transferred": len(mapped),
+              "not_transferred": not_transferred}
+    lines = [(f"DP: fine-tuning from public weights {path} (sha256 {record['sha256'][:12]}..., trained on "
+              f"{source or 'an unknown dataset'}): {len(mapped)} tensors transferred")]
+    lines += [f"DP: not transferred: {w}" for w in _untransferred_words(not_transferred)]
+    if source == dataset_name:
+        lines.append(f"DP WARNING: the pretrained checkpoint's plans name this dataset ({source}). If it was trained "
+                     "on these private cases (without this run's DP), epsilon does not protect them.")
+    return record, lines
+
+
+# ---- privacy.json fields, checkpoint entries ----------------------------------------------------------------------
+def report_extra(cfg: DPConfig, selection: Selection | None,
+                 pretrained: dict[str, Any] | None) -> tuple[dict[str, Any], list[str]]:
+    """privacy.json's fine-tuning fields and the assumptions they add."""
+    extra = {"trainable": cfg.trainable,
+             "num_trained_parameters": None if selection is None else selection.num_trained,
+             "num_parameters": None if selection is None else selection.num_parameters,
+             "pretrained_weights": pretrained, "augmentations_per_case": cfg.augmentations_per_case,
+             "ema_decay": cfg.ema_decay}
+    return extra, [PRETRAINED_ASSUMPTION] if pretrained is not None else []
+
+
+def ema_line(decay: float) -> str:
+    return (f"DP ema_decay={decay}: validation, checkpoint_best and checkpoint_final use an exponential moving average "
+            f"of the trained weights (over ~{1 / (1 - decay):.0f} steps); post-processing, it costs no privacy")
+
+
+def checkpoint_weights(model: nn.Module, ema: ParameterEMA | None, filename: str) -> dict[str, Any]:
+    """The weight entries of a checkpoint. With an EMA: checkpoint_latest keeps the raw weights in network_weights
+    (what training continues from), every other checkpoint (final, best: what nnUNetv2_predict and nnU-Net's
+    validation load) the average, with the raw weights under raw_network_weights; all hold ema_network_weights."""
+    raw = model.state_dict()
+    if ema is None:
+        return {"network_weights": raw}
+    averaged = ema.weights(model)
+    if filename.endswith("checkpoint_latest.pth"):
+        return {"network_weights": raw, "ema_network_weights": averaged, "ema_updates": ema.updates}
+    return {"network_weights": averaged, "raw_network_weights": raw, "ema_network_weights": averaged,
+            "ema_updates": ema.updates}
+
+
+def check_resume(checkpoint: dict, cfg: DPConfig) -> None:
+    """A checkpoint is continued (--c) or validated (--val) with the parameters it trained: its optimizer state
+    holds exactly those."""
+    saved = (checkpoint.get("dp_config") or {}).get("trainable", "all")
+    if saved != cfg.trainable:
+        raise DPConfigError("trainable", cfg.trainable, f"the checkpoint's value {saved!r} (its optimizer state holds "
+                            "the parameters that setting trains); restore it to resume or validate this training")
+
+
+def restore_ema(checkpoint: dict, model: nn.Module, decay: float | None,
+                log: Callable[[str], None]) -> ParameterEMA | None:
+    """The EMA a resumed training continues (the model must hold the raw weights), or None when the setting is off."""
+    if decay is None:
+        return None
+    ema = ParameterEMA(model, decay)
+    if "ema_network_weights" not in checkpoint:
+        log("DP: the checkpoint holds no EMA weights (ema_decay was off); the average starts from its weights")
+        return ema
+    saved_decay = (checkpoint.get("dp_config") or {}).get("ema_decay", decay)
+    ema.load_state_dict({"decay": saved_decay, "updates": checkpoint.get("ema_updates", 0),
+                         "shadow": checkpoint["ema_network_weights"]})
+    return ema
+
+
+def start_finetuning(trainer: Any) -> None:
+    """At on_train_start (after nnU-Net loaded -pretrained_weights or a --c checkpoint): a resume continues from the
+    raw weights; a fresh start records the public checkpoint named on the command line (nnU-Net does not pass it to
+    the trainer: it is read from sys.argv, and kept only if the network's weights equal the file's); the EMA starts
+    from the weights training starts from."""
+    net, cfg = trainer._plain_network(), trainer.dp_config
+    if trainer.dp_raw_weights is not None:
+        net.load_state_dict(trainer.dp_raw_weights)
+        trainer.dp_raw_weights = None
+    path = pretrained_weights_arg(sys.argv[1:])
+    if trainer.dp_resumed_steps is None and trainer.local_rank == 0 and path is not None:
+        trainer.dp_pretrained, lines = pretrained_record(path, net, trainer.plans_manager.dataset_name)
+        for line in lines:
+            trainer.print_to_log_file(line)
+    if cfg.trainable != "all" and trainer.dp_pretrained is None and path is None:
+        trainer.print_to_log_file(f"DP WARNING: trainable={cfg.trainable} without -pretrained_weights: the frozen "
+                                  "parameters keep their random initialisation")
+    if cfg.ema_decay is not None:
+        trainer.dp_ema = trainer.dp_ema or ParameterEMA(net, cfg.ema_decay)
+        trainer.print_to_log_file(ema_line(cfg.ema_decay))

@@ -1,0 +1,93 @@
+"""End to end, as a user runs it: a public (non-DP, BatchNorm) nnU-Net model, then nnUNetv2_train -pretrained_weights
+with a DP trainer (trainable norm_bias, ema_decay, 2 augmentations per case), interrupted and resumed with --c, then
+nnUNetv2_predict -chk checkpoint_final.pth."""
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+from e2e import nnunet_env, prepare, run
+from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+from nnunet_dp.nnunet.finetune import PRETRAINED_ASSUMPTION, select_trainable
+
+DS = 993
+CFG = {"num_epochs": 2, "num_iterations_per_epoch": 2, "num_val_iterations_per_epoch": 1, "expected_batch_size": 3,
+       "target_epsilon": 8.0, "save_every": 1, "trainable": "norm_bias", "ema_decay": 0.9,
+       "augmentations_per_case": 2}
+
+
+def fold(root, trainer):
+    return root / "res" / f"Dataset{DS}_Test{DS}" / f"{trainer}__nnUNetPlans__2d" / "fold_0"
+
+
+def train(root, trainer, cfg, *args, check=True, **env):
+    return run(["nnUNetv2_train", str(DS), "2d", "0", "-tr", trainer, "-device", "cpu", *args],
+               nnunet_env(root, cfg, **env), check=check)
+
+
+@pytest.fixture(scope="module")
+def public(tmp_path_factory):
+    root = tmp_path_factory.mktemp("finetune")
+    prepare(root, dataset_id=DS, shape=(32, 32), configuration="2d")
+    train(root, "nnUNetTrainer_DPTestPublicBN", None)
+    return root, fold(root, "nnUNetTrainer_DPTestPublicBN") / "checkpoint_final.pth"
+
+
+def trained_keys(folder) -> set[str]:
+    """state_dict keys (aliases included) of the parameters norm_bias trains, on the network nnU-Net builds from the
+    DP run's plans."""
+    arch = json.loads((folder.parent / "plans.json").read_text())["configurations"]["2d"]["architecture"]
+    net = get_network_from_plans(arch["network_class_name"], arch["arch_kwargs"], arch["_kw_requires_import"], 1, 2,
+                                 allow_init=True, deep_supervision=True)
+    chosen = {id(p) for p in select_trainable(net, "norm_bias").trained}
+    return {k for k, v in net.state_dict(keep_vars=True).items() if id(v) in chosen}
+
+
+def test_finetune_from_public_weights_with_ema_interrupted_and_resumed(public):
+    root, public_file = public
+    file_weights = torch.load(public_file, map_location="cpu", weights_only=False)["network_weights"]
+    trainer = "nnUNetTrainerDP_TestCrash"
+    folder = fold(root, trainer)
+    crashed = train(root, trainer, CFG, "-pretrained_weights", str(public_file), check=False,
+                    NNUNET_DP_TEST_CRASH_AT="1")
+    assert crashed.returncode != 0 and "simulated crash" in crashed.stderr, crashed.stderr[-3000:]
+    latest = torch.load(folder / "checkpoint_latest.pth", map_location="cpu", weights_only=False)
+    trained = trained_keys(folder)
+    mapped = [k for k in latest["network_weights"] if k in file_weights and ".seg_layers." not in k]
+    frozen = [k for k in mapped if k not in trained]
+    assert frozen and trained and latest["ema_updates"] == 2 and "raw_network_weights" not in latest
+    for k in frozen:  # loaded from the public file and never touched
+        assert torch.equal(latest["network_weights"][k], file_weights[k]), k
+    assert all(not torch.equal(latest["network_weights"][k], latest["ema_network_weights"][k]) for k in trained)
+
+    train(root, trainer, CFG, "--c")  # nnU-Net refuses -pretrained_weights with --c: the record comes from the ckpt
+    final = torch.load(folder / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    ema, raw = final["ema_network_weights"], final["raw_network_weights"]
+    assert final["ema_updates"] == 4  # continued from checkpoint_latest's average, not restarted
+    assert all(torch.equal(final["network_weights"][k], ema[k]) for k in ema)
+    assert all(not torch.equal(raw[k], ema[k]) and not torch.equal(raw[k], file_weights[k]) for k in trained
+               if k in file_weights)
+    for k in frozen:
+        assert torch.equal(raw[k], file_weights[k]) and torch.equal(ema[k], file_weights[k]), k
+
+    rep = json.loads((folder / "privacy.json").read_text())
+    record = rep["pretrained_weights"]
+    assert record["sha256"] == hashlib.sha256(public_file.read_bytes()).hexdigest()
+    assert record["path"] == str(public_file) and record["transferred"] == len(mapped)
+    assert record["plans_source_dataset"] == f"Dataset{DS}_Test{DS}" and record["other_dataset"] is False
+    assert any(k.endswith("running_var") for k in record["not_transferred"])
+    assert rep["trainable"] == "norm_bias" and 0 < rep["num_trained_parameters"] < rep["num_parameters"]
+    assert rep["ema_decay"] == 0.9 and rep["augmentations_per_case"] == 2 and rep["steps"] == 4
+    assert PRETRAINED_ASSUMPTION in rep["assumptions"]
+    log = "\n".join(p.read_text() for p in folder.glob("training_log_*.txt"))
+    for line in ("DP trainable=norm_bias: ", "BatchNorm running statistics", "DP ema_decay=0.9"):
+        assert line in log
+
+    out = root / "pred"
+    run(["nnUNetv2_predict", "-i", str(root / "raw" / f"Dataset{DS}_Test{DS}" / "imagesTs"), "-o", str(out),
+         "-d", str(DS), "-c", "2d", "-f", "0", "-tr", trainer, "-chk", "checkpoint_final.pth", "-device", "cpu",
+         "-npp", "1", "-nps", "1"], nnunet_env(root))
+    assert len(list(out.glob("*.nii.gz"))) == 2
