@@ -45,6 +45,10 @@ def check_privacy_json(folder, rule, steps, cfg=TINY):
                                                        delta=rep["delta"]), rel=1e-9)
     assert rep["epsilon"] <= cfg["target_epsilon"]
     assert rep["sensitivity"] == rep["clip_norm"] and len(rep["assumptions"]) >= 5
+    # the noise advice in closed form: sigma * sqrt(d) / (qN), d the trained parameters (every one: trainable all)
+    noise, d = rep["noise"], rep["num_trained_parameters"]
+    assert rep["trainable"] == "all" and d == rep["num_parameters"] == noise["num_trained_parameters"]
+    assert noise["noise_ratio"] == pytest.approx(rep["noise_multiplier"] * d ** 0.5 / rep["expected_batch_size"])
     return rep
 
 

@@ -22,6 +22,7 @@ from torch import distributed as dist
 from torch._dynamo import OptimizedModule
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from nnunet_dp.advise import training_advice
 from nnunet_dp.bookkeeping import unsupported_layers
 from nnunet_dp.ema import ParameterEMA, applied
 from nnunet_dp.errors import DPCheckpointError, DPConfigError, DPDivergedError, DPModelError
@@ -65,6 +66,7 @@ class nnUNetTrainerDP(nnUNetTrainer):
         self.dp_status = "initialised"
         self.dp_resumed_steps: int | None = None  # ledger steps of the checkpoint loaded by --c / --val
         self.dp_dropped = 0  # cases dropped (non-finite gradient or loss) over the whole run
+        self.dp_noise: dict[str, Any] | None = None  # {"noise": nnunet_dp.advise.noise_summary}, set in initialize
         self.dp_selection: finetune.Selection | None = None  # the parameters DP-SGD trains (setting trainable)
         self.dp_pretrained: dict | None = None  # privacy.json's pretrained_weights (nnunet_dp.nnunet.finetune)
         self.dp_ema: ParameterEMA | None = None  # setting ema_decay
@@ -81,12 +83,23 @@ class nnUNetTrainerDP(nnUNetTrainer):
             raise DPModelError(problems)
         finetune.freeze_(self._plain_network(), self.dp_selection)  # before the engines read (and cache) the structure
         self.print_to_log_file(self.dp_selection.summary())
+        self._log_noise_advice()
         if self.dp_config.per_sample_strategy == "bk" and (why := unsupported_layers(self._plain_network())):
             raise DPConfigError("per_sample_strategy", "bk", "a strategy that can run on this network; 'bk' cannot: "
                                 + "; ".join(why) + ". Use 'auto' (falls back to 'loop') or 'loop'")
         self.print_to_log_file(f"DP settings from {self.dp_config_source}")
         # nnU-Net's loss with a batched per-case evaluation (book-keeping strategy); identical values to self.loss
         self.dp_loss = make_case_loss(self.loss)
+
+    def _log_noise_advice(self) -> None:
+        """The noise on the averaged update against the signal C (nnunet_dp.advise), logged and in privacy.json."""
+        self.dp_noise, warning = training_advice(self._dp_setup().plan, self.dp_selection.num_trained)
+        n = self.dp_noise["noise"]
+        self.print_to_log_file(f"DP noise: norm ~{n['noise_norm']:.4g} on the averaged update = {n['noise_ratio']:.3g} x"
+                               f" the largest signal C (sigma*sqrt(d)/(qN), d = {n['num_trained_parameters']} trained "
+                               f"parameters; warns above {n['warn_above']:g}; nnUNetv2_dp_advise shows the levers)")
+        if warning is not None:
+            self.print_to_log_file(f"DP WARNING: {warning}")
 
     def _plain_network(self) -> torch.nn.Module:
         mod = self.network.module if isinstance(self.network, DDP) else self.network  # (not yet DDP in initialize)
@@ -283,6 +296,7 @@ class nnUNetTrainerDP(nnUNetTrainer):
     def _write_privacy_json(self) -> None:
         if self.local_rank == 0 and self.dp_run is not None:
             extra, assumptions = finetune.report_extra(self.dp_config, self.dp_selection, self.dp_pretrained)
+            extra.update(self.dp_noise or {})
             write_json_atomic(join(self.output_folder, PRIVACY_JSON),
                               privacy_report(self.dp_run, self.dp_config, status=self.dp_status,
                                              dropped_cases=self.dp_dropped, extra=extra,
