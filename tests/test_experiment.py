@@ -214,8 +214,14 @@ def experiment(tmp_path_factory):
 def test_end_to_end_files_plots_and_dice(experiment):
     out = experiment["out"]
     assert "Results:" in experiment["first"].stdout
-    for name in ("results.csv", "results.md", "split.json", "dice_vs_epsilon.png", "adaptive_gain_per_class.png"):
+    for name in ("results.csv", "results.md", "split.json", "dice_vs_epsilon.png", "adaptive_gain_per_class.png",
+                 "budget.json"):
         assert (out / name).is_file(), name
+    stdout = experiment["first"].stdout
+    assert stdout.index("Budget 'minimal'") < stdout.index("[1/3]")  # the resolved budget before the first run
+    assert "ETA: flat_eps8 measured" in stdout and "min left)" in stdout  # DP runs first; progress lines: time left
+    budget = json.loads((out / "budget.json").read_text())
+    assert budget["batch_size"] == MINIMAL["batch_size"] and budget["steps"] == 2  # a file without caps: as written
     with open(out / "results.csv") as f:
         table = list(csv.DictReader(f))
     assert {(r["run"], r["refinement"]) for r in table} == {
@@ -352,3 +358,43 @@ def test_dpmorph_choice_does_not_depend_on_test_labels(experiment, tmp_path):
         with open(target.parent / "dpmorph_adaptive" / "postprocessing.pkl", "rb") as f:
             choices.append(pickle.dumps(pickle.load(f)))
     assert choices[0] == choices[1]
+
+
+def _in_process_env(experiment, monkeypatch):
+    for key, value in experiment["env"].items():
+        if key.startswith("nnUNet"):
+            monkeypatch.setenv(key, value)
+
+
+def test_dry_run_resolves_tiny_on_a_small_fold(experiment, tmp_path, monkeypatch, capsys):
+    """16 cases: 3 test, 3 validation, N = 10 training cases. tiny's batch 32 is capped to floor(N / 4) = 2 (q = 0.2),
+    printed and saved with sigma and lr per run; --dry-run stops before preprocessing and training."""
+    _in_process_env(experiment, monkeypatch)
+    out = tmp_path / "dry"
+    experiment_cli.main(["-d", str(DATASET_ID), "--rules", "nonprivate", "flat", "--epsilons", "8", "--budget", "tiny",
+                         "--dry-run", "-o", str(out)])
+    budget = json.loads((out / "budget.json").read_text())
+    assert (budget["num_training_cases"], budget["batch_size"], budget["sampling_rate"]) == (10, 2, 0.2)
+    assert budget["batch_limits"]["max_sampling_rate"] == 2 and budget["steps"] == 400
+    flat = next(r for r in budget["runs"] if r["run"] == "flat_eps8")
+    assert flat["sampling_rate"] == 0.2 and flat["noise_multiplier"] > 0 and flat["lr_source"] == "default rule"
+    printed = capsys.readouterr().out
+    assert "batch 2 (expected batch under DP" in printed and "flat_eps8" in printed and "--dry-run" in printed
+    assert os.listdir(out) == ["budget.json"]
+
+
+def test_batch_larger_than_the_fold_stops_before_any_training(experiment, tmp_path, monkeypatch):
+    """Issue 14: a budget file's batch 32 on N = 10 training cases stops before any training, naming the option, the
+    value, the limit and the fix, for every DP run at once (the trainer's own check)."""
+    _in_process_env(experiment, monkeypatch)
+    big = tmp_path / "big.json"
+    big.write_text(json.dumps({**MINIMAL, "batch_size": 32}))
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as info:
+        experiment_cli.main(["-d", str(DATASET_ID), "--rules", "nonprivate", "flat", "psac", "--epsilons", "8",
+                             "--budget", str(big), "-o", str(out)])
+    message = str(info.value)
+    for part in (f"--budget {big}: batch_size = 32 is not allowed", "at most N = 10 training cases",
+                 "flat_eps8, psac_eps8", "Set batch_size <= 10", "nothing was trained"):
+        assert part in message, part
+    assert os.listdir(out) == []

@@ -10,6 +10,14 @@ PNG plots. Finished runs (OUT/runs/<name>/result.json) are skipped; an interrupt
 seeds them too (repeatable, not private; the results tables say so). DP runs use the DP trainers' default learning
 rate (nnunet_dp.optim.default_lr); --lrs LR ... trains each (rule, ε) once more per LR, and the report marks the lr
 with the best validation Dice (a choice on private cases: not private).
+
+Before anything is preprocessed or trained the whole grid is checked (experiment_budget): the split, the configuration,
+every run's DP settings through the trainers' own DPConfig and make_plan on fold 0's N training cases, earlier run
+folders; all problems are reported at once, each with its fix. The named budgets adapt to the dataset (batch at most
+N/4 and a voxel target per step, tiny's patch at most 64x64) and the resolved budget (batch, steps, q, sigma and lr per
+run, patch, network) is printed and saved as OUT/budget.json (--dry-run stops there). The DP runs train first; after
+the first epochs an ETA for the grid is printed, and every progress line carries the time left. A failed run prints its
+last error, is marked FAILED in results.md/csv, and the other runs go on.
 """
 from __future__ import annotations
 
@@ -19,19 +27,32 @@ import os
 import shlex
 import subprocess
 import sys
-import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from os.path import isdir, isfile, join
+from typing import Any
 
 from nnunet_dp.errors import DPError
+from nnunet_dp.nnunet.experiment_budget import (
+    Fold,
+    GridError,
+    PlannedConfig,
+    ResolvedBudget,
+    RunPlan,
+    budget_summary,
+    format_budget,
+    inference_voxels,
+    plan_runs,
+    read_planned,
+    resolve_for_dataset,
+)
+from nnunet_dp.nnunet.experiment_grid import run_all
 from nnunet_dp.nnunet.experiment_plan import (
     BUDGETS,
     REFINEMENTS,
     RULES,
     BudgetSpec,
     ExperimentError,
-    budget_record,
-    dp_settings,
     link_test_cases,
     mirror_preprocessed,
     resolve_budget,
@@ -39,7 +60,7 @@ from nnunet_dp.nnunet.experiment_plan import (
     split_cases,
 )
 from nnunet_dp.nnunet.experiment_report import write_report
-from nnunet_dp.nnunet.experiment_run import RESULT_JSON, Context, check_settings, execute, record_or_check
+from nnunet_dp.nnunet.experiment_run import Context, record_or_check, settings_problem
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", default=None, help="output folder. Default: ./dp_experiment_<dataset>_<c>_<budget>")
     p.add_argument("-device", default=None, help="cpu or cuda. Default: cuda if available")
     p.add_argument("-np", type=int, default=2, help="processes for DP-Morph and evaluation. Default: 2")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the whole grid against the dataset (plans it if it has no plans, fingerprint and plans "
+                        "only), print and save the resolved budget (OUT/budget.json), then stop before preprocessing "
+                        "and training")
     return p
 
 
@@ -101,27 +126,40 @@ def _dataset(name_or_id: str) -> tuple[str, str]:
     return name, raw
 
 
-def ensure_preprocessed(name: str, configuration: str, env: dict[str, str], log: str) -> str:
-    """The dataset's preprocessed folder; plans and/or preprocesses CONFIG with nnU-Net's commands if missing."""
-    folder = join(env["nnUNet_preprocessed"], name)
-    plans_file = join(folder, "nnUNetPlans.json")
-    dataset_id = name[len("Dataset"):len("Dataset") + 3]
-    if not isfile(plans_file):
-        cmd = ["nnUNetv2_plan_and_preprocess", "-d", dataset_id, "-c", configuration, "-np", "2"]
-    else:
-        with open(plans_file) as f:
-            configs = json.load(f)["configurations"]
-        if configuration not in configs:
-            raise ExperimentError("-c", configuration, f"a configuration of {plans_file}: {sorted(configs)}")
-        data_id = configs[configuration].get("data_identifier", f"nnUNetPlans_{configuration}")
-        if isdir(join(folder, data_id)) and os.listdir(join(folder, data_id)):
-            return folder
-        cmd = ["nnUNetv2_preprocess", "-d", dataset_id, "-c", configuration, "-np", "2"]
-    print(f"Preprocessing: {' '.join(cmd)} (log: {log})", flush=True)
+def _dataset_id(name: str) -> str:
+    return name[len("Dataset"):len("Dataset") + 3]
+
+
+def _nnunet(cmd: list[str], env: dict[str, str], log: str, what: str) -> None:
     from nnunet_dp.nnunet.demo import planning_env
     from nnunet_dp.nnunet.experiment_run import run_command
 
+    print(f"{what}: {' '.join(cmd)} (log: {log})", flush=True)
     run_command(cmd, planning_env(env), log)
+
+
+def ensure_plans(name: str, configuration: str, env: dict[str, str], log: str) -> str:
+    """The dataset's nnUNetPlans.json; fingerprint and plans with nnU-Net's command (no preprocessing) if missing."""
+    plans_file = join(env["nnUNet_preprocessed"], name, "nnUNetPlans.json")
+    if not isfile(plans_file):
+        _nnunet(["nnUNetv2_plan_and_preprocess", "-d", _dataset_id(name), "-c", configuration, "--no_pp", "-npfp",
+                 "2"], env, log, "Planning")
+    return plans_file
+
+
+def ensure_preprocessed(name: str, configuration: str, env: dict[str, str], log: str) -> str:
+    """The dataset's preprocessed folder; preprocesses CONFIG with nnU-Net's command if its data are missing (plans
+    first if they are missing too)."""
+    folder = join(env["nnUNet_preprocessed"], name)
+    with open(ensure_plans(name, configuration, env, log)) as f:
+        configs = json.load(f)["configurations"]
+    if configuration not in configs:
+        raise ExperimentError("-c", configuration, f"a configuration of {join(folder, 'nnUNetPlans.json')}: "
+                              f"{sorted(configs)}")
+    data_id = configs[configuration].get("data_identifier", f"nnUNetPlans_{configuration}")
+    if not (isdir(join(folder, data_id)) and os.listdir(join(folder, data_id))):
+        _nnunet(["nnUNetv2_preprocess", "-d", _dataset_id(name), "-c", configuration, "-np", "2"], env, log,
+                "Preprocessing")
     return folder
 
 
@@ -133,33 +171,88 @@ def _environment() -> dict[str, str]:
     env["nnUNet_extTrainer"] = os.pathsep.join(
         p for p in [trainer_folder(), join(here, "experiment_trainers"), env.get("nnUNet_extTrainer")] if p)
     env.setdefault("nnUNet_compile", "f")
+    env.setdefault("PYTHONUNBUFFERED", "1")  # the training log arrives as it is written (the ETA reads it)
     return env
 
 
-def prepare(args: argparse.Namespace, out: str, env: dict[str, str], budget_name: str,
-            budget: BudgetSpec) -> tuple[Context, dict]:
-    """Dataset, preprocessing, split (reused if recorded), the mirrored preprocessed folder and the test links."""
+@dataclass(frozen=True)
+class Experiment:
+    """The grid as checked: dataset, split, the plans' configuration, the resolved budget and every run's plan."""
+
+    dataset: str
+    raw: str
+    file_ending: str
+    split: dict[str, list[str]]
+    split_record: dict[str, Any]
+    planned: PlannedConfig
+    budget: ResolvedBudget
+    runs: list[RunPlan]
+    summary: dict[str, Any]
+
+
+def plan_experiment(args: argparse.Namespace, out: str, env: dict[str, str], specs: list, budget_name: str,
+                    budget: BudgetSpec) -> Experiment:
+    """Everything that can stop the grid, checked before preprocessing and training, all problems at once: the split,
+    the configuration, every run's DP settings through the trainer's own checks on fold 0's N, earlier run folders.
+    Plans the dataset (fingerprint and plans only) if it has no plans. Prints and writes OUT/budget.json."""
     name, raw = _dataset(str(args.d))
     with open(join(raw, "dataset.json")) as f:
         file_ending = json.load(f)["file_ending"]
     cases = [f[:-len(file_ending)] for f in os.listdir(join(raw, "labelsTr")) if f.endswith(file_ending)]
-    split = split_cases(cases, test_fraction=args.test_fraction, seed=args.seed)  # before minutes of preprocessing
-    source = ensure_preprocessed(name, args.c, env, join(out, "preprocess_log.txt"))
-    record = {"seed": args.seed, "test_fraction": args.test_fraction, "val_fraction_of_rest": 0.2, **split}
-    record_or_check(join(out, "split.json"), record,
+    problems, split = [], None
+    try:
+        split = split_cases(cases, test_fraction=args.test_fraction, seed=args.seed)
+    except ExperimentError as error:
+        problems.append(f"{error} A test, a validation and a training case at least: use a dataset with more cases.")
+    record = {"seed": args.seed, "test_fraction": args.test_fraction, "val_fraction_of_rest": 0.2, **(split or {})}
+    if split and isfile(join(out, "split.json")):
+        with open(join(out, "split.json")) as f:
+            if json.load(f) != record:
+                problems.append(str(ExperimentError("-o", out, "a folder made with the same dataset, --seed and "
+                                                    "--test-fraction", "Use a new output folder.")))
+    if budget.features_per_stage is not None and args.c != "2d":
+        problems.append(str(ExperimentError("-c", args.c, f"2d with --budget {args.budget} (its network is a narrowed "
+                                            "2d one)", "Use --budget small or full for other configurations.")))
+    if split is None:
+        raise GridError(problems)
+    try:
+        planned = read_planned(ensure_plans(name, args.c, env, join(out, "preprocess_log.txt")), args.c)
+    except ExperimentError as error:
+        raise GridError([*problems, str(error)]) from error
+    fold = Fold(len(split["train"]), len(split["val"]), len(split["test"]))
+    resolved = resolve_for_dataset(budget_name, budget, planned, fold)
+    runs, run_problems = plan_runs(specs, resolved, args.seed if args.reproducible else None, args.budget)
+    problems += run_problems
+    problems += [str(p) for r in runs if (p := settings_problem(join(out, "runs", r.spec.name), r.settings))]
+    if problems:
+        raise GridError(problems)
+    summary = budget_summary(resolved, runs, name, args.c)
+    with open(join(out, "budget.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    print(format_budget(summary) + f"\n  (saved: {join(out, 'budget.json')})", flush=True)
+    return Experiment(name, raw, file_ending, split, record, planned, resolved, runs, summary)
+
+
+def prepare(args: argparse.Namespace, out: str, env: dict[str, str], exp: Experiment) -> tuple[Context, dict]:
+    """Preprocessing (if missing), the split record, the mirrored preprocessed folder and the test links."""
+    source = ensure_preprocessed(exp.dataset, args.c, env, join(out, "preprocess_log.txt"))
+    record_or_check(join(out, "split.json"), exp.split_record,
                     ExperimentError("-o", out, "a folder made with the same dataset, --seed and --test-fraction",
                                     "Use a new output folder."))
     preprocessed = join(out, "nnUNet_preprocessed")
-    mirror_preprocessed(source, join(preprocessed, name), split, budget.features_per_stage, args.c)
-    link_test_cases(raw, split["test"], file_ending, join(out, "test_data", "imagesTs"),
+    budget = exp.budget
+    patch = budget.patch_size if budget.patch_size != budget.planned_patch_size else None
+    mirror_preprocessed(source, join(preprocessed, exp.dataset), exp.split, budget.spec.features_per_stage, args.c,
+                        patch)
+    link_test_cases(exp.raw, exp.split["test"], exp.file_ending, join(out, "test_data", "imagesTs"),
                     join(out, "test_data", "labelsTs"))
     device = args.device or _default_device()
-    ctx = Context(name, args.c, out, preprocessed, join(out, "test_data", "imagesTs"),
+    ctx = Context(exp.dataset, args.c, out, preprocessed, join(out, "test_data", "imagesTs"),
                   join(out, "test_data", "labelsTs"), device, args.np, env, tuple(dict.fromkeys(args.refine)))
-    header = {"dataset": name, "configuration": args.c, "budget": budget_record(budget_name, budget), "seed": args.seed,
+    header = {"dataset": exp.dataset, "configuration": args.c, "budget": exp.summary, "seed": args.seed,
               "reproducible": args.reproducible, "lrs": list(args.lrs),
-              "split": {"num_test": len(split["test"]), "num_train": len(split["train"]), "num_val": len(split["val"])},
-              "device": device}
+              "split": {"num_test": len(exp.split["test"]), "num_train": len(exp.split["train"]),
+                        "num_val": len(exp.split["val"])}, "device": device}
     return ctx, header
 
 
@@ -175,43 +268,28 @@ def main(argv: Sequence[str] | None = None) -> None:
         _check(args)
         specs = run_grid(args.rules, args.epsilons, args.lrs)
         budget_name, budget = resolve_budget(args.budget)  # before preprocessing: a bad file fails at once
-        out = os.path.abspath(args.o or f"dp_experiment_{args.d}_{args.c}_{args.budget}")
+        out = os.path.abspath(args.o or f"dp_experiment_{args.d}_{args.c}_{budget_name}")
         if os.path.exists(out) and not isdir(out):
             raise ExperimentError("-o", out, "a folder (new or from an earlier invocation); it is a file")
         os.makedirs(out, exist_ok=True)
-        ctx, header = prepare(args, out, _environment(), budget_name, budget)
+        env = _environment()
+        exp = plan_experiment(args, out, env, specs, budget_name, budget)
+        if args.dry_run:
+            print("--dry-run: the grid passed every check; nothing was preprocessed or trained.")
+            return
+        ctx, header = prepare(args, out, env, exp)
         header["command"] = "nnUNetv2_dp_experiment " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-        results = run_all(ctx, specs, budget, args.seed if args.reproducible else None)
+        results, failed = run_all(ctx, exp.runs, exp.budget.spec, inference_voxels(
+            exp.planned, exp.budget.patch_size, exp.budget.fold.num_val + exp.budget.fold.num_test),
+            exp.summary["voxels_per_step"])
         path = write_report(out, header, results)
     except (DPError, RuntimeError, subprocess.SubprocessError) as error:
         sys.exit(f"ERROR: {error}")
     print(f"\nResults: {path}")
-
-
-def run_all(ctx: Context, specs: list, budget: BudgetSpec, dp_seed: int | None) -> list[dict]:
-    """Every run in order (finished ones read back). dp_seed: None = private randomness; an int only under
-    --reproducible."""
-    settings = {spec.name: dp_settings(spec, budget, dp_seed) for spec in specs}
-    for spec in specs:  # all before the first training; finished runs too: they are reported under these options
-        check_settings(join(ctx.out, "runs", spec.name), settings[spec.name])
-    t0, results = time.time(), []
-    for i, spec in enumerate(specs, 1):
-        run_dir = join(ctx.out, "runs", spec.name)
-        done = join(run_dir, RESULT_JSON)
-        elapsed = f"{(time.time() - t0) / 60:.1f} min elapsed"
-        if isfile(done):
-            print(f"[{i}/{len(specs)}] {spec.name}: finished earlier, skipped ({done})", flush=True)
-            with open(done) as f:
-                results.append(json.load(f))
-            continue
-        print(f"[{i}/{len(specs)}] {spec.name}: {spec.trainer}, training + test predictions ({elapsed}; "
-              f"log: {join(run_dir, 'log.txt')})", flush=True)
-        result = execute(ctx, run_dir, spec, settings[spec.name])
-        mean = {k: round(v["dice_mean"], 4) for k, v in result["scores"].items()}
-        print(f"[{i}/{len(specs)}] {spec.name}: done in {result['seconds'] / 60:.1f} min; mean test Dice {mean}",
-              flush=True)
-        results.append(result)
-    return results
+    if failed:
+        sys.exit(f"ERROR: {len(failed)} of {len(results)} runs failed ({', '.join(failed)}); results.md and results.csv "
+                 "mark them and give each reason. Run the same command again to retry them (finished runs are "
+                 "skipped).")
 
 
 if __name__ == "__main__":

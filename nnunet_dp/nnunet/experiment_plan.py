@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -37,7 +37,11 @@ NONPRIVATE_LR = 0.01
 
 @dataclass(frozen=True)
 class BudgetSpec:
-    """The same budget for every run: epochs x iterations steps, batch (expected batch under DP)."""
+    """The same budget for every run: epochs x iterations steps, batch (expected batch under DP).
+
+    The optional fields adapt it to the dataset (nnunet_dp.nnunet.experiment_budget; None: no adaptation):
+    voxels_per_step caps the batch at voxels_per_step // patch voxels; max_patch_voxels shrinks a larger planned patch;
+    max_sampling_rate caps the batch at floor(max_sampling_rate * N training cases)."""
 
     num_epochs: int
     num_iterations_per_epoch: int
@@ -46,15 +50,35 @@ class BudgetSpec:
     save_every: int
     features_per_stage: tuple[int, ...] | None  # None: the plans' network; else a smaller one (CPU)
     nonprivate_lr: float = NONPRIVATE_LR
+    voxels_per_step: int | None = None
+    max_patch_voxels: int | None = None
+    max_sampling_rate: float | None = None
 
+
+# Expected batch at most a quarter of the training cases (q <= 0.25). At a fixed number of steps the noise per
+# coordinate of the averaged update, sigma*C/(qN), hardly falls beyond q = 0.25 while the compute per step grows with q:
+# RDP, delta 1e-5, 400 steps, N = 26: 0.510 at q = 0.25 against 0.491 at q = 1 (eps 8), 3.149 against 3.125 (eps 1);
+# at q = 0.05 it is 0.741 (eps 8). Poisson subsampling also keeps its amplification only for q well below 1.
+MAX_SAMPLING_RATE = 0.25
+# tiny: the work per step of the published Dataset902 2d runs (batch 32 of its 56x40 patch), and a 2d patch of at most
+# 64x64, so a step costs about the same on any 2d dataset (2 CPU cores: minutes per run).
+TINY_VOXELS_PER_STEP = 32 * 56 * 40
+TINY_MAX_PATCH_VOXELS = 64 * 64
+# small, full (one GPU, the plans' network and patch): 64 patches of 256x256 per step. nnU-Net's own 2d step on 256x256
+# at batch 49 peaked at 5.0 GB and the DP step at 6.0 GB (docs/performance.md, H100), so ~8 GB at 64 and ~12 GB for a
+# Poisson batch 1.5x its mean. Not the plans' batch: nnU-Net caps that at 5% of the dataset's voxels (5 on 100 cases).
+GPU_VOXELS_PER_STEP = 64 * 256 * 256
 
 BUDGETS: dict[Budget, BudgetSpec] = {
     # 2 CPU cores: the full default grid (9 trainings) on Dataset902 2d in < 90 min, predictions included.
-    "tiny": BudgetSpec(16, 25, 2, 32, 4, (8, 16, 32, 64), nonprivate_lr=0.1),
-    # one GPU: ~10-20 min per run
-    "small": BudgetSpec(50, 100, 10, 64, 10, None),
+    "tiny": BudgetSpec(16, 25, 2, 32, 4, (8, 16, 32, 64), nonprivate_lr=0.1, voxels_per_step=TINY_VOXELS_PER_STEP,
+                       max_patch_voxels=TINY_MAX_PATCH_VOXELS, max_sampling_rate=MAX_SAMPLING_RATE),
+    # one GPU: ~10-20 min per run (5000 DP steps of 64 x 256x256 at ~0.15 s on an H100)
+    "small": BudgetSpec(50, 100, 10, 64, 10, None, voxels_per_step=GPU_VOXELS_PER_STEP,
+                        max_sampling_rate=MAX_SAMPLING_RATE),
     # one GPU: nnU-Net's 250 iterations per epoch, 100 epochs
-    "full": BudgetSpec(100, 250, 50, 128, 10, None),
+    "full": BudgetSpec(100, 250, 50, 128, 10, None, voxels_per_step=GPU_VOXELS_PER_STEP,
+                       max_sampling_rate=MAX_SAMPLING_RATE),
 }
 
 
@@ -163,10 +187,10 @@ def _link(src: str, dst: str) -> None:
 
 
 def mirror_preprocessed(source: str, target: str, split: dict[str, list[str]], features: tuple[int, ...] | None,
-                        configuration: str) -> None:
+                        configuration: str, patch_size: Sequence[int] | None = None) -> None:
     """`target` = the preprocessed dataset folder `source` via symlinks, with its own splits_final.json (fold 0 =
-    the experiment's train/val; the test cases are in neither) and its own nnUNetPlans.json. Nothing in `source` is
-    written."""
+    the experiment's train/val; the test cases are in neither) and its own nnUNetPlans.json (the network narrowed to
+    `features`, the patch set to `patch_size` if given). Nothing in `source` is written."""
     os.makedirs(target, exist_ok=True)
     for name in os.listdir(source):
         if name not in ("splits_final.json", "nnUNetPlans.json"):
@@ -175,6 +199,8 @@ def mirror_preprocessed(source: str, target: str, split: dict[str, list[str]], f
         json.dump([{"train": split["train"], "val": split["val"]}], f, indent=1)
     with open(os.path.join(source, "nnUNetPlans.json")) as f:
         plans = json.load(f)
+    if patch_size is not None:
+        plans["configurations"][configuration]["patch_size"] = [int(p) for p in patch_size]
     with open(os.path.join(target, "nnUNetPlans.json"), "w") as f:
         json.dump(plans, f, indent=2)
     if features is not None:
@@ -238,14 +264,14 @@ def check_budget(spec: BudgetSpec, source: str) -> None:
     lr = spec.nonprivate_lr
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (np.isfinite(lr) and lr > 0):
         raise bad("nonprivate_lr", "a finite number > 0")
+    for key in ("voxels_per_step", "max_patch_voxels"):
+        if getattr(spec, key) is not None and (not integer(getattr(spec, key)) or getattr(spec, key) < 1):
+            raise bad(key, "null or an integer >= 1")
+    rate = spec.max_sampling_rate
+    if rate is not None and (isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 < rate <= 1):
+        raise bad("max_sampling_rate", "null or a number in (0, 1]")
     features = spec.features_per_stage
     # nnU-Net's deep-supervision weights drop the lowest output: with fewer than 3 stages they are 0/0, the loss NaN
     if features is not None and (len(features) < 3 or not all(integer(f) and f >= 1 for f in features)):
         raise bad("features_per_stage", "null or a list of at least 3 integers >= 1 (with fewer stages nnU-Net's "
                   "deep-supervision loss weights are 0/0 and every loss is NaN)")
-
-
-def budget_record(name: str, spec: BudgetSpec) -> dict[str, Any]:
-    fields = asdict(spec)
-    return {"name": name, **fields, "steps": spec.num_epochs * spec.num_iterations_per_epoch,
-            "learning_rates": {"nonprivate": spec.nonprivate_lr, "dp": "default rule (nnunet_dp.optim.default_lr)"}}

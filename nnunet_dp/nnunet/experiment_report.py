@@ -53,9 +53,12 @@ def rows(results: list[dict[str, Any]], budget_steps: int, reproducible: bool = 
     """One row per run (rule, ε, lr) and refinement; ratio = mean Dice / the non-private run's mean Dice with the
     same refinement. private_randomness: PRIVATE, or SEEDED under --reproducible ('n/a' for the non-private run).
     lr_choice: see mark_lr_choice."""
-    base = next((r for r in results if r["rule"] == "nonprivate"), None)
+    base = next((r for r in results if r["rule"] == "nonprivate" and not failed(r)), None)
     out = []
     for r in results:
+        if failed(r):
+            out.append(failed_row(r, budget_steps))
+            continue
         lr, default_rule = lr_used(r), r["rule"] != "nonprivate" and r.get("initial_lr") is None
         for refine, s in r["scores"].items():
             ref = base["scores"].get(refine) if base else None
@@ -69,9 +72,27 @@ def rows(results: list[dict[str, Any]], budget_steps: int, reproducible: bool = 
                    "refinement": refine, **{f"dice_{k}": v for k, v in s["dice"].items()},
                    "dice_mean": s["dice_mean"], "ratio_to_nonprivate": ratio, "validation_dice": val,
                    "train_minutes": r["train_seconds"] / 60, "run_minutes": r["seconds"] / 60,
-                   "private_randomness": "n/a" if r["rule"] == "nonprivate" else SEEDED if reproducible else PRIVATE}
+                   "private_randomness": "n/a" if r["rule"] == "nonprivate" else SEEDED if reproducible else PRIVATE,
+                   "status": "ok"}
             out.append(row)
     return mark_lr_choice(out)
+
+
+def failed(result: dict[str, Any]) -> bool:
+    return result.get("status") == "failed"
+
+
+def failed_row(r: dict[str, Any], budget_steps: int) -> dict[str, Any]:
+    """The row of a failed run: no scores (its Dice cells read FAILED in results.md), the reason in `status`."""
+    return {"run": r["run"], "rule": r["rule"], "target_epsilon": r["target_epsilon"], "epsilon": None, "sigma": None,
+            "steps": budget_steps, "lr": "–", "lr_value": r.get("initial_lr"), "lr_source": "budget" if r["rule"] ==
+            "nonprivate" else DEFAULT if r.get("initial_lr") is None else "--lrs", "refinement": "–",
+            "dice_mean": None, "ratio_to_nonprivate": None, "validation_dice": None, "train_minutes": None,
+            "run_minutes": r["seconds"] / 60, "private_randomness": "n/a", "status": f"FAILED: {_one_line(r['error'])}"}
+
+
+def _one_line(text: str) -> str:
+    return " / ".join(line.strip() for line in str(text).splitlines() if line.strip())
 
 
 def mark_lr_choice(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -99,7 +120,8 @@ def headline_table(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per ε and DP rule, without refinement: test Dice with the default lr and with the lr chosen on validation,
     each with its ratio to the non-private run."""
     out = []
-    dp = [row for row in table if row["rule"] != "nonprivate" and row["refinement"] == "none"]
+    dp = [row for row in table if row["rule"] != "nonprivate" and row["refinement"] == "none"
+          and row["dice_mean"] is not None]
     for eps in sorted({row["target_epsilon"] for row in dp}):
         for rule in dict.fromkeys(row["rule"] for row in dp):
             group = [row for row in dp if row["rule"] == rule and row["target_epsilon"] == eps]
@@ -133,15 +155,21 @@ def write_csv(table: list[dict[str, Any]], path: str) -> None:
 
 
 def markdown_table(table: list[dict[str, Any]], keys: list[str]) -> str:
+    """A markdown table; a failed run's Dice cells read FAILED."""
+    def cell(row: dict[str, Any], k: str) -> str:
+        if str(row.get("status", "")).startswith("FAILED") and (k.startswith("dice") or k == "ratio_to_nonprivate"):
+            return "FAILED"
+        return _fmt(row.get(k)).replace("|", "/")
+
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(_fmt(row.get(k)) for k in keys) + " |" for row in table]
+    lines += ["| " + " | ".join(cell(row, k) for k in keys) + " |" for row in table]
     return "\n".join(lines)
 
 
 def gain_table(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per run: mean test Dice without refinement, with global and adaptive DP-Morph, and the gains."""
     out = []
-    for r in results:
+    for r in (r for r in results if not failed(r)):
         s = {k: v["dice_mean"] for k, v in r["scores"].items()}
         row = {"run": r["run"], **{f"dice_{k}": v for k, v in s.items()}}
         if "global" in s:
@@ -162,6 +190,9 @@ def plot_dice_vs_epsilon(table: list[dict[str, Any]], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    table = [row for row in table if row["dice_mean"] is not None]
+    if not table:
+        return
     refinements = list(dict.fromkeys(row["refinement"] for row in table))
     fig, axes = plt.subplots(1, len(refinements), figsize=(3.6 * len(refinements), 3.2), sharey=True, squeeze=False)
     for ax, refine in zip(axes[0], refinements):
@@ -195,7 +226,7 @@ def plot_dice_vs_epsilon(table: list[dict[str, Any]], path: str) -> None:
 
 def plot_adaptive_gain(results: list[dict[str, Any]], path: str) -> bool:
     """Per-class Dice gain of adaptive over global DP-Morph on test, per run. False if either was not scored."""
-    runs = [r for r in results if {"global", "adaptive"} <= set(r["scores"])]
+    runs = [r for r in results if {"global", "adaptive"} <= set(r.get("scores", {}))]
     if not runs:
         return False
     import matplotlib
@@ -235,26 +266,46 @@ def lr_lines(table: list[dict[str, Any]]) -> list[str]:
             markdown_table(headline, list(headline[0])), "", intro, "", note, ""]
 
 
+def budget_detail(budget: dict[str, Any]) -> str:
+    """', patch 64x64 (planned 256x256), network 8-16-32-64 (budget.json)' when the header has the resolved budget."""
+    if "patch_size" not in budget:
+        return ""
+    patch, planned = ("x".join(map(str, budget[k])) for k in ("patch_size", "planned_patch_size"))
+    return (f", patch {patch}" + (f" (planned {planned})" if patch != planned else "") +
+            f", network {'-'.join(map(str, budget['features_per_stage']))} (resolved for this dataset: budget.json)")
+
+
+def failure_lines(failures: list[dict[str, Any]]) -> list[str]:
+    """A section naming each failed run, its last error and its log (nothing when every run finished)."""
+    if not failures:
+        return []
+    lines = [f"## Failed runs ({len(failures)})", "",
+             "Their cells below read FAILED; rerun the same command to retry them (finished runs are skipped).", ""]
+    lines += [f"- **{r['run']}**: `{_one_line(r['error'])}` (log: `{r.get('log', '')}`)" for r in failures]
+    return [*lines, ""]
+
+
 def write_report(out: str, header: dict[str, Any], results: list[dict[str, Any]]) -> str:
     """results.csv, results.md and the plots in `out`; returns the path of results.md."""
     table = rows(results, header["budget"]["steps"], bool(header.get("reproducible")))
     write_csv(table, join(out, "results.csv"))
     plot_dice_vs_epsilon(table, join(out, "dice_vs_epsilon.png"))
     has_gain = plot_adaptive_gain(results, join(out, "adaptive_gain_per_class.png"))
-    dice_keys = [k for k in table[0] if k.startswith("dice_")]
+    dice_keys = [k for k in dict.fromkeys(k for row in table for k in row) if k.startswith("dice_")]
     sweep = [k for k in ("validation_dice", "lr_choice") if any(row["lr_choice"] for row in table)]
+    failures = [r for r in results if failed(r)]
     keys = ["run", "refinement", "epsilon", "sigma", "steps", "lr", *dice_keys, "ratio_to_nonprivate", *sweep,
-            "train_minutes", "run_minutes"]
-    gains = gain_table(results)
+            "train_minutes", "run_minutes", *(["status"] if failures else [])]
+    gains = gain_table(results) or [{"run": "–"}]
     lines = [(f"# {header['dataset']} {header['configuration']}: rules × ε × lr × refinement "
               f"({header['budget']['name']} budget)"), "",
              (f"Test: {header['split']['num_test']} held-out cases (split seed {header['seed']}), never used for "
              f"training, validation, the DP-Morph choice or the lr choice. Training: {header['split']['num_train']} "
              f"cases, validation (fold 0, DP-Morph and lr chosen here): {header['split']['num_val']}. Budget: "
-             f"{header['budget']['steps']} steps, batch (expected batch under DP) {header['budget']['batch_size']}. "
-             "Dice: nnU-Net's compute_metrics_on_folder on the test cases. Ratio: mean Dice / the non-private run's "
+             f"{header['budget']['steps']} steps, batch (expected batch under DP) {header['budget']['batch_size']}"
+             f"{budget_detail(header['budget'])}. Dice: nnU-Net's compute_metrics_on_folder on the test cases. Ratio: mean Dice / the non-private run's "
              "with the same refinement."), "",
-             randomness_line(header), "", *lr_lines(table), "## All runs", "",
+             randomness_line(header), "", *failure_lines(failures), *lr_lines(table), "## All runs", "",
              markdown_table(table, keys), "", "## DP-Morph gains (mean test Dice)", "",
              markdown_table(gains, list(dict.fromkeys(k for g in gains for k in g))), "",
              "![Dice vs ε](dice_vs_epsilon.png)", ""]

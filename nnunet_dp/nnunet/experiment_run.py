@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from os.path import isdir, isfile, join
 from typing import Any
 
 from nnunet_dp.nnunet.demo import console_script
 from nnunet_dp.nnunet.experiment_plan import ExperimentError, RunSpec
+from nnunet_dp.nnunet.experiment_progress import last_error
 
 RESULT_JSON = "result.json"
 SETTINGS_JSON = "settings.json"  # the nnUNet_dp_config (or baseline budget) file of a run: never a seed by default
@@ -40,16 +43,63 @@ class Context:
         return join(self.preprocessed, self.dataset, "gt_segmentations")
 
 
-def run_command(cmd: list[str], env: dict[str, str], log: str) -> None:
-    """Run an nnU-Net command, appending its output to `log`; on failure stop with the command and the log's tail."""
+class CommandError(RuntimeError):
+    """An nnU-Net command failed: `reason` is the last exception of its output (experiment_progress.last_error)."""
+
+    def __init__(self, cmd: list[str], returncode: int, log: str, reason: str) -> None:
+        self.cmd, self.returncode, self.log, self.reason = cmd, returncode, log, reason
+        super().__init__(f"{cmd[0]} failed (exit code {returncode}): {reason}\n(command: {' '.join(cmd)}; "
+                         f"full output: {log})")
+
+    def __reduce__(self) -> tuple:
+        return type(self), (self.cmd, self.returncode, self.log, self.reason)
+
+
+def _follow(proc: subprocess.Popen, log: str, offset: int, watch: Callable[[str], None] | None,
+            poll_seconds: float) -> None:
+    """Wait for `proc`, passing the text it appends to `log` (from `offset`) to `watch` every poll_seconds."""
+    while True:
+        try:
+            proc.wait(timeout=poll_seconds)
+            done = True
+        except subprocess.TimeoutExpired:
+            done = False
+        if watch is not None:
+            with open(log, "rb") as r:
+                r.seek(offset)
+                new = r.read()
+            offset += len(new)
+            if new:
+                watch(new.decode("utf-8", errors="replace"))
+        if done:
+            return
+
+
+def run_command(cmd: list[str], env: dict[str, str], log: str, watch: Callable[[str], None] | None = None,
+                poll_seconds: float = 1.0) -> None:
+    """Run an nnU-Net command, appending its output to `log` (and passing the new text to `watch` as it comes); on
+    failure raise CommandError with the last exception of its output."""
     with open(log, "a") as f:
         f.write(f"\n$ {' '.join(cmd)}\n")
         f.flush()
-        proc = subprocess.run([console_script(cmd[0]), *cmd[1:]], check=False, env=env, stdout=f, stderr=subprocess.STDOUT)
+        start = f.tell()
+        proc = subprocess.Popen([console_script(cmd[0]), *cmd[1:]], env=env, stdout=f, stderr=subprocess.STDOUT)
+        try:
+            _follow(proc, log, start, watch, poll_seconds)
+        except BaseException:  # Ctrl-C or a failing watcher: never leave the command running (as subprocess.run)
+            proc.kill()
+            proc.wait()
+            raise
     if proc.returncode != 0:
-        with open(log) as f:
-            tail = f.read()[-3000:]
-        raise RuntimeError(f"Command failed ({proc.returncode}): {' '.join(cmd)}\n--- end of {log} ---\n{tail}")
+        with open(log, "rb") as r:
+            r.seek(start)
+            output = r.read().decode("utf-8", errors="replace")
+        reason = last_error(output)
+        if proc.returncode < 0:  # no traceback: the process was killed (the kernel's OOM killer sends SIGKILL)
+            name = signal.Signals(-proc.returncode).name if -proc.returncode in signal.valid_signals() else "?"
+            reason = (f"killed by signal {-proc.returncode} ({name}; SIGKILL often means out of memory). Its last "
+                      f"output:\n{reason}")
+        raise CommandError(cmd, proc.returncode, log, reason)
 
 
 def model_folder(ctx: Context, run_dir: str, spec: RunSpec) -> str:
@@ -64,7 +114,7 @@ def run_env(ctx: Context, run_dir: str, spec: RunSpec) -> dict[str, str]:
     return env
 
 
-def train(ctx: Context, run_dir: str, spec: RunSpec) -> float:
+def train(ctx: Context, run_dir: str, spec: RunSpec, watch: Callable[[str], None] | None = None) -> float:
     """nnUNetv2_train fold 0 (with --c if a checkpoint exists, --val if only validation is missing). Seconds spent."""
     fold = join(model_folder(ctx, run_dir, spec), "fold_0")
     if isfile(join(fold, "validation", "summary.json")):
@@ -76,7 +126,7 @@ def train(ctx: Context, run_dir: str, spec: RunSpec) -> float:
         cmd.append("--c")
     t0 = time.time()
     try:
-        run_command(cmd, run_env(ctx, run_dir, spec), join(run_dir, "log.txt"))
+        run_command(cmd, run_env(ctx, run_dir, spec), join(run_dir, "log.txt"), watch)
     finally:  # wall time summed over interrupted and resumed attempts
         _add_train_seconds(run_dir, time.time() - t0)
     return _add_train_seconds(run_dir, 0.0)
@@ -173,34 +223,52 @@ def record_or_check(path: str, record: dict[str, Any], mismatch: ExperimentError
         json.dump(record, f, indent=2)
 
 
-def check_settings(run_dir: str, settings: dict[str, Any]) -> None:
-    """Record the run's settings in run_dir/settings.json, or stop if an earlier invocation used others (also for a
-    finished run, whose results would otherwise be reported under this invocation's options)."""
+def settings_problem(run_dir: str, settings: dict[str, Any]) -> ExperimentError | None:
+    """None if run_dir has no settings.json or the same settings; else the error naming what differs (an earlier
+    invocation used other options: its run, finished or not, must not be reported under this invocation's). Reads
+    only."""
     path = join(run_dir, SETTINGS_JSON)
-    fix = "Another budget or --seed was used in this folder: use the same options to resume it, or another -o."
-    if isfile(path):
-        with open(path) as f:
-            old = json.load(f)
-        seeded = "seed" in old
-        if old.get("initial_lr") != settings.get("initial_lr"):
-            fix = (f"This run was trained with initial_lr {old.get('initial_lr')!r}, this invocation asks for "
-                   f"{settings.get('initial_lr')!r} (None: the DP default learning-rate rule; nnUNetv2_dp_experiment "
-                   "before that rule fixed 0.1 for every DP run): use another -o (--lrs LR adds runs with a fixed lr).")
-        if seeded != ("seed" in settings):
-            fix = ("This run's DP noise and sampling were seeded (--reproducible, or an nnUNetv2_dp_experiment older "
-                   "than --reproducible): add --reproducible and the same --seed to resume or report it as "
-                   "reproducible, not private; or use another -o for private runs." if seeded else
-                   "This run drew fresh OS entropy (private randomness) and --reproducible cannot be added to it "
-                   "afterwards: drop --reproducible, or use another -o.")
+    if not isfile(path):
+        return None
+    with open(path) as f:
+        old = json.load(f)
+    if old == settings:
+        return None
+    fix = ("Another budget or --seed was used in this folder: use the same options to resume it, or another -o. (The "
+           "named budgets adapt the batch to the dataset: an older nnUNetv2_dp_experiment may have used another.)")
+    differs = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+    fix += f" Differing settings: {', '.join(f'{k} {old.get(k)!r} -> {settings.get(k)!r}' for k in differs)}."
+    seeded = "seed" in old
+    if old.get("initial_lr") != settings.get("initial_lr"):
+        fix = (f"This run was trained with initial_lr {old.get('initial_lr')!r}, this invocation asks for "
+               f"{settings.get('initial_lr')!r} (None: the DP default learning-rate rule; nnUNetv2_dp_experiment "
+               "before that rule fixed 0.1 for every DP run): use another -o (--lrs LR adds runs with a fixed lr).")
+    if seeded != ("seed" in settings):
+        fix = ("This run's DP noise and sampling were seeded (--reproducible, or an nnUNetv2_dp_experiment older "
+               "than --reproducible): add --reproducible and the same --seed to resume or report it as "
+               "reproducible, not private; or use another -o for private runs." if seeded else
+               "This run drew fresh OS entropy (private randomness) and --reproducible cannot be added to it "
+               "afterwards: drop --reproducible, or use another -o.")
+    return ExperimentError("-o", run_dir, "a run folder made with the same settings", fix)
+
+
+def check_settings(run_dir: str, settings: dict[str, Any]) -> None:
+    """Record the run's settings in run_dir/settings.json, or stop if an earlier invocation used others."""
+    problem = settings_problem(run_dir, settings)
+    if problem is not None:
+        raise problem
     os.makedirs(run_dir, exist_ok=True)
-    record_or_check(path, settings, ExperimentError("-o", run_dir, "a run folder made with the same settings", fix))
+    with open(join(run_dir, SETTINGS_JSON), "w") as f:
+        json.dump(settings, f, indent=2)
 
 
-def execute(ctx: Context, run_dir: str, spec: RunSpec, settings: dict[str, Any]) -> dict[str, Any]:
-    """The whole run; returns and writes result.json (its presence marks the run finished)."""
+def execute(ctx: Context, run_dir: str, spec: RunSpec, settings: dict[str, Any],
+            watch: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """The whole run; returns and writes result.json (its presence marks the run finished). `watch` receives the
+    training's output as it comes."""
     check_settings(run_dir, settings)
     t0 = time.time()
-    train_seconds = train(ctx, run_dir, spec)
+    train_seconds = train(ctx, run_dir, spec, watch)
     model = model_folder(ctx, run_dir, spec)
     fold = join(model, "fold_0")
     test_none = predict_test(ctx, run_dir, spec)

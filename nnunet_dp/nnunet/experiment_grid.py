@@ -1,0 +1,82 @@
+"""nnUNetv2_dp_experiment, the runs: every run of the checked grid in turn, with progress, ETA and failures that say why.
+
+The DP runs go first (their steps are the slow ones, so the first ETA measures one of them), the non-private baseline
+last; no run depends on another, so a failed run is reported and the others go on. Results come back in grid order.
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from os.path import isfile, join
+from typing import Any
+
+from nnunet_dp.nnunet.experiment_budget import RunPlan
+from nnunet_dp.nnunet.experiment_plan import BudgetSpec
+from nnunet_dp.nnunet.experiment_progress import Progress, minutes
+from nnunet_dp.nnunet.experiment_run import RESULT_JSON, CommandError, Context, check_settings, execute
+
+
+def execution_order(runs: Sequence[RunPlan]) -> list[RunPlan]:
+    """DP runs in grid order, then the non-private baseline."""
+    return [r for r in runs if r.spec.epsilon is not None] + [r for r in runs if r.spec.epsilon is None]
+
+
+def failure_reason(error: Exception) -> str:
+    """What a failed run prints and the report keeps: a command's last exception, or the exception itself."""
+    if isinstance(error, CommandError):
+        return error.reason
+    return f"{type(error).__name__}: {error}".strip()
+
+
+def failed_result(run: RunPlan, reason: str, seconds: float, log: str) -> dict[str, Any]:
+    """The result of a run that failed: no scores, its reason and log; the report marks it."""
+    return {"run": run.spec.name, "rule": run.spec.rule, "target_epsilon": run.spec.epsilon,
+            "trainer": run.spec.trainer, "status": "failed", "error": reason, "log": log, "epsilon": None,
+            "noise_multiplier": None, "steps": None, "initial_lr": run.settings.get("initial_lr"), "scores": {},
+            "train_seconds": 0.0, "seconds": seconds}
+
+
+def run_all(ctx: Context, runs: Sequence[RunPlan], budget: BudgetSpec, predicted_voxels: float,
+            voxels_per_step: float) -> tuple[list[dict[str, Any]], list[str]]:
+    """Every run (finished ones read back), DP runs first. Returns the results in grid order and the failed runs."""
+    for run in runs:  # checked before; written now that the grid starts
+        check_settings(join(ctx.out, "runs", run.spec.name), run.settings)
+    order = execution_order(runs)
+    todo = [r.spec.name for r in order if not isfile(join(ctx.out, "runs", r.spec.name, RESULT_JSON))]
+    progress = Progress(todo, num_epochs=budget.num_epochs, iterations=budget.num_iterations_per_epoch,
+                        val_iterations=budget.num_val_iterations_per_epoch, voxels_per_step=voxels_per_step,
+                        predicted_voxels=predicted_voxels, out=lambda line: print(line, flush=True))
+    results: dict[str, dict[str, Any]] = {}
+    failed: list[str] = []
+    for i, run in enumerate(order, 1):
+        name, run_dir, tag = run.spec.name, join(ctx.out, "runs", run.spec.name), f"[{i}/{len(order)}]"
+        done = join(run_dir, RESULT_JSON)
+        if isfile(done):
+            print(f"{tag} {name}: finished earlier, skipped ({done})", flush=True)
+            with open(done) as f:
+                results[name] = json.load(f)
+            continue
+        print(f"{tag} {name}: {run.spec.trainer}, training + test predictions ({progress.status()}; log: "
+              f"{join(run_dir, 'log.txt')})", flush=True)
+        progress.start_run(name)
+        t0 = time.time()
+        try:
+            result = execute(ctx, run_dir, run.spec, run.settings, watch=progress.on_log)
+        except Exception as error:  # noqa: BLE001 - any failure of one run: report it, go on with the others
+            reason = failure_reason(error)
+            progress.end_run(name, time.time() - t0, failed=True)
+            results[name] = failed_result(run, reason, time.time() - t0, join(run_dir, "log.txt"))
+            failed.append(name)
+            indented = reason.replace("\n", "\n    ")
+            print(f"{tag} {name}: FAILED after {minutes(time.time() - t0)}:\n    {indented}\n    (log: "
+                  f"{join(run_dir, 'log.txt')}; the other runs go on; {progress.status()})", flush=True)
+            continue
+        progress.end_run(name, result["seconds"])
+        results[name] = result
+        mean = {k: round(v["dice_mean"], 4) for k, v in result["scores"].items()}
+        print(f"{tag} {name}: done in {minutes(result['seconds'])}; mean test Dice {mean} ({progress.status()})",
+              flush=True)
+    if todo:
+        print(progress.summary(), flush=True)
+    return [results[r.spec.name] for r in runs], failed
