@@ -25,6 +25,7 @@ from nnunet_dp.advise import (
     training_advice,
 )
 from nnunet_dp.config import DPConfig
+from nnunet_dp.nnunet import advise_cli
 from nnunet_dp.nnunet.advise_cli import training_cases
 from nnunet_dp.optim import default_lr, noise_per_coordinate
 from nnunet_dp.run import DPPlan, make_plan
@@ -212,7 +213,15 @@ def test_cli_table_json_and_parameter_count(root: Path, tmp_path: Path) -> None:
     (["-d", str(DS), "-c", "2d", "-tr", "nnUNetTrainer"], ["-tr nnUNetTrainer", "not a DP trainer"]),
     (["-d", str(DS), "-c", "2d", "--batch-sizes", "0"], ["--batch-sizes", "'0'", "> 0"]),
 ])
-def test_cli_bad_inputs(root: Path, args: list[str], words: list[str]) -> None:
-    proc = advise_cmd(root, *args)
-    assert proc.returncode != 0 and not proc.stdout
-    assert all(w in proc.stderr for w in words), proc.stderr
+def test_cli_bad_inputs(root: Path, args: list[str], words: list[str], monkeypatch: pytest.MonkeyPatch,
+                        capsys: pytest.CaptureFixture[str]) -> None:
+    # in-process (the command reads nnUNet_preprocessed from the environment at call time): a subprocess per case
+    # would cost an nnU-Net import each; the good path above runs as a subprocess, as a user runs it
+    for key, value in nnunet_env(root).items():
+        if key.startswith("nnUNet"):
+            monkeypatch.setenv(key, value)
+    with pytest.raises(SystemExit) as exit_info:
+        advise_cli.main(args)
+    out, err = capsys.readouterr()
+    assert exit_info.value.code != 0 and not out
+    assert all(w in err for w in words), err

@@ -284,9 +284,9 @@ def render(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = build_parser()
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.json and not isdir(os.path.dirname(os.path.abspath(args.json))):
         ap.error(f"--json {args.json}: its folder does not exist; give a path in an existing folder")
     try:
