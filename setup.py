@@ -9,7 +9,8 @@ setup(
     packages=[
         "nnunet_dp",
         "nnunet_dp.nnunet",
-        "nnunet_dp.nnunet.experiment_trainers",
+        "nnunet_dp.nnunet.experiment",
+        "nnunet_dp.nnunet.experiment.trainers",
         "nnunet_dp.postprocessing",
         "nnunet_dp.trainers",
     ],
@@ -40,7 +41,7 @@ setup(
             "nnUNetv2_dp_determine_postprocessing=nnunet_dp.postprocessing.cli:main",
             "nnUNetv2_dp_alignment=nnunet_dp.nnunet.alignment_cli:main",
             "nnUNetv2_dp_benchmark=nnunet_dp.nnunet.benchmark_cli:main",
-            "nnUNetv2_dp_experiment=nnunet_dp.nnunet.experiment:main",
+            "nnUNetv2_dp_experiment=nnunet_dp.nnunet.experiment.cli:main",
             "nnUNetv2_dp_advise=nnunet_dp.nnunet.advise_cli:main",
         ],
     },

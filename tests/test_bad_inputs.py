@@ -570,12 +570,28 @@ EXPERIMENT = [
     pytest.param("out_is_file", [], ["-o", "it is a file"], id="experiment-output-is-a-file"),
     pytest.param("other_seed", [], ["--seed", "same dataset"],
                  id="experiment-folder-of-another-split-seed"),
+    pytest.param("ok", ["--public-fraction", "0.9"], ["--public-fraction = 0.9", "at least 2 private",
+                                                      "Choose F in that range"], id="experiment-public-fraction-leaves-"
+                 "too-few-private-cases"),
+    pytest.param("ok", ["--public-fraction", "0"], ["--public-fraction = 0.0", "strictly between 0 and 1"],
+                 id="experiment-public-fraction-zero"),
+    pytest.param("ok", ["--public-fraction", "0.3", "--pretrained", "x.pth"], ["--pretrained = 'x.pth'",
+                                                                               "--public-fraction", "one of the two"],
+                 id="experiment-pretrained-with-public-fraction"),
+    pytest.param("ok", ["--pretrained", "missing.pth"], ["--pretrained", "missing.pth", "existing nnU-Net checkpoint"],
+                 id="experiment-pretrained-missing-file"),
+    pytest.param("other_network_ckpt", [], ["--pretrained", "a checkpoint of the network the plans build",
+                                            "network 8-16-32", "--budget small or full"],
+                 id="experiment-pretrained-other-network"),
+    pytest.param("ok", ["--seeds", "0"], ["--seeds = 0", "an integer >= 1"], id="experiment-zero-seeds"),
+    pytest.param("ok", ["--trainable", "everything"], ["--trainable = 'everything'", "'norm_bias'"],
+                 id="experiment-unknown-trainable"),
 ]
 
 
 @pytest.mark.parametrize("setup,extra,fragments", EXPERIMENT)
 def test_experiment_bad_input(tiny, env, tmp_path, capsys, setup, extra, fragments):
-    from nnunet_dp.nnunet.experiment import main
+    from nnunet_dp.nnunet.experiment.cli import main
 
     out, budget = tmp_path / "out", tmp_path / "budget.json"
     budget.write_text(json.dumps(setup if isinstance(setup, (dict, list)) else BUDGET))
@@ -596,6 +612,8 @@ def test_experiment_bad_input(tiny, env, tmp_path, capsys, setup, extra, fragmen
     dataset = "984" if setup == "no_cases" else str(DS)
     argv = ["-d", dataset, "-c", "2d", "--rules", "flat", "--epsilons", "8", "--budget", str(budget), "-o", str(out),
             "-device", "cpu", "-np", "1"]
+    if setup == "other_network_ckpt":  # the plans' own network; the budget narrows it to 8-16-32
+        argv += ["--pretrained", str(tiny.ckpt)]
     for option, value in zip(extra[::2], extra[1::2]):
         argv += [option, value] if option not in argv else []
         argv[argv.index(option) + 1] = str(tmp_path / value) if value.endswith(".json") else value

@@ -18,8 +18,9 @@ import SimpleITK as sitk
 from e2e import nnunet_env, run
 
 from nnunet_dp.config import DPConfig
-from nnunet_dp.nnunet import experiment as experiment_cli
-from nnunet_dp.nnunet.experiment_plan import (
+from nnunet_dp.nnunet.experiment import cli as experiment_cli
+from nnunet_dp.nnunet.experiment.aggregate import CHOSEN, DEFAULT, mark_choice
+from nnunet_dp.nnunet.experiment.plan import (
     BUDGETS,
     ExperimentError,
     dp_settings,
@@ -27,8 +28,8 @@ from nnunet_dp.nnunet.experiment_plan import (
     run_grid,
     split_cases,
 )
-from nnunet_dp.nnunet.experiment_report import CHOSEN, DEFAULT, mark_lr_choice, write_report
-from nnunet_dp.nnunet.experiment_run import choose_and_apply
+from nnunet_dp.nnunet.experiment.report import write_report
+from nnunet_dp.nnunet.experiment.run import choose_and_apply
 from nnunet_dp.nnunet.synthetic import make_dataset
 from nnunet_dp.optim import default_lr
 
@@ -125,7 +126,7 @@ def _row(rule, eps, refine, lr, val, source="--lrs"):
             "lr_source": source, "validation_dice": val, "dice_mean": 0.5}
 
 
-def test_mark_lr_choice_on_hand_made_rows():
+def test_mark_choice_on_hand_made_rows():
     """Per (rule, ε, refinement) with several lrs: the best validation Dice is chosen (never the test Dice; equals: the
     first; non-finite never), the default-rule row is labelled; single-lr groups and the baseline stay unmarked."""
     table = [_row("nonprivate", None, "none", 0.01, 0.9, "budget"),
@@ -137,13 +138,13 @@ def test_mark_lr_choice_on_hand_made_rows():
              _row("psac", 8.0, "none", 0.03, 0.3, DEFAULT), _row("psac", 8.0, "none", 0.05, None),
              _row("autos", 8.0, "none", 0.03, 0.3, DEFAULT)]
     table[2]["dice_mean"] = 0.0  # the test Dice plays no part
-    marked = mark_lr_choice(table)
-    assert [r["lr_choice"] for r in marked] == ["", DEFAULT, CHOSEN, "", CHOSEN, "", "", CHOSEN, "", CHOSEN, "", ""]
-    assert "lr_choice" not in table[0]  # a pure function: the input rows are unchanged
+    marked = mark_choice(table)
+    assert [r["choice"] for r in marked] == ["", DEFAULT, CHOSEN, "", CHOSEN, "", "", CHOSEN, "", CHOSEN, "", ""]
+    assert "choice" not in table[0]  # a pure function: the input rows are unchanged
     groups = {(r["rule"], r["target_epsilon"], r["refinement"]) for r in marked if r["rule"] != "nonprivate"}
     multi = [g for g in groups if g != ("autos", 8.0, "none")]
     for group in multi:
-        assert [r["lr_choice"] for r in marked if (r["rule"], r["target_epsilon"], r["refinement"]) == group
+        assert [r["choice"] for r in marked if (r["rule"], r["target_epsilon"], r["refinement"]) == group
                 ].count(CHOSEN) == 1
 
 
@@ -174,7 +175,7 @@ def test_report_states_the_default_lr_and_the_validation_choice(tmp_path):
     with open(tmp_path / "results.csv") as f:
         table = {r["run"]: r for r in csv.DictReader(f)}
     assert table["flat_eps8"]["lr"] == "default (0.0308)" and float(table["flat_eps8"]["lr_value"]) == lr
-    assert table["flat_eps8"]["lr_choice"] == DEFAULT and table["flat_eps8_lr0.05"]["lr_choice"] == CHOSEN
+    assert table["flat_eps8"]["choice"] == DEFAULT and table["flat_eps8_lr0.05"]["choice"] == CHOSEN
     assert table["flat_eps8_lr0.05"]["lr"] == "0.05" and table["nonprivate"]["lr"] == "0.1"
     md = (tmp_path / "results.md").read_text()
     assert "| 8 | flat | default (0.0308) | 0.4000 | 0.5000 | 0.05 | 0.2000 | 0.2500 |" in md
@@ -275,14 +276,14 @@ def test_lrs_give_one_row_per_lr_and_one_choice_on_validation(experiment):
         group = [r for r in table if r["refinement"] == refine]
         assert sorted(r["lr"] for r in group) == sorted([default["lr"], f"{SWEEP_LR:g}"])
         assert default["lr"].startswith("default (")
-        assert [r["lr_choice"] for r in group].count(CHOSEN) == 1
-        chosen = next(r for r in group if r["lr_choice"] == CHOSEN)
+        assert [r["choice"] for r in group].count(CHOSEN) == 1
+        chosen = next(r for r in group if r["choice"] == CHOSEN)
         val = {r["run"]: results[r["run"]]["validation_dice"][refine] for r in group}
         assert val[chosen["run"]] == max(val.values()) and float(chosen["validation_dice"]) == val[chosen["run"]]
-        assert all(r["lr_choice"] == DEFAULT for r in group if r["run"] == "flat_eps8" and r is not chosen)
+        assert all(r["choice"] == DEFAULT for r in group if r["run"] == "flat_eps8" and r is not chosen)
         assert all(math.isfinite(v) for v in val.values())
     md = (out / "results.md").read_text()
-    assert "## Headline: default lr vs lr chosen on validation" in md and CHOSEN in md
+    assert "## Headline: DP defaults vs the setting chosen on validation" in md and CHOSEN in md
 
 
 def test_resume_refuses_to_switch_the_randomness_mode(experiment, tmp_path, monkeypatch):

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from nnunet_dp.nnunet import experiment_grid
-from nnunet_dp.nnunet.experiment_budget import (
+from nnunet_dp.nnunet.experiment import grid as experiment_grid
+from nnunet_dp.nnunet.experiment.budget import (
     Fold,
     GridError,
     budget_summary,
@@ -24,7 +24,7 @@ from nnunet_dp.nnunet.experiment_budget import (
     read_planned,
     resolve_for_dataset,
 )
-from nnunet_dp.nnunet.experiment_plan import (
+from nnunet_dp.nnunet.experiment.plan import (
     BUDGETS,
     MAX_SAMPLING_RATE,
     BudgetSpec,
@@ -32,9 +32,9 @@ from nnunet_dp.nnunet.experiment_plan import (
     resolve_budget,
     run_grid,
 )
-from nnunet_dp.nnunet.experiment_progress import Progress, last_error
-from nnunet_dp.nnunet.experiment_report import write_report
-from nnunet_dp.nnunet.experiment_run import CommandError, Context, run_command
+from nnunet_dp.nnunet.experiment.progress import Progress, last_error
+from nnunet_dp.nnunet.experiment.report import write_report
+from nnunet_dp.nnunet.experiment.run import CommandError, Context, run_command
 from nnunet_dp.nnunet.synthetic import _case, make_dataset
 
 PLANS = Path(__file__).parent.parent / "benchmarks" / "plans"

@@ -16,8 +16,8 @@ from os.path import isdir, isfile, join
 from typing import Any
 
 from nnunet_dp.nnunet.demo import console_script
-from nnunet_dp.nnunet.experiment_plan import ExperimentError, RunSpec
-from nnunet_dp.nnunet.experiment_progress import last_error
+from nnunet_dp.nnunet.experiment.plan import ExperimentError, RunSpec
+from nnunet_dp.nnunet.experiment.progress import last_error
 
 RESULT_JSON = "result.json"
 SETTINGS_JSON = "settings.json"  # the nnUNet_dp_config (or baseline budget) file of a run: never a seed by default
@@ -37,6 +37,8 @@ class Context:
     num_processes: int
     env: dict[str, str]
     refinements: tuple[str, ...]
+    plans: str = "nnUNetPlans"  # nnUNetv2_train/predict -p (the moved public plans under --public-fraction)
+    pretrained: str | None = None  # -pretrained_weights of every run's fresh start (--public-fraction, --pretrained)
 
     @property
     def gt_segmentations(self) -> str:
@@ -44,7 +46,7 @@ class Context:
 
 
 class CommandError(RuntimeError):
-    """An nnU-Net command failed: `reason` is the last exception of its output (experiment_progress.last_error)."""
+    """An nnU-Net command failed: `reason` is the last exception of its output (progress.last_error)."""
 
     def __init__(self, cmd: list[str], returncode: int, log: str, reason: str) -> None:
         self.cmd, self.returncode, self.log, self.reason = cmd, returncode, log, reason
@@ -103,8 +105,11 @@ def run_command(cmd: list[str], env: dict[str, str], log: str, watch: Callable[[
 
 
 def model_folder(ctx: Context, run_dir: str, spec: RunSpec) -> str:
-    plans = "nnUNetPlans"
-    return join(run_dir, "nnUNet_results", ctx.dataset, f"{spec.trainer}__{plans}__{ctx.configuration}")
+    return join(run_dir, "nnUNet_results", ctx.dataset, f"{spec.trainer}__{ctx.plans}__{ctx.configuration}")
+
+
+def _plans_option(ctx: Context) -> list[str]:
+    return [] if ctx.plans == "nnUNetPlans" else ["-p", ctx.plans]
 
 
 def run_env(ctx: Context, run_dir: str, spec: RunSpec) -> dict[str, str]:
@@ -115,15 +120,19 @@ def run_env(ctx: Context, run_dir: str, spec: RunSpec) -> dict[str, str]:
 
 
 def train(ctx: Context, run_dir: str, spec: RunSpec, watch: Callable[[str], None] | None = None) -> float:
-    """nnUNetv2_train fold 0 (with --c if a checkpoint exists, --val if only validation is missing). Seconds spent."""
+    """nnUNetv2_train fold 0 (with --c if a checkpoint exists, --val if only validation is missing; a fresh start
+    fine-tunes from ctx.pretrained with -pretrained_weights, which nnU-Net allows only there). Seconds spent."""
     fold = join(model_folder(ctx, run_dir, spec), "fold_0")
     if isfile(join(fold, "validation", "summary.json")):
         return _add_train_seconds(run_dir, 0.0)
-    cmd = ["nnUNetv2_train", ctx.dataset, ctx.configuration, "0", "-tr", spec.trainer, "-device", ctx.device]
+    cmd = ["nnUNetv2_train", ctx.dataset, ctx.configuration, "0", "-tr", spec.trainer, "-device", ctx.device,
+           *_plans_option(ctx)]
     if isfile(join(fold, "checkpoint_final.pth")):
         cmd.append("--val")
     elif isfile(join(fold, "checkpoint_latest.pth")):
         cmd.append("--c")
+    elif ctx.pretrained is not None:
+        cmd += ["-pretrained_weights", ctx.pretrained]
     t0 = time.time()
     try:
         run_command(cmd, run_env(ctx, run_dir, spec), join(run_dir, "log.txt"), watch)
@@ -150,7 +159,7 @@ def predict_test(ctx: Context, run_dir: str, spec: RunSpec) -> str:
     if isdir(out) and len([f for f in os.listdir(out) if not f.endswith(".json")]) >= n_images:
         return out
     run_command(["nnUNetv2_predict", "-i", ctx.test_images, "-o", out, "-d", ctx.dataset, "-c", ctx.configuration,
-                 "-f", "0", "-tr", spec.trainer, "-device", ctx.device, "-npp", "1", "-nps", "1"],
+                 "-f", "0", "-tr", spec.trainer, "-device", ctx.device, "-npp", "1", "-nps", "1", *_plans_option(ctx)],
                 run_env(ctx, run_dir, spec), join(run_dir, "log.txt"))
     return out
 
@@ -210,7 +219,15 @@ def privacy_summary(fold: str) -> dict[str, Any]:
         rep = json.load(f)
     return {k: rep.get(k) for k in ("epsilon", "delta", "noise_multiplier", "steps", "sampling_rate",
                                     "expected_batch_size", "num_training_cases", "status", "clip_norm",
-                                    "planned_steps")}
+                                    "planned_steps", "num_trained_parameters", "pretrained_weights")}
+
+
+def spec_fields(spec: RunSpec) -> dict[str, Any]:
+    """What result.json says about the run's place in the grid: its cell (the name shared by its repeats), repeat
+    and levers."""
+    return {"cell": spec.cell, "repeat": spec.repeat, "trainable": spec.levers.trainable,
+            "augmentations_per_case": spec.levers.augmentations_per_case, "ema_decay": spec.levers.ema_decay,
+            "levers": spec.levers.label}
 
 
 def record_or_check(path: str, record: dict[str, Any], mismatch: ExperimentError) -> None:
@@ -281,6 +298,7 @@ def execute(ctx: Context, run_dir: str, spec: RunSpec, settings: dict[str, Any],
         scores[mode] = evaluate(pred, ctx.test_labels, model, ctx.num_processes)
     val_dice = validation_dice(join(fold, "validation"), join(run_dir, "test"), tuple(scores))
     result = {"run": spec.name, "rule": spec.rule, "target_epsilon": spec.epsilon, "trainer": spec.trainer,
+              **spec_fields(spec), "plans": ctx.plans, "pretrained": ctx.pretrained,
               **privacy_summary(fold), "initial_lr": settings.get("initial_lr"), "scores": scores,
               "dpmorph_choice": choices, "validation_dice_mean": val_dice["none"], "validation_dice": val_dice,
               "train_seconds": train_seconds, "seconds": time.time() - t0, "model_folder": model}

@@ -1,7 +1,10 @@
 """nnUNetv2_dp_experiment, the runs: every run of the checked grid in turn, with progress, ETA and failures that say why.
 
-The DP runs go first (their steps are the slow ones, so the first ETA measures one of them), the non-private baseline
-last; no run depends on another, so a failed run is reported and the others go on. Results come back in grid order.
+With --public-fraction the public pretraining goes first (every run fine-tunes from it; it counts as one run in the
+ETA; skipped when its checkpoint_final exists; if it fails, the grid stops). Then the DP runs (their steps are the slow
+ones, so the first ETA measures one of them; under --seeds K the first repeat of every run before the second), the
+non-private reference last; no run depends on another, so a failed run is reported and the others go on. Results come
+back in grid order.
 """
 from __future__ import annotations
 
@@ -9,17 +12,24 @@ import json
 import time
 from collections.abc import Sequence
 from os.path import isfile, join
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from nnunet_dp.nnunet.experiment_budget import RunPlan
-from nnunet_dp.nnunet.experiment_plan import BudgetSpec
-from nnunet_dp.nnunet.experiment_progress import Progress, minutes
-from nnunet_dp.nnunet.experiment_run import RESULT_JSON, CommandError, Context, check_settings, execute
+from nnunet_dp.nnunet.experiment.budget import RunPlan
+from nnunet_dp.nnunet.experiment.plan import BudgetSpec
+from nnunet_dp.nnunet.experiment.progress import Progress, minutes
+from nnunet_dp.nnunet.experiment.run import RESULT_JSON, CommandError, Context, check_settings, execute, spec_fields
+
+if TYPE_CHECKING:
+    from nnunet_dp.nnunet.experiment.pretrain import PublicPretraining
 
 
 def execution_order(runs: Sequence[RunPlan]) -> list[RunPlan]:
-    """DP runs in grid order, then the non-private baseline."""
-    return [r for r in runs if r.spec.epsilon is not None] + [r for r in runs if r.spec.epsilon is None]
+    """DP runs in grid order, repeat 1 of each before repeat 2 (--seeds), then the non-private reference."""
+    def repeat(r: RunPlan) -> int:
+        return r.spec.repeat or 1
+
+    return (sorted((r for r in runs if r.spec.epsilon is not None), key=repeat) +
+            sorted((r for r in runs if r.spec.epsilon is None), key=repeat))
 
 
 def failure_reason(error: Exception) -> str:
@@ -32,21 +42,47 @@ def failure_reason(error: Exception) -> str:
 def failed_result(run: RunPlan, reason: str, seconds: float, log: str) -> dict[str, Any]:
     """The result of a run that failed: no scores, its reason and log; the report marks it."""
     return {"run": run.spec.name, "rule": run.spec.rule, "target_epsilon": run.spec.epsilon,
-            "trainer": run.spec.trainer, "status": "failed", "error": reason, "log": log, "epsilon": None,
+            "trainer": run.spec.trainer, **spec_fields(run.spec), "status": "failed", "error": reason, "log": log, "epsilon": None,
             "noise_multiplier": None, "steps": None, "initial_lr": run.settings.get("initial_lr"), "scores": {},
             "train_seconds": 0.0, "seconds": seconds}
 
 
+def _pretrain(pretraining: PublicPretraining, progress: Progress) -> None:
+    """The public pretraining (skipped when done); a failure stops the grid: every run would start from it."""
+    if pretraining.done():
+        print(f"[0] {pretraining.name}: finished earlier, skipped ({pretraining.checkpoint})", flush=True)
+        return
+    print(f"[0] {pretraining.name}: ordinary nnU-Net training on the public part ({progress.status()}; log: "
+          f"{join(pretraining.folder, 'log.txt')})", flush=True)
+    progress.start_run(pretraining.name)
+    t0 = time.time()
+    try:
+        seconds = pretraining.run(watch=progress.on_log)
+    except Exception as error:
+        progress.end_run(pretraining.name, time.time() - t0, failed=True)
+        raise RuntimeError(f"{pretraining.name} failed, so no run can start from it: {failure_reason(error)} (log: "
+                           f"{join(pretraining.folder, 'log.txt')}). Run the same command again to retry.") from error
+    progress.end_run(pretraining.name, seconds)
+    print(f"[0] {pretraining.name}: done in {minutes(seconds)} ({pretraining.checkpoint}; {progress.status()})",
+          flush=True)
+
+
 def run_all(ctx: Context, runs: Sequence[RunPlan], budget: BudgetSpec, predicted_voxels: float,
-            voxels_per_step: float) -> tuple[list[dict[str, Any]], list[str]]:
-    """Every run (finished ones read back), DP runs first. Returns the results in grid order and the failed runs."""
+            voxels_per_step: float, pretraining: PublicPretraining | None = None
+            ) -> tuple[list[dict[str, Any]], list[str]]:
+    """Every run (finished ones read back), the public pretraining (if any) first, then the DP runs. Returns the
+    results in grid order and the failed runs."""
     for run in runs:  # checked before; written now that the grid starts
         check_settings(join(ctx.out, "runs", run.spec.name), run.settings)
     order = execution_order(runs)
     todo = [r.spec.name for r in order if not isfile(join(ctx.out, "runs", r.spec.name, RESULT_JSON))]
+    if pretraining is not None and not pretraining.done():
+        todo.insert(0, pretraining.name)
     progress = Progress(todo, num_epochs=budget.num_epochs, iterations=budget.num_iterations_per_epoch,
                         val_iterations=budget.num_val_iterations_per_epoch, voxels_per_step=voxels_per_step,
                         predicted_voxels=predicted_voxels, out=lambda line: print(line, flush=True))
+    if pretraining is not None:
+        _pretrain(pretraining, progress)
     results: dict[str, dict[str, Any]] = {}
     failed: list[str] = []
     for i, run in enumerate(order, 1):

@@ -6,7 +6,7 @@ Adaptation (BudgetSpec's optional fields; a budget file without them is used as 
   the network's total stride on that axis; small and full keep nnU-Net's patch and network.
 - (expected) batch B = min(batch_size, voxels_per_step // patch voxels, floor(max_sampling_rate * N)), at least 1,
   where N is the number of training cases of fold 0 (tiny: 32 * 56 * 40 voxels, small and full: 64 * 256 * 256;
-  max_sampling_rate 0.25 for all three: experiment_plan.py says why).
+  max_sampling_rate 0.25 for all three: plan.py says why).
 - steps: num_epochs x num_iterations_per_epoch, whatever the dataset.
 So tiny keeps Dataset902 2d as published (patch 56x40, 32 x 2240 voxels per step: batch 32, N = 166 allows 41), gives a
 256x256 dataset a 64x64 patch and batch 17, and a 26-case fold batch 6 (q = 0.23); small gives 256x256 patches
@@ -24,7 +24,7 @@ from typing import Any
 
 from nnunet_dp.config import DPConfig
 from nnunet_dp.errors import DPConfigError, DPError
-from nnunet_dp.nnunet.experiment_plan import BudgetSpec, ExperimentError, RunSpec, dp_settings
+from nnunet_dp.nnunet.experiment.plan import BudgetSpec, ExperimentError, RunSpec, dp_settings
 from nnunet_dp.optim import default_lr
 from nnunet_dp.run import DPPlan, make_plan
 
@@ -148,6 +148,13 @@ class RunPlan:
     lr_source: str
 
 
+_SEED_FIX = "Under --reproducible repeat k of --seeds K uses --seed + k - 1: choose a smaller --seed."
+_OPTIONS = {"seed": ("--seed", _SEED_FIX),
+            "trainable": ("--trainable", "Use values the DP trainers accept."),
+            "augmentations_per_case": ("--augmentations-per-case", "Use values the DP trainers accept."),
+            "ema_decay": ("--ema-decay", "Use values the DP trainers accept.")}
+
+
 def _problem(error: DPConfigError, runs: list[str], budget: ResolvedBudget, source: str) -> str:
     """One failed check as option, value, what is allowed, the fix, and the trainer's own message."""
     n, steps = budget.fold.num_train, budget.steps
@@ -157,7 +164,8 @@ def _problem(error: DPConfigError, runs: list[str], budget: ResolvedBudget, sour
                                   f"(fold 0) for {where}, so that q = batch / N <= 1",
                                   f"Set batch_size <= {n} in {source} ({max(1, n // 4)} keeps q <= 0.25 as the named "
                                   'budgets do), or add "max_sampling_rate": 0.25 to it to cap the batch to the fold, '
-                                  "or use a named budget, or keep more training cases (a smaller --test-fraction).")
+                                  "or use a named budget, or keep more training cases (a smaller --test-fraction or "
+                                  "--public-fraction).")
     elif error.key == "target_epsilon":
         problem = ExperimentError("--epsilons", error.value, f"an epsilon the accountant reaches with sigma <= 1e6 in "
                                   f"{steps} steps at q = {budget.spec.batch_size / n:.4g} ({where})",
@@ -165,6 +173,9 @@ def _problem(error: DPConfigError, runs: list[str], budget: ResolvedBudget, sour
     elif error.key == "delta":
         problem = ExperimentError("delta", error.value, f"delta < 1/N with N = {n} ({where})",
                                   "The experiment uses delta 1e-5: it needs fewer than 100000 training cases.")
+    elif error.key in _OPTIONS:
+        problem = ExperimentError(_OPTIONS[error.key][0], error.value, f"{error.allowed} ({where})",
+                                  _OPTIONS[error.key][1])
     elif error.key == "num_training_cases":
         problem = ExperimentError("--test-fraction", n, "a split that leaves fold 0 at least one training case",
                                   "Add cases or lower --test-fraction.")
@@ -186,6 +197,10 @@ def _make_plan(cfg: DPConfig, spec: RunSpec, budget: ResolvedBudget) -> DPPlan |
             return error
 
 
+# settings that make_plan does not read (sigma, q and the step count do not depend on them)
+_NOT_IN_PLAN = ("initial_lr", "seed", "trainable", "augmentations_per_case", "ema_decay")
+
+
 def plan_runs(specs: Sequence[RunSpec], budget: ResolvedBudget, seed: int | None,
               source: str) -> tuple[list[RunPlan], list[str]]:
     """Every run's settings through the trainer's own checks (DPConfig, then make_plan with fold 0's N). Returns the
@@ -198,7 +213,7 @@ def plan_runs(specs: Sequence[RunSpec], budget: ResolvedBudget, seed: int | None
         if spec.epsilon is None:
             plans.append(RunPlan(spec, settings, None, float(settings["initial_lr"]), "budget"))
             continue
-        key = json.dumps({k: v for k, v in settings.items() if k != "initial_lr"}, sort_keys=True)
+        key = json.dumps({k: v for k, v in settings.items() if k not in _NOT_IN_PLAN}, sort_keys=True)
         try:
             cfg = DPConfig.from_mapping(settings, source=f"the settings of run {spec.name}")
             if key not in cache:  # sigma depends on the settings, not on the rule or the lr
@@ -222,8 +237,14 @@ def inference_voxels(planned: PlannedConfig, patch: Sequence[int], num_cases: in
     return num_cases * planned.slices_per_case * windows * math.prod(patch)
 
 
-def budget_summary(budget: ResolvedBudget, runs: Sequence[RunPlan], dataset: str, configuration: str) -> dict[str, Any]:
-    """budget.json: the resolved budget and, per run, the privacy parameters and the learning rate it will train with."""
+def budget_summary(budget: ResolvedBudget, runs: Sequence[RunPlan], dataset: str, configuration: str,
+                   start: dict[str, Any] | None = None, seeds: int = 1) -> dict[str, Any]:
+    """budget.json: the resolved budget, where the runs start (`start`: from scratch, the public part or a file), the
+    repeats (--seeds) and, per run, the privacy parameters, levers and learning rate it will train with."""
+    return {"start": start or {"from": "scratch"}, "seeds": seeds, **_summary(budget, runs, dataset, configuration)}
+
+
+def _summary(budget: ResolvedBudget, runs: Sequence[RunPlan], dataset: str, configuration: str) -> dict[str, Any]:
     spec = budget.spec
     return {
         "name": budget.name, "dataset": dataset, "configuration": configuration,
@@ -242,7 +263,9 @@ def budget_summary(budget: ResolvedBudget, runs: Sequence[RunPlan], dataset: str
                   "sampling_rate": r.plan.sampling_rate if r.plan else None,
                   "expected_batch_size": r.plan.expected_batch_size if r.plan else spec.batch_size,
                   "delta": r.plan.delta if r.plan else None, "steps": budget.steps, "initial_lr": r.lr,
-                  "lr_source": r.lr_source} for r in runs],
+                  "lr_source": r.lr_source, "cell": r.spec.cell, "repeat": r.spec.repeat,
+                  "trainable": r.spec.levers.trainable, "augmentations_per_case": r.spec.levers.augmentations_per_case,
+                  "ema_decay": r.spec.levers.ema_decay} for r in runs],
         "note": "The budget depends on N and the plans' patch, both computed from the data (privacy.json lists N "
                 "and the plans among its assumptions).",
     }
@@ -253,6 +276,7 @@ def format_budget(summary: dict[str, Any]) -> str:
     patch = "x".join(map(str, summary["patch_size"]))
     planned = "x".join(map(str, summary["planned_patch_size"]))
     limits = ", ".join(f"{k} -> {v}" for k, v in summary["batch_limits"].items())
+    width = max([24, *(len(r["run"]) for r in summary["runs"])])
     lines = [(f"Budget '{summary['name']}' on {summary['dataset']} {summary['configuration']}: N = "
               f"{summary['num_training_cases']} training cases (fold 0), {summary['num_validation_cases']} validation,"
               f" {summary['num_test_cases']} test"),
@@ -262,10 +286,27 @@ def format_budget(summary: dict[str, Any]) -> str:
               f"{summary['sampling_rate']:.4g}, {summary['num_epochs']} epochs x "
               f"{summary['num_iterations_per_epoch']} steps = {summary['steps']} steps, {summary['voxels_per_step']} "
               "voxels per step"),
-             f"  {'run':<24} {'eps':>6} {'sigma':>9} {'q':>8} {'lr':>9}"]
+             *start_lines(summary),
+             f"  {'run':<{width}} {'eps':>6} {'sigma':>9} {'q':>8} {'lr':>9}"]
     for r in summary["runs"]:
         eps = "-" if r["target_epsilon"] is None else f"{r['target_epsilon']:g}"
         sigma = "-" if r["noise_multiplier"] is None else f"{r['noise_multiplier']:.4g}"
         q = "-" if r["sampling_rate"] is None else f"{r['sampling_rate']:.4g}"
-        lines.append(f"  {r['run']:<24} {eps:>6} {sigma:>9} {q:>8} {r['initial_lr']:>9.4g} ({r['lr_source']})")
+        lines.append(f"  {r['run']:<{width}} {eps:>6} {sigma:>9} {q:>8} {r['initial_lr']:>9.4g} ({r['lr_source']})")
     return "\n".join(lines)
+
+
+def start_lines(summary: dict[str, Any]) -> list[str]:
+    """Where the runs start and how often each is repeated (format_budget)."""
+    start, seeds = summary.get("start") or {"from": "scratch"}, summary.get("seeds", 1)
+    lines = []
+    if start["from"] == "public part":
+        lines.append(f"  start: every run fine-tunes from a public model trained once (ordinary nnU-Net, same budget "
+                     f"and network) on {start['num_public_cases']} public cases = --public-fraction "
+                     f"{start['public_fraction']:g} of the non-test cases (an in-distribution split of the same "
+                     "dataset); the public pretraining counts as one run in the ETA")
+    elif start["from"] == "file":
+        lines.append(f"  start: every run fine-tunes from {start['path']} (sha256 {start['sha256'][:12]}...)")
+    if seeds > 1:
+        lines.append(f"  --seeds {seeds}: every run repeated {seeds} times (run names end in _s1.._s{seeds})")
+    return lines

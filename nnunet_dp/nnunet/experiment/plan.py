@@ -1,7 +1,8 @@
-"""nnUNetv2_dp_experiment, the plan: budgets, learning rates, the run grid (rule × ε × lr), the held-out test split
-and the private copy of the preprocessed dataset that carries the experiment's own splits_final.json.
+"""nnUNetv2_dp_experiment, the plan: budgets, learning rates, the run grid (rule × ε × lr × levers × repeats), the
+held-out test split and the private copy of the preprocessed dataset that carries the experiment's own
+splits_final.json and the budget's plans.
 
-Pure functions except `mirror_preprocessed` and `link_test_cases` (file system).
+Pure functions except `mirror_preprocessed`, `write_budget_plans` and `link_test_cases` (file system).
 """
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from nnunet_dp.errors import DPError
+from nnunet_dp.nnunet.experiment.errors import ExperimentError
+from nnunet_dp.nnunet.experiment.levers import DEFAULT_LEVERS, Levers
 
 Budget = Literal["tiny", "small", "full"]
 Rule = Literal["nonprivate", "flat", "autos", "nsgd", "psac"]
@@ -39,7 +41,7 @@ NONPRIVATE_LR = 0.01
 class BudgetSpec:
     """The same budget for every run: epochs x iterations steps, batch (expected batch under DP).
 
-    The optional fields adapt it to the dataset (nnunet_dp.nnunet.experiment_budget; None: no adaptation):
+    The optional fields adapt it to the dataset (nnunet_dp.nnunet.experiment.budget; None: no adaptation):
     voxels_per_step caps the batch at voxels_per_step // patch voxels; max_patch_voxels shrinks a larger planned patch;
     max_sampling_rate caps the batch at floor(max_sampling_rate * N training cases)."""
 
@@ -82,30 +84,28 @@ BUDGETS: dict[Budget, BudgetSpec] = {
 }
 
 
-class ExperimentError(DPError, ValueError):
-    """A bad option or input of nnUNetv2_dp_experiment: the option, the value seen and what is allowed."""
-
-    def __init__(self, option: str, value: Any, allowed: str, fix: str = "") -> None:
-        self.option, self.value, self.allowed, self.fix = option, value, allowed, fix
-        super().__init__(f"{option} = {value!r} is not allowed: expected {allowed}." + (f" {fix}" if fix else ""))
-
-    def __reduce__(self) -> tuple:
-        return type(self), (self.option, self.value, self.allowed, self.fix)
-
-
 @dataclass(frozen=True)
 class RunSpec:
-    """One training: a rule at a target ε (None for the non-private baseline) with a learning rate (None: the DP
-    trainers' default rule, or the budget's lr for the baseline)."""
+    """One training: a rule at a target ε (None for the non-private reference) with a learning rate (None: the DP
+    trainers' default rule, or the budget's lr for the reference), the fine-tuning levers (DP runs only) and, under
+    --seeds K > 1, its repeat k in 1..K."""
 
     rule: Rule
     epsilon: float | None
     lr: float | None = None
+    levers: Levers = DEFAULT_LEVERS
+    repeat: int | None = None
+
+    @property
+    def cell(self) -> str:
+        """The name shared by the repeats: rule, ε, lr, non-default levers ('flat_eps8_lr0.05_norm_bias_k4')."""
+        base = self.rule if self.epsilon is None else f"{self.rule}_eps{self.epsilon:g}"
+        return (base if self.lr is None else f"{base}_lr{self.lr:g}") + self.levers.suffix
 
     @property
     def name(self) -> str:
-        base = self.rule if self.epsilon is None else f"{self.rule}_eps{self.epsilon:g}"
-        return base if self.lr is None else f"{base}_lr{self.lr:g}"
+        """The run folder's name: the cell, and '_s1'..'_sK' only when --seeds K > 1."""
+        return self.cell if self.repeat is None else f"{self.cell}_s{self.repeat}"
 
     @property
     def trainer(self) -> str:
@@ -126,9 +126,11 @@ def check_lrs(lrs: Sequence[float], dp_rules: bool) -> list[float]:
     return unique
 
 
-def run_grid(rules: list[str], epsilons: list[float], lrs: Sequence[float] = ()) -> list[RunSpec]:
-    """The non-private baseline first (if asked), then each DP rule at each ε, in the given order: first with the
-    default learning-rate rule, then once per lr of `lrs` (--lrs)."""
+def run_grid(rules: list[str], epsilons: list[float], lrs: Sequence[float] = (),
+             levers: Sequence[Levers] = (DEFAULT_LEVERS,), seeds: int = 1) -> list[RunSpec]:
+    """The non-private reference first (if asked), then each DP rule at each ε, in the given order: first with the
+    default learning-rate rule, then once per lr of `lrs` (--lrs); within each, once per lever combination
+    (levers.lever_grid). With seeds K > 1 every run is repeated K times (repeat k in 1..K, innermost)."""
     for rule in rules:
         if rule not in RULES:
             raise ExperimentError("--rules", rule, f"one of {list(RULES)}")
@@ -140,9 +142,11 @@ def run_grid(rules: list[str], epsilons: list[float], lrs: Sequence[float] = ())
     if any(r != "nonprivate" for r in rules) and not epsilons:
         raise ExperimentError("--epsilons", epsilons, "at least one ε for the DP rules")
     sweep = [None, *check_lrs(lrs, any(r != "nonprivate" for r in rules))]
-    specs = [RunSpec("nonprivate", None)] if "nonprivate" in rules else []
-    specs += [RunSpec(r, float(e), lr) for r in dict.fromkeys(rules) if r != "nonprivate"  # type: ignore[arg-type]
-              for e in dict.fromkeys(epsilons) for lr in sweep]
+    repeats = [None] if seeds == 1 else list(range(1, seeds + 1))
+    specs = [RunSpec("nonprivate", None, repeat=k) for k in repeats] if "nonprivate" in rules else []
+    specs += [RunSpec(r, float(e), lr, lev, k)  # type: ignore[arg-type]
+              for r in dict.fromkeys(rules) if r != "nonprivate" for e in dict.fromkeys(epsilons) for lr in sweep
+              for lev in dict.fromkeys(levers) for k in repeats]
     return specs
 
 
@@ -168,16 +172,19 @@ def dp_settings(spec: RunSpec, budget: BudgetSpec, seed: int | None = None) -> d
     seed None (the default): no `seed` key, so the DP run draws its noise and Poisson sampling from fresh OS entropy.
     An integer only under --reproducible: the run can be repeated, and its noise regenerated, so it is not private
     (DESIGN.md invariant 8).
+    Under --seeds K each repeat k gets seed + k - 1 (repeat 1, and a grid without --seeds, get `seed` itself).
     A DP run has `initial_lr` only when spec.lr is set (--lrs); without it the trainer's default rule decides
-    (nnunet_dp.optim.default_lr). Momentum is never set here: the DP default (0.9) for every DP run."""
+    (nnunet_dp.optim.default_lr). Momentum is never set here: the DP default (0.9) for every DP run. The levers'
+    keys (trainable, augmentations_per_case, ema_decay) appear only with non-default values."""
     common = {"num_epochs": budget.num_epochs, "num_iterations_per_epoch": budget.num_iterations_per_epoch,
               "num_val_iterations_per_epoch": budget.num_val_iterations_per_epoch, "save_every": budget.save_every}
     if spec.epsilon is None:
         return {**common, "initial_lr": budget.nonprivate_lr, "batch_size": budget.batch_size}
     if spec.lr is not None:
         common["initial_lr"] = spec.lr
+    seeded = {} if seed is None else {"seed": seed + (spec.repeat or 1) - 1}
     return {**common, "target_epsilon": spec.epsilon, "delta": 1e-5, "clip_norm": 1.0,
-            "expected_batch_size": budget.batch_size, **({} if seed is None else {"seed": seed})}
+            "expected_batch_size": budget.batch_size, **spec.levers.settings(), **seeded}
 
 
 def _link(src: str, dst: str) -> None:
@@ -197,19 +204,41 @@ def mirror_preprocessed(source: str, target: str, split: dict[str, list[str]], f
             _link(os.path.join(os.path.abspath(source), name), os.path.join(target, name))
     with open(os.path.join(target, "splits_final.json"), "w") as f:
         json.dump([{"train": split["train"], "val": split["val"]}], f, indent=1)
-    with open(os.path.join(source, "nnUNetPlans.json")) as f:
+    write_budget_plans(os.path.join(source, "nnUNetPlans.json"), os.path.join(target, "nnUNetPlans.json"),
+                       configuration, features, patch_size)
+
+
+def write_budget_plans(source: str, target: str, configuration: str, features: Sequence[int] | None,
+                       patch_size: Sequence[int] | None) -> None:
+    """`target` = the plans file `source` as every run of the budget trains it: the patch set to `patch_size` and the
+    2d network narrowed to `features` (demo.shrink_network), where given. `source` is only read; an unchanged
+    `target` is not rewritten."""
+    with open(source) as f:
         plans = json.load(f)
     if patch_size is not None:
         plans["configurations"][configuration]["patch_size"] = [int(p) for p in patch_size]
-    with open(os.path.join(target, "nnUNetPlans.json"), "w") as f:
+    if features is not None and configuration != "2d":
+        raise ExperimentError("-c", configuration, "2d with --budget tiny (its CPU network is a smaller 2d one)",
+                              "Use --budget small or full for other configurations.")
+    tmp = target + ".tmp"
+    with open(tmp, "w") as f:
         json.dump(plans, f, indent=2)
     if features is not None:
         from nnunet_dp.nnunet.demo import shrink_network
 
-        if configuration != "2d":
-            raise ExperimentError("-c", configuration, "2d with --budget tiny (its CPU network is a smaller 2d one)",
-                                  "Use --budget small or full for other configurations.")
-        shrink_network(os.path.join(target, "nnUNetPlans.json"), list(features))
+        shrink_network(tmp, list(features))
+    if os.path.isfile(target) and _same_json(tmp, target):
+        os.remove(tmp)  # unchanged: the file (and its modification time) stays
+    else:
+        os.replace(tmp, target)
+
+
+def _same_json(a: str, b: str) -> bool:
+    with open(a) as fa, open(b) as fb:
+        try:
+            return json.load(fa) == json.load(fb)
+        except json.JSONDecodeError:
+            return False
 
 
 def link_test_cases(raw_dataset: str, test: list[str], file_ending: str, images: str, labels: str) -> None:

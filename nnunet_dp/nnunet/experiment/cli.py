@@ -1,0 +1,191 @@
+"""nnUNetv2_dp_experiment: the rules × ε × lr × fine-tuning levers × refinement comparison on one dataset, with a
+held-out test split.
+
+    nnUNetv2_dp_experiment -d 902 -c 2d --budget tiny -o exp902
+
+holds out a seeded test split of the raw training cases, trains the non-private reference and each (rule, ε) under
+the same budget on the rest (fold 0 of the experiment's own splits_final.json), chooses DP-Morph on the validation
+predictions only, applies it to the test predictions and scores all on test. Writes OUT/results.csv, results.md and
+PNG plots. Finished runs (OUT/runs/<name>/result.json) are skipped; an interrupted training resumes with --c.
+--seed seeds the split only: the DP runs draw their noise and sampling from fresh OS entropy, unless --reproducible
+seeds them too (repeatable, not private; the results tables say so). DP runs use the DP trainers' default learning
+rate (nnunet_dp.optim.default_lr); --lrs LR ... trains each (rule, ε) once more per LR, and the report marks the lr
+with the best validation Dice (a choice on private cases: not private).
+
+Fine-tuning (issue 11; none of it costs privacy): --public-fraction F draws a seeded public part of the non-test cases,
+trains nnU-Net's ordinary trainer on it once and fine-tunes every run from it with its plans on the private rest
+(data.py, pretrain.py); --pretrained FILE fine-tunes every run from a given checkpoint; --trainable,
+--augmentations-per-case and --ema-decay add the DP runs' levers (their cross product per rule, ε and lr; levers.py);
+--seeds K repeats every run K times and the tables show mean ± sd.
+
+Before anything is preprocessed or trained the whole grid is checked (prepare.py, budget.py): the split, the
+configuration, every run's DP settings through the trainers' own DPConfig and make_plan on fold 0's N training cases,
+earlier run folders, --pretrained's file; all problems are reported at once, each with its fix. The named budgets
+adapt to the dataset (batch at most N/4 and a voxel target per step, tiny's patch at most 64x64) and the resolved
+budget (batch, steps, q, sigma and lr per run, patch, network) is printed and saved as OUT/budget.json (--dry-run stops
+there). The DP runs train first; after the first epochs an ETA for the grid is printed, and every progress line carries
+the time left. A failed run prints its last error, is marked FAILED in results.md/csv, and the other runs go on.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+from collections.abc import Sequence
+from os.path import isdir, isfile, join
+
+from nnunet_dp.config import TRAINABLE
+from nnunet_dp.errors import DPError
+from nnunet_dp.nnunet.experiment.budget import inference_voxels
+from nnunet_dp.nnunet.experiment.grid import run_all
+from nnunet_dp.nnunet.experiment.levers import check_seeds, lever_grid
+from nnunet_dp.nnunet.experiment.plan import BUDGETS, REFINEMENTS, RULES, ExperimentError, resolve_budget, run_grid
+from nnunet_dp.nnunet.experiment.prepare import plan_experiment, prepare
+from nnunet_dp.nnunet.experiment.report import write_report
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nnUNetv2_dp_experiment", description=__doc__.split("\n\n")[0])
+    p.add_argument("-d", required=True, help="dataset id or name (nnUNet_raw must hold it)")
+    p.add_argument("-c", default="2d", help="nnU-Net configuration. Default: 2d")
+    p.add_argument("--rules", nargs="+", default=list(RULES), help=f"runs, from {list(RULES)}. Default: all")
+    p.add_argument("--epsilons", nargs="+", type=float, default=[1.0, 8.0], help="target ε of the DP runs. "
+                                                                                "Default: 1 8")
+    p.add_argument("--lrs", nargs="+", type=float, default=[], metavar="LR",
+                   help="learning-rate sweep: each (rule, ε) DP run is trained once with the DP default rule "
+                        "(nnunet_dp.optim.default_lr) and once per LR (initial_lr = LR, momentum the default 0.9); "
+                        "the report marks the lr with the best validation Dice (not private: tuning on the private "
+                        "cases leaks). The non-private reference keeps the budget's lr. Default: none (the rule only)")
+    p.add_argument("--refine", nargs="+", default=list(REFINEMENTS),
+                   help=f"DP-Morph modes scored on test, from {list(REFINEMENTS)} ('none' is always scored)")
+    p.add_argument("--budget", default="tiny", help=f"one of {list(BUDGETS)} (tiny: 2 CPU cores; small, full: a GPU) "
+                   "or a JSON file with the budget's fields. Default: tiny")
+    p.add_argument("--test-fraction", type=float, default=0.2, help="held-out share of the cases. Default: 0.2")
+    p.add_argument("--seed", type=int, default=0, help="seed of the held-out test split only; the DP runs' noise and "
+                   "Poisson sampling draw fresh OS entropy (no seed in any file) unless --reproducible. Default: 0")
+    p.add_argument("--reproducible", action="store_true",
+                   help="seed the DP runs' noise and sampling with --seed too: repeatable, NOT private (the noise can "
+                        "be regenerated and subtracted from the weights); results.md/csv then say 'private "
+                        "randomness: no'")
+    p.add_argument("--seeds", type=int, default=1, metavar="K",
+                   help="repeat every run K times (run names end in _s1.._sK when K > 1): fresh OS entropy per repeat, "
+                        "or seed --seed + k - 1 under --reproducible; tables show mean ± sd over the repeats (and n), "
+                        "plots error bars (sd). Default: 1")
+    p.add_argument("--public-fraction", type=float, default=None, metavar="F",
+                   help="0 < F < 1: after the test split, a seeded (--seed), disjoint, case-level public part of "
+                        "round(F x M) of the M other cases; ordinary nnU-Net training on it (the non-private budget "
+                        "trainer, same budget and network, trained once) gives the pretrained weights and the plans, "
+                        "and every run fine-tunes from them on the private rest. An in-distribution split of the same "
+                        "dataset: the most favourable public data there can be. Default: none (from scratch)")
+    p.add_argument("--pretrained", default=None, metavar="FILE",
+                   help="fine-tune every run (DP and the non-private reference) from this nnU-Net checkpoint (its "
+                        "network must be the one the budget's plans build; not with --public-fraction)")
+    p.add_argument("--trainable", nargs="+", default=["all"], metavar="T",
+                   help=f"DP setting trainable, one or more of {list(TRAINABLE)} (each value a run per rule, ε, lr). "
+                        "Default: all")
+    p.add_argument("--augmentations-per-case", nargs="+", type=int, default=[1], metavar="K",
+                   help="DP setting augmentations_per_case, one or more integers in [1, 64]. Default: 1")
+    p.add_argument("--ema-decay", nargs="+", default=["none"], metavar="D",
+                   help="DP setting ema_decay, one or more of 'none' and numbers in (0, 1), e.g. none 0.999. "
+                        "Default: none")
+    p.add_argument("-o", default=None, help="output folder. Default: ./dp_experiment_<dataset>_<c>_<budget>")
+    p.add_argument("-device", default=None, help="cpu or cuda. Default: cuda if available")
+    p.add_argument("-np", type=int, default=2, help="processes for DP-Morph and evaluation. Default: 2")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the whole grid against the dataset (plans it if it has no plans, fingerprint and plans "
+                        "only), print and save the resolved budget (OUT/budget.json), then stop before preprocessing "
+                        "and training")
+    return p
+
+
+def _check(args: argparse.Namespace) -> None:
+    for r in args.refine:
+        if r not in REFINEMENTS:
+            raise ExperimentError("--refine", r, f"one of {list(REFINEMENTS)}")
+    if args.device not in (None, "cpu", "cuda"):
+        raise ExperimentError("-device", args.device, "cpu or cuda")
+    if args.np < 1:
+        raise ExperimentError("-np", args.np, "an integer >= 1")
+    if not 0 < args.test_fraction < 1:
+        raise ExperimentError("--test-fraction", args.test_fraction, "a number strictly between 0 and 1")
+    if args.public_fraction is not None and not 0 < args.public_fraction < 1:
+        raise ExperimentError("--public-fraction", args.public_fraction, "a number strictly between 0 and 1 (the share "
+                              "of the non-test cases drawn as public data)", "E.g. --public-fraction 0.3.")
+    if args.public_fraction is not None and args.pretrained is not None:
+        raise ExperimentError("--pretrained", args.pretrained, "no file together with --public-fraction (that option "
+                              "trains the public model the runs start from)", "Give one of the two.")
+    for var in ("nnUNet_raw", "nnUNet_preprocessed"):
+        if not os.environ.get(var):
+            raise ExperimentError(f"environment variable {var}", os.environ.get(var), "a folder",
+                                  "Set nnUNet_raw and nnUNet_preprocessed as for nnU-Net.")
+
+
+def _dataset(name_or_id: str) -> tuple[str, str]:
+    from nnunetv2.paths import nnUNet_raw
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    try:
+        name = maybe_convert_to_dataset_name(name_or_id if not name_or_id.isdigit() else int(name_or_id))
+    except RuntimeError as error:
+        raise ExperimentError("-d", name_or_id, "a dataset in nnUNet_raw", str(error).splitlines()[0]) from error
+    raw = join(nnUNet_raw, name)
+    if not isfile(join(raw, "dataset.json")) or not isdir(join(raw, "labelsTr")):
+        raise ExperimentError("-d", name_or_id, f"a raw dataset with dataset.json and labelsTr in {raw}")
+    return name, raw
+
+
+def _environment() -> dict[str, str]:
+    from nnunet_dp.nnunet.cli import trainer_folder
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ)
+    env["nnUNet_extTrainer"] = os.pathsep.join(
+        p for p in [trainer_folder(), join(here, "trainers"), env.get("nnUNet_extTrainer")] if p)
+    env.setdefault("nnUNet_compile", "f")
+    env.setdefault("PYTHONUNBUFFERED", "1")  # the training log arrives as it is written (the ETA reads it)
+    return env
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        _check(args)
+        levers = lever_grid(args.trainable, args.augmentations_per_case, args.ema_decay,
+                            dp_rules=any(r != "nonprivate" for r in args.rules))
+        specs = run_grid(args.rules, args.epsilons, args.lrs, levers, check_seeds(args.seeds))
+        budget_name, budget = resolve_budget(args.budget)  # before preprocessing: a bad file fails at once
+        out = os.path.abspath(args.o or f"dp_experiment_{args.d}_{args.c}_{budget_name}")
+        if os.path.exists(out) and not isdir(out):
+            raise ExperimentError("-o", out, "a folder (new or from an earlier invocation); it is a file")
+        dataset = _dataset(str(args.d))
+        os.makedirs(out, exist_ok=True)
+        env = _environment()
+        exp = plan_experiment(args, out, env, specs, budget_name, budget, dataset)
+        if args.dry_run:
+            print("--dry-run: the grid passed every check; nothing was preprocessed or trained.")
+            return
+        ctx, header, pretraining = prepare(args, out, env, exp, args.device or _default_device())
+        header["command"] = "nnUNetv2_dp_experiment " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+        results, failed = run_all(ctx, exp.runs, exp.budget.spec, inference_voxels(
+            exp.planned, exp.budget.patch_size, exp.budget.fold.num_val + exp.budget.fold.num_test),
+            exp.summary["voxels_per_step"], pretraining)
+        path = write_report(out, header, results)
+    except (DPError, RuntimeError, subprocess.SubprocessError) as error:
+        sys.exit(f"ERROR: {error}")
+    print(f"\nResults: {path}")
+    if failed:
+        sys.exit(f"ERROR: {len(failed)} of {len(results)} runs failed ({', '.join(failed)}); results.md and results.csv "
+                 "mark them and give each reason. Run the same command again to retry them (finished runs are "
+                 "skipped).")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""nnUNetv2_dp_experiment, the plots: mean test Dice vs ε (error bars: sd over the --seeds repeats) and the per-class
+gain of adaptive over global DP-Morph."""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from nnunet_dp.nnunet.experiment.aggregate import CHOSEN, is_default
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_dice_vs_epsilon(cells: list[dict[str, Any]], path: str) -> None:
+    """Mean test Dice vs ε per refinement, one point per cell (the mean over its repeats, error bar ± sd): per rule
+    the DP defaults (solid) and, with several settings, the setting chosen on validation (dashed); the non-private
+    reference as a horizontal line (its ± sd shaded)."""
+    cells = [row for row in cells if row["dice_mean"] is not None]
+    if not cells:
+        return
+    plt = _pyplot()
+    refinements = list(dict.fromkeys(row["refinement"] for row in cells))
+    fig, axes = plt.subplots(1, len(refinements), figsize=(3.6 * len(refinements), 3.2), sharey=True, squeeze=False)
+    for ax, refine in zip(axes[0], refinements):
+        panel = [row for row in cells if row["refinement"] == refine]
+        for rule in dict.fromkeys(row["rule"] for row in panel):
+            runs = sorted((row for row in panel if row["rule"] == rule), key=lambda row: row["target_epsilon"] or 0)
+            if rule == "nonprivate":
+                mean, sd = runs[0]["dice_mean"], runs[0].get("dice_mean_sd")
+                ax.axhline(mean, color="k", ls="--", label="non-private")
+                if sd:
+                    ax.axhspan(mean - sd, mean + sd, color="k", alpha=0.1)
+                continue
+            line = None
+            for pick, style, label in (([row for row in runs if is_default(row)], "o-", f"{rule} (defaults)"),
+                                       ([row for row in runs if row.get("choice") == CHOSEN], "s--",
+                                        f"{rule} (chosen on val.)")):
+                if pick:
+                    kwargs = {} if line is None else {"color": line.get_color()}
+                    yerr = [row.get("dice_mean_sd") or 0.0 for row in pick]
+                    container = ax.errorbar([row["target_epsilon"] for row in pick], [row["dice_mean"] for row in pick],
+                                            yerr=yerr if any(yerr) else None, fmt=style, capsize=3, label=label,
+                                            **kwargs)
+                    line = container.lines[0]
+        ax.set_xscale("log")
+        eps = sorted({row["target_epsilon"] for row in cells if row["target_epsilon"] is not None})
+        ax.set_xticks(eps, [f"{e:g}" for e in eps])
+        ax.minorticks_off()
+        ax.set_xlabel("ε")
+        ax.set_title(f"refinement: {refine}")
+        ax.set_ylim(0, 1)
+    axes[0][0].set_ylabel("mean test Dice" + (" (± sd)" if any(r.get("dice_mean_sd") for r in cells) else ""))
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def plot_adaptive_gain(results: list[dict[str, Any]], path: str) -> bool:
+    """Per-class Dice gain of adaptive over global DP-Morph on test, per run. False if either was not scored."""
+    runs = [r for r in results if {"global", "adaptive"} <= set(r.get("scores", {}))]
+    if not runs:
+        return False
+    plt = _pyplot()
+    classes = list(runs[0]["scores"]["adaptive"]["dice"])
+    x, width = np.arange(len(runs)), 0.8 / len(classes)
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.7 * len(runs) + 1.5), 3.0))
+    for i, c in enumerate(classes):
+        gain = [r["scores"]["adaptive"]["dice"][c] - r["scores"]["global"]["dice"][c] for r in runs]
+        ax.bar(x + i * width, gain, width, label=c)
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xticks(x + width * (len(classes) - 1) / 2, [r["run"] for r in runs], rotation=45, ha="right", fontsize=7)
+    ax.set_ylabel("test Dice: adaptive − global")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return True

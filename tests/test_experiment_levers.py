@@ -1,0 +1,322 @@
+"""nnUNetv2_dp_experiment for a study of the fine-tuning levers (issue 11 item 6): the grid rule × ε × lr × trainable ×
+K × EMA and its names, --seeds K (mean ± sd against numpy), the seeded case-level public part of --public-fraction,
+the checks of --public-fraction and --pretrained before any work, and one end-to-end run (public pretraining once,
+DP fine-tuning from it with the moved public plans, two seeds) that a second invocation skips entirely."""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from e2e import nnunet_env, run
+
+from nnunet_dp.config import DPConfig
+from nnunet_dp.nnunet.experiment import cli as experiment_cli
+from nnunet_dp.nnunet.experiment.aggregate import CHOSEN, DEFAULT
+from nnunet_dp.nnunet.experiment.budget import Fold, format_budget, plan_runs, read_planned, resolve_for_dataset
+from nnunet_dp.nnunet.experiment.data import check_public_fraction, derived_datasets, split_public
+from nnunet_dp.nnunet.experiment.errors import ExperimentError
+from nnunet_dp.nnunet.experiment.grid import execution_order
+from nnunet_dp.nnunet.experiment.levers import DEFAULT_LEVERS, Levers, check_seeds, lever_grid
+from nnunet_dp.nnunet.experiment.plan import BUDGETS, dp_settings, run_grid, split_cases
+from nnunet_dp.nnunet.experiment.pretrain import plans_network, pretrained_problems
+from nnunet_dp.nnunet.experiment.report import write_report
+from nnunet_dp.nnunet.synthetic import make_dataset
+
+PLANS = Path(__file__).parent.parent / "benchmarks" / "plans" / "Dataset902_Hippocampus_nnUNetPlans.json"
+DATASET_JSON = {"channel_names": {"0": "MRI"}, "labels": {"background": 0, "anterior": 1, "posterior": 2},
+                "file_ending": ".nii.gz", "numTraining": 4}
+DATASET_ID = 973
+MINIMAL = {"num_epochs": 1, "num_iterations_per_epoch": 2, "num_val_iterations_per_epoch": 1, "batch_size": 2,
+           "save_every": 1, "features_per_stage": [8, 16, 32]}
+
+
+# ---- the grid ------------------------------------------------------------------------------------------------------
+def test_default_levers_keep_todays_names_and_settings():
+    today = run_grid(["nonprivate", "flat", "psac"], [1, 8], [0.05])
+    levers = run_grid(["nonprivate", "flat", "psac"], [1, 8], [0.05], lever_grid(), check_seeds(1))
+    assert [s.name for s in levers] == [s.name for s in today] == [
+        "nonprivate", "flat_eps1", "flat_eps1_lr0.05", "flat_eps8", "flat_eps8_lr0.05", "psac_eps1",
+        "psac_eps1_lr0.05", "psac_eps8", "psac_eps8_lr0.05"]
+    assert all(s.cell == s.name and s.repeat is None for s in levers)
+    for spec in levers:
+        settings = dp_settings(spec, BUDGETS["tiny"])
+        assert not {"trainable", "augmentations_per_case", "ema_decay", "seed"} & set(settings)
+    assert lever_grid(["all"], [1], ["none"]) == [DEFAULT_LEVERS] and DEFAULT_LEVERS.settings() == {}
+
+
+def test_levers_are_a_cross_product_named_by_their_non_default_values():
+    levers = lever_grid(["all", "norm_bias"], [1, 4], ["none", "0.999"])
+    assert len(levers) == 8
+    specs = run_grid(["nonprivate", "flat"], [8], [0.05], levers)
+    names = [s.name for s in specs]
+    assert names[0] == "nonprivate" and len(names) == 1 + 2 * 8  # the reference gets no levers
+    assert names[1:9] == ["flat_eps8", "flat_eps8_ema0.999", "flat_eps8_k4", "flat_eps8_k4_ema0.999",
+                          "flat_eps8_norm_bias", "flat_eps8_norm_bias_ema0.999", "flat_eps8_norm_bias_k4",
+                          "flat_eps8_norm_bias_k4_ema0.999"]
+    assert "flat_eps8_lr0.05_norm_bias_k4_ema0.999" in names and len(set(names)) == len(names)
+    spec = next(s for s in specs if s.name == "flat_eps8_norm_bias_k4_ema0.999")
+    settings = dp_settings(spec, BUDGETS["tiny"])
+    assert (settings["trainable"], settings["augmentations_per_case"], settings["ema_decay"]) == ("norm_bias", 4, 0.999)
+    cfg = DPConfig.from_mapping(settings)  # the trainers' own check accepts every run's settings
+    assert (cfg.trainable, cfg.augmentations_per_case, cfg.ema_decay) == ("norm_bias", 4, 0.999)
+    assert spec.levers.label == "norm_bias, K=4, EMA 0.999" and Levers().label == "defaults"
+    assert "trainable" not in dp_settings(next(s for s in specs if s.name == "flat_eps8_k4"), BUDGETS["tiny"])
+
+
+def test_seeds_repeat_every_run_and_seed_only_under_reproducible():
+    specs = run_grid(["nonprivate", "flat"], [8], [], lever_grid(["norm_bias"]), check_seeds(3))
+    assert [s.name for s in specs] == ["nonprivate_s1", "nonprivate_s2", "nonprivate_s3", "flat_eps8_norm_bias_s1",
+                                       "flat_eps8_norm_bias_s2", "flat_eps8_norm_bias_s3"]
+    assert {s.cell for s in specs} == {"nonprivate", "flat_eps8_norm_bias"}
+    assert all("seed" not in dp_settings(s, BUDGETS["tiny"]) for s in specs)  # private: fresh OS entropy per repeat
+    assert [dp_settings(s, BUDGETS["tiny"], 7).get("seed") for s in specs] == [None, None, None, 7, 8, 9]
+    b = resolve_for_dataset("tiny", BUDGETS["tiny"], read_planned(str(PLANS), "2d"), Fold(40, 10, 12))
+    plans, problems = plan_runs(specs, b, None, "tiny")
+    assert not problems and [p.spec.name for p in execution_order(plans)] == [
+        "flat_eps8_norm_bias_s1", "flat_eps8_norm_bias_s2", "flat_eps8_norm_bias_s3", "nonprivate_s1",
+        "nonprivate_s2", "nonprivate_s3"]
+    two = run_grid(["flat", "psac"], [8], [], lever_grid(), 2)
+    order = [p.spec.name for p in execution_order(plan_runs(two, b, None, "tiny")[0])]
+    assert order == ["flat_eps8_s1", "psac_eps8_s1", "flat_eps8_s2", "psac_eps8_s2"]  # every run once first
+
+
+@pytest.mark.parametrize(("call", "fragments"), [
+    (lambda: lever_grid(["everything"]), ["--trainable = 'everything'", "'all', 'norm_bias', 'decoder'"]),
+    (lambda: lever_grid(augmentations=[0]), ["--augmentations-per-case = 0", "[1, 64]"]),
+    (lambda: lever_grid(ema=["1.5"]), ["--ema-decay = 1.5", "'none' or numbers in (0, 1)"]),
+    (lambda: lever_grid(ema=["fast"]), ["--ema-decay = 'fast'", "'none' or a number", "--ema-decay none 0.999"]),
+    (lambda: lever_grid(ema=["0.999", "0.9990001"]), ["--ema-decay", "first 6 significant digits"]),
+    (lambda: lever_grid(["norm_bias"], dp_rules=False), ["--trainable", "DP rules in --rules too", "Add a DP rule"]),
+    (lambda: check_seeds(0), ["--seeds = 0", "an integer >= 1", "Use --seeds 3"]),
+])
+def test_bad_levers_name_option_value_allowed_and_fix(call, fragments):
+    with pytest.raises(ExperimentError) as info:
+        call()
+    for fragment in fragments:
+        assert fragment in str(info.value), (fragment, str(info.value))
+
+
+# ---- --seeds: mean ± sd -------------------------------------------------------------------------------------------
+def _result(run, cell, repeat, rule, eps, dice, val, levers="defaults", status="ok"):
+    if status != "ok":
+        return {"run": run, "cell": cell, "repeat": repeat, "rule": rule, "target_epsilon": eps, "levers": levers,
+                "status": "failed", "error": "RuntimeError: boom", "log": "log.txt", "initial_lr": None,
+                "seconds": 3.0}
+    privacy = {"noise_multiplier": 2.6, "clip_norm": 1.0, "expected_batch_size": 32.0, "planned_steps": 400} if eps \
+        else {"noise_multiplier": None}
+    return {"run": run, "cell": cell, "repeat": repeat, "rule": rule, "target_epsilon": eps, "epsilon": eps,
+            "levers": levers, **privacy, "steps": 4, "initial_lr": 0.1 if rule == "nonprivate" else None,
+            "scores": {"none": {"dice": {"disk": dice, "ring": dice / 2}, "dice_mean": dice, "num_cases": 2}},
+            "validation_dice": {"none": val}, "train_seconds": 6.0, "seconds": 9.0}
+
+
+def test_seeds_tables_show_mean_and_sd_and_choose_levers_on_validation(tmp_path):
+    ref, flat, bias = [0.80, 0.84, 0.86], [0.30, 0.50, 0.46], [0.62, 0.58, 0.61]
+    results = [_result(f"nonprivate_s{k}", "nonprivate", k, "nonprivate", None, d, 0.9) for k, d in enumerate(ref, 1)]
+    results += [_result(f"flat_eps8_s{k}", "flat_eps8", k, "flat", 8.0, d, 0.5) for k, d in enumerate(flat, 1)]
+    results += [_result(f"flat_eps8_norm_bias_s{k}", "flat_eps8_norm_bias", k, "flat", 8.0, d, v, "norm_bias")
+                for k, (d, v) in enumerate(zip(bias, [0.6, 0.7, 0.65]), 1)]
+    results.append(_result("flat_eps8_norm_bias_s4", "flat_eps8_norm_bias", 4, "flat", 8.0, 0, 0, "norm_bias",
+                           "failed"))
+    header = {"dataset": "Dataset973_Lev", "configuration": "2d", "seed": 0, "reproducible": False, "seeds": 4,
+              "budget": {"name": "minimal", "steps": 4, "batch_size": 4}, "command": "nnUNetv2_dp_experiment ...",
+              "split": {"num_test": 2, "num_train": 10, "num_val": 3},
+              "start": {"from": "public part", "public_fraction": 0.3, "num_public_cases": 4}}
+    write_report(str(tmp_path), header, results)
+    with open(tmp_path / "results.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [r["row"] for r in table].count("repeat") == len(results)
+    means = {r["run"]: r for r in table if r["row"] == "mean ± sd"}
+    assert set(means) == {"nonprivate", "flat_eps8", "flat_eps8_norm_bias"}
+    for cell, values in (("nonprivate", ref), ("flat_eps8", flat), ("flat_eps8_norm_bias", bias)):
+        assert float(means[cell]["dice_mean"]) == pytest.approx(np.mean(values))
+        assert float(means[cell]["dice_mean_sd"]) == pytest.approx(np.std(values, ddof=1))
+        assert float(means[cell]["dice_ring"]) == pytest.approx(np.mean(values) / 2)
+        assert means[cell]["n"] == "3"
+        assert float(means[cell]["ratio_to_nonprivate"]) == pytest.approx(np.mean(values) / np.mean(ref))
+    assert means["flat_eps8_norm_bias"]["n_failed"] == "1" and "1 of 4 repeats FAILED" in \
+        means["flat_eps8_norm_bias"]["status"]
+    repeat = next(r for r in table if r["run"] == "flat_eps8_s2")
+    assert float(repeat["ratio_to_nonprivate"]) == pytest.approx(0.50 / np.mean(ref))  # to the reference's mean
+    # the choice among settings is made on the mean validation Dice (norm_bias 0.65 > 0.5), never on test
+    assert means["flat_eps8_norm_bias"]["choice"] == CHOSEN and means["flat_eps8"]["choice"] == DEFAULT
+    md = (tmp_path / "results.md").read_text()
+    def sd(v):
+        return f"{np.mean(v):.4f} ± {np.std(v, ddof=1):.4f}"
+
+    assert f"| 8 | flat | default (0.0308) | defaults | {sd(flat)} |" in md
+    assert f"| norm_bias | {sd(bias)} |" in md and CHOSEN in md
+    assert f"Non-private reference: mean test Dice {sd(ref)} (n = 3)" in md
+    assert "an in-distribution split of the same dataset (0.3 of the non-test cases" in md
+    assert "as close to the private data as public data can be" in md and "--seeds 4" in md
+    assert (tmp_path / "dice_vs_epsilon.png").stat().st_size > 0
+
+
+# ---- --public-fraction ----------------------------------------------------------------------------------------------
+def test_public_part_is_seeded_disjoint_case_level_and_sized():
+    cases = [f"patient_{i:03d}" for i in range(60)]
+    base = split_cases(cases, test_fraction=0.2, seed=5)
+    a = split_public(base, public_fraction=0.3, seed=5)
+    again = split_public(split_cases(list(reversed(cases)), test_fraction=0.2, seed=5), public_fraction=0.3, seed=5)
+    assert a == again  # deterministic for a seed, whatever the input order
+    assert a["test"] == base["test"]  # the held-out split is made first and kept
+    parts = [set(a[k]) for k in ("test", "public", "val", "train")]
+    assert sum(map(len, parts)) == 60 and set.union(*parts) == set(cases)  # disjoint and complete
+    assert set(a["public"]).issubset(base["train"] + base["val"]) and set(a["public"]).isdisjoint(base["test"])
+    assert all(c in cases for c in a["public"])  # whole cases (patients), never parts of one
+    assert len(a["public"]) == round(0.3 * 48) == 14 and len(a["val"]) == round(0.2 * 34) and len(a["train"]) == 27
+    assert split_public(base, public_fraction=0.3, seed=6)["public"] != a["public"]
+
+
+@pytest.mark.parametrize(("fraction", "cases", "fragments"), [
+    (0.0, 48, ["--public-fraction = 0.0", "strictly between 0 and 1", "--public-fraction 0.3"]),
+    (1.0, 48, ["--public-fraction = 1.0", "strictly between 0 and 1"]),
+    (0.02, 48, ["--public-fraction = 0.02", "at least 2 public cases", "0.031 <= F < 0.969", "gives 1 public",
+                "Choose F in that range"]),
+    (0.8, 5, ["--public-fraction = 0.8", "at least 2 private", "one training, one validation",
+              "gives 4 public, 1 private", "lower --test-fraction"]),
+    (0.5, 3, ["no value: the dataset is too small"]),
+])
+def test_bad_public_fraction_names_option_value_allowed_and_fix(fraction, cases, fragments):
+    with pytest.raises(ExperimentError) as info:
+        check_public_fraction(fraction, cases)
+    for fragment in fragments:
+        assert fragment in str(info.value), (fragment, str(info.value))
+
+
+def test_derived_dataset_ids_avoid_the_users_and_refuse_a_clash(tmp_path):
+    data = derived_datasets(str(tmp_path), "Dataset999_Liver")
+    assert (data.public, data.private) == ("Dataset998_LiverPublic", "Dataset997_LiverPrivate")
+    (tmp_path / "nnUNet_raw" / "Dataset998_Other").mkdir(parents=True)
+    with pytest.raises(ExperimentError, match=r"-o = .*no other dataset with id 998.*Dataset998_Other.*new output"):
+        derived_datasets(str(tmp_path), "Dataset999_Liver")
+    env = data.env({"nnUNet_raw": "/user/raw", "PATH": "x"})
+    assert env["nnUNet_raw"] == str(tmp_path / "nnUNet_raw") and env["PATH"] == "x"
+
+
+def test_options_that_cannot_go_together_stop_before_any_work(tmp_path, monkeypatch, capsys):
+    for var in ("nnUNet_raw", "nnUNet_preprocessed"):
+        monkeypatch.setenv(var, str(tmp_path / var))
+    out = tmp_path / "out"
+    for argv, fragments in (
+            (["--public-fraction", "0.3", "--pretrained", "x.pth"], ["--pretrained = 'x.pth'", "--public-fraction",
+                                                                     "Give one of the two"]),
+            (["--public-fraction", "1.5"], ["--public-fraction = 1.5", "strictly between 0 and 1"]),
+            (["--rules", "nonprivate", "--ema-decay", "0.999"], ["--ema-decay", "DP rules in --rules too"])):
+        with pytest.raises(SystemExit) as info:
+            experiment_cli.main(["-d", "1", "-o", str(out), *argv])
+        for fragment in fragments:
+            assert fragment in str(info.value), (fragment, str(info.value))
+    assert not out.exists()
+
+
+# ---- --pretrained FILE ------------------------------------------------------------------------------------------------
+def test_pretrained_file_is_checked_against_the_plans_network(tmp_path):
+    state = plans_network(json.loads(PLANS.read_text()), DATASET_JSON, "2d").state_dict()
+    good = {k: torch.zeros(v.shape) for k, v in state.items() if ".seg_layers." not in k}  # heads never transfer
+    torch.save({"network_weights": good}, tmp_path / "good.pth")
+    assert pretrained_problems(str(tmp_path / "good.pth"), str(PLANS), DATASET_JSON, "2d", nonprivate=True) == []
+    key = next(k for k in good if k.endswith(".weight") and good[k].ndim == 4)
+    torch.save({"network_weights": {**good, key: torch.zeros(3, 3)}}, tmp_path / "wrong.pth")
+    torch.save({"network_weights": {k: v for k, v in good.items() if k != key}}, tmp_path / "partial.pth")
+    torch.save({"state_dict": good}, tmp_path / "state.pth")
+    (tmp_path / "text.pth").write_text("not a torch file")
+    expect = {"missing.pth": ["an existing nnU-Net checkpoint file", "Check the path"],
+              "wrong.pth": ["other shapes", key, "file (3, 3)", "nnUNetv2_move_plans_between_datasets", "--budget"],
+              "partial.pth": ["1 of the network's", "missing", key], "state.pth": ["'network_weights'"],
+              "text.pth": ["a checkpoint torch.load can read"]}
+    for name, fragments in expect.items():
+        problems = pretrained_problems(str(tmp_path / name), str(PLANS), DATASET_JSON, "2d", nonprivate=True)
+        assert len(problems) == 1 and problems[0].startswith(f"--pretrained = '{tmp_path / name}'"), problems
+        for fragment in fragments:
+            assert fragment in problems[0], (name, fragment, problems[0])
+
+
+def test_budget_print_states_the_start_and_the_repeats():
+    b = resolve_for_dataset("tiny", BUDGETS["tiny"], read_planned(str(PLANS), "2d"), Fold(40, 10, 12))
+    plans, _ = plan_runs(run_grid(["flat"], [8], [], lever_grid(["norm_bias"], [4], ["0.999"]), 2), b, None, "tiny")
+    from nnunet_dp.nnunet.experiment.budget import budget_summary
+
+    summary = budget_summary(b, plans, "Dataset902_Hippocampus", "2d", {"from": "public part", "public_fraction": 0.3,
+                                                                         "num_public_cases": 14}, 2)
+    text = format_budget(summary)
+    assert "14 public cases = --public-fraction 0.3" in text and "counts as one run in the ETA" in text
+    assert "--seeds 2" in text and "flat_eps8_norm_bias_k4_ema0.999_s2" in text
+    run_ = summary["runs"][1]
+    assert (run_["trainable"], run_["augmentations_per_case"], run_["ema_decay"], run_["repeat"]) == (
+        "norm_bias", 4, 0.999, 2)
+    assert summary["seeds"] == 2 and summary["start"]["from"] == "public part"
+
+
+# ---- end to end ---------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def public_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("levers")
+    make_dataset(str(root / "raw"), dataset_id=DATASET_ID, name="LevTest", num_train=16, num_test=0, shape=(32, 32),
+                 seed=DATASET_ID)
+    (root / "minimal.json").write_text(json.dumps(MINIMAL))
+    out = root / "out"
+    cmd = ["nnUNetv2_dp_experiment", "-d", str(DATASET_ID), "-c", "2d", "--rules", "nonprivate", "flat", "--epsilons",
+           "8", "--public-fraction", "0.3", "--seeds", "2", "--trainable", "norm_bias", "--refine", "none",
+           "--budget", str(root / "minimal.json"), "-o", str(out), "-device", "cpu", "-np", "1"]
+    env = nnunet_env(root)
+    return {"out": out, "cmd": cmd, "env": env, "first": run(cmd, env)}
+
+
+RUNS = ("nonprivate_s1", "nonprivate_s2", "flat_eps8_norm_bias_s1", "flat_eps8_norm_bias_s2")
+
+
+def test_public_pretraining_then_private_fine_tuning_with_two_seeds(public_run):
+    out, stdout = public_run["out"], public_run["first"].stdout
+    assert stdout.count("[0] public pretraining: ordinary nnU-Net training") == 1  # trained once
+    ckpt = next((out / "public" / "nnUNet_results").glob("Dataset*Public/*__nnUNetPlans__2d/fold_all/"
+                                                         "checkpoint_final.pth"))
+    digest = hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    split = json.loads((out / "split.json").read_text())
+    assert split["public_fraction"] == 0.3 and len(split["public"]) == 4  # round(0.3 x 13)
+    assert set(split["public"]).isdisjoint(split["test"] + split["train"] + split["val"])
+    public_raw = next((out / "nnUNet_raw").glob("Dataset*Public"))
+    assert sorted(p.name[:-len(".nii.gz")] for p in (public_raw / "labelsTr").iterdir()) == split["public"]
+    for name in RUNS:
+        result = json.loads((out / "runs" / name / "result.json").read_text())
+        model = Path(result["model_folder"])
+        assert model.name.endswith("__nnUNetPlans_public__2d") and result["pretrained"] == str(ckpt)
+        plans = json.loads((model / "plans.json").read_text())
+        assert plans["plans_name"] == "nnUNetPlans_public" and plans["dataset_name"].endswith("Private")
+        assert plans["configurations"]["2d"]["architecture"]["arch_kwargs"]["features_per_stage"] == [8, 16, 32]
+        log = (out / "runs" / name / "log.txt").read_text()
+        assert re.search(r"nnUNetv2_train \S+Private 2d 0 .*-p nnUNetPlans_public -pretrained_weights " +
+                         re.escape(str(ckpt)), log)
+        if name.startswith("flat"):
+            privacy = json.loads((model / "fold_0" / "privacy.json").read_text())
+            assert privacy["pretrained_weights"]["sha256"] == digest and privacy["trainable"] == "norm_bias"
+            assert privacy["num_training_cases"] == len(split["train"])
+            assert "seed" not in json.loads((out / "runs" / name / "settings.json").read_text())
+    md = (out / "results.md").read_text()
+    assert "as close to the private data as public data can be" in md
+    assert "(n = 2)" in md and re.search(r"\| 8 \| flat \| default \([0-9.]+\) \| norm_bias \| [0-9.]+ ± [0-9.]+ \|", md)
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["run"] for r in rows if r["row"] == "repeat"} == set(RUNS)
+    assert {r["run"]: r["n"] for r in rows if r["row"] == "mean ± sd"} == {"nonprivate": "2",
+                                                                          "flat_eps8_norm_bias": "2"}
+    budget = json.loads((out / "budget.json").read_text())
+    assert budget["num_training_cases"] == len(split["train"]) and budget["seeds"] == 2
+
+
+def test_second_invocation_skips_the_pretraining_and_every_run(public_run):
+    out = public_run["out"]
+    ckpts = sorted(out.glob("**/checkpoint_final.pth"))
+    assert len(ckpts) == 1 + len(RUNS)
+    before = [c.stat().st_mtime_ns for c in ckpts]
+    again = run(public_run["cmd"], public_run["env"])
+    assert "public pretraining: finished earlier, skipped" in again.stdout
+    assert again.stdout.count("finished earlier, skipped") == 1 + len(RUNS)
+    assert "nnUNetv2_train" not in again.stdout and "Preprocessing:" not in again.stdout
+    assert [c.stat().st_mtime_ns for c in ckpts] == before
