@@ -27,12 +27,12 @@ import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from nnunet_dp.accounting import calibrate_noise, epsilon_for
+from nnunet_dp.accounting import epsilon_for
 from nnunet_dp.config import DPConfig
 from nnunet_dp.errors import DPConfigError
 from nnunet_dp.optim import default_lr, noise_per_coordinate
 from nnunet_dp.rules import RuleName
-from nnunet_dp.run import DPPlan
+from nnunet_dp.run import DPPlan, calibrate
 
 # above this noise-to-signal ratio, warn (see the module docstring for the evidence)
 NOISE_RATIO_WARN = 20.0
@@ -110,17 +110,6 @@ def training_advice(plan: DPPlan, num_trained_parameters: int) -> tuple[dict[str
     return {"noise": summary}, advice(summary)
 
 
-def calibrate_row(cfg: DPConfig, *, num_training_cases: int, plans_batch_size: int) -> tuple[float, float, int]:
-    """(q, sigma, steps) as nnunet_dp.run.make_plan computes them (same checks, same calibrate_noise call), without
-    make_plan's search for the step limit, which the table does not need (tests/test_advise.py checks equality)."""
-    cfg.check_against_dataset(num_training_cases, plans_batch_size)
-    q = cfg.sampling_rate_for(num_training_cases, plans_batch_size)
-    steps = cfg.num_epochs * cfg.num_iterations_per_epoch
-    sigma = cfg.noise_multiplier if cfg.noise_multiplier is not None else calibrate_noise(
-        target_epsilon=cfg.target_epsilon, delta=cfg.delta, sampling_rate=q, steps=steps, accountant=cfg.accountant)
-    return q, float(sigma), steps
-
-
 def advise_row(cfg: DPConfig, *, rule: RuleName, num_training_cases: int, plans_batch_size: int,
                num_trained_parameters: int, expected_batch_size: float, epochs: int) -> dict[str, Any]:
     """One setting, calibrated as training would calibrate it; an infeasible one says why instead."""
@@ -131,7 +120,7 @@ def advise_row(cfg: DPConfig, *, rule: RuleName, num_training_cases: int, plans_
     try:
         trial = dataclasses.replace(cfg, expected_batch_size=expected_batch_size, sampling_rate=None,
                                     num_epochs=epochs)
-        q, sigma, steps = calibrate_row(trial, num_training_cases=num_training_cases,
+        q, sigma, steps = calibrate(trial, num_training_cases=num_training_cases,
                                         plans_batch_size=plans_batch_size)
     except DPConfigError as e:
         return {**row, "feasible": False, "reason": f"{e.key} = {e.value!r}: needs {e.allowed}"}

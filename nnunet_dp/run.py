@@ -47,13 +47,20 @@ class DPPlan:
         return self.sampling_rate * self.num_training_cases
 
 
-def make_plan(cfg: DPConfig, *, rule: RuleName, num_training_cases: int, plans_batch_size: int) -> DPPlan:
-    """Calibrate sigma from the target epsilon over all planned steps (or take the given sigma)."""
+def calibrate(cfg: DPConfig, *, num_training_cases: int, plans_batch_size: int) -> tuple[float, float, int]:
+    """(q, sigma, planned steps) after the checks that need N: sigma calibrated from the target epsilon over all
+    planned steps, or the given noise_multiplier. The advisor (nnunet_dp.advise) calls this too."""
     cfg.check_against_dataset(num_training_cases, plans_batch_size)
     q = cfg.sampling_rate_for(num_training_cases, plans_batch_size)
     steps = cfg.num_epochs * cfg.num_iterations_per_epoch
     sigma = cfg.noise_multiplier if cfg.noise_multiplier is not None else calibrate_noise(
         target_epsilon=cfg.target_epsilon, delta=cfg.delta, sampling_rate=q, steps=steps, accountant=cfg.accountant)
+    return q, float(sigma), steps
+
+
+def make_plan(cfg: DPConfig, *, rule: RuleName, num_training_cases: int, plans_batch_size: int) -> DPPlan:
+    """Calibrate sigma (`calibrate`) and find the step limit within the target epsilon."""
+    q, sigma, steps = calibrate(cfg, num_training_cases=num_training_cases, plans_batch_size=plans_batch_size)
     max_steps = None if cfg.target_epsilon is None else max_steps_within(
         target_epsilon=cfg.target_epsilon, noise_multiplier=sigma, sampling_rate=q, delta=cfg.delta,
         accountant=cfg.accountant, upper=max(steps, 1) * 64)
