@@ -67,7 +67,7 @@ def test_dp_step_is_dp_trainers_train_step(strategy):
     ours = bm.dp_method(cfg, batch, CPU, strategy)
     net = bm.build_network(cfg, seed=0)
     trainer = types.SimpleNamespace(device=CPU, dp_loss=bm.make_case_loss(bm.build_loss(cfg)), optimizer=bm.sgd(net),
-                                    dp_config=DPConfig(), local_rank=0,
+                                    dp_config=DPConfig(), local_rank=0, dp_ema=None,
                                     dp_run=bm.dp_run(strategy, 3, CPU), _plain_network=lambda: net,
                                     _autocast=lambda: bm.dp_autocast(CPU))
     ours.step()
