@@ -32,7 +32,7 @@ setup(
         "matplotlib",
         "tqdm",
     ],
-    extras_require={"test": ["pytest", "hypothesis", "ruff==0.17.6"]},
+    extras_require={"test": ["pytest", "pytest-xdist", "hypothesis", "ruff==0.17.6"]},
     entry_points={
         "console_scripts": [
             "nnUNetv2_dp_demo=nnunet_dp.nnunet.demo:main",

@@ -3,5 +3,25 @@ import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("nnUNet_n_proc_DA", "0")
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+# Under pytest-xdist every worker, and every nnU-Net command it starts (tests/e2e.py passes this on), uses one OpenMP
+# thread: two workers with two spinning OpenMP threads each on 2 cores slow each other down many times over.
+os.environ.setdefault("OMP_NUM_THREADS", "1" if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1 else "2")
 os.environ.setdefault("nnUNet_def_n_proc", "1")
+
+# The slowest files first (minutes on the 2-core CI machine, from its --durations report), so that `-n auto` with
+# pytest.ini's loadfile scheduling starts them at once on different workers instead of leaving one for last.
+SLOWEST_FIRST = {
+    "test_e2e_nnunet.py": 9.0,
+    "test_experiment_levers.py": 5.5,
+    "test_experiment.py": 5.5,
+    "test_e2e_finetune.py": 2.5,
+    "test_advise.py": 1.5,
+    "test_alignment_e2e.py": 1.5,
+    "test_demo.py": 1.5,
+    "test_benchmark.py": 1.5,
+    "test_bad_inputs.py": 1.0,
+}
+
+
+def pytest_collection_modifyitems(session, config, items):
+    items.sort(key=lambda item: -SLOWEST_FIRST.get(item.path.name, 0.0))  # stable: file order otherwise kept

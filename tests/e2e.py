@@ -18,7 +18,8 @@ def nnunet_env(root: Path, dp_config: dict | None = None, **extra: str) -> dict[
     env = dict(os.environ)
     env.update(nnUNet_raw=str(root / "raw"), nnUNet_preprocessed=str(root / "pre"), nnUNet_results=str(root / "res"),
                nnUNet_extTrainer=os.pathsep.join([trainer_folder(), str(HERE / "ext_trainers")]),
-               nnUNet_n_proc_DA="0", nnUNet_def_n_proc="1", nnUNet_compile="f", OMP_NUM_THREADS="2")
+               nnUNet_n_proc_DA="0", nnUNet_def_n_proc="1", nnUNet_compile="f",
+               OMP_NUM_THREADS=os.environ["OMP_NUM_THREADS"])  # 1 under pytest-xdist: conftest.py
     if dp_config is not None:
         path = root / f"dp_{abs(hash(json.dumps(dp_config, sort_keys=True)))}.json"
         path.write_text(json.dumps(dp_config))

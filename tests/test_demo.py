@@ -7,7 +7,7 @@ from e2e import run
 
 
 def test_demo_quick_runs_the_whole_pipeline(tmp_path):
-    env = dict(os.environ, nnUNet_n_proc_DA="0", nnUNet_def_n_proc="1", OMP_NUM_THREADS="2")
+    env = dict(os.environ, nnUNet_n_proc_DA="0", nnUNet_def_n_proc="1")  # OMP_NUM_THREADS: conftest.py
     for key in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_dp_config"):
         env.pop(key, None)  # the demo sets its own
     work = tmp_path / "demo"
