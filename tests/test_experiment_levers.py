@@ -263,13 +263,15 @@ def public_run(tmp_path_factory):
     (root / "minimal.json").write_text(json.dumps(MINIMAL))
     out = root / "out"
     cmd = ["nnUNetv2_dp_experiment", "-d", str(DATASET_ID), "-c", "2d", "--rules", "nonprivate", "flat", "--epsilons",
-           "8", "--public-fraction", "0.3", "--seeds", "2", "--trainable", "norm_bias", "--refine", "none",
+           "8", "--public-fraction", "0.3", "--seeds", "2", "--trainable", "norm_bias", "--augmentations-per-case", "2",
+           "--ema-decay", "0.9", "--refine", "none",
            "--budget", str(root / "minimal.json"), "-o", str(out), "-device", "cpu", "-np", "1"]
     env = nnunet_env(root)
     return {"out": out, "cmd": cmd, "env": env, "first": run(cmd, env)}
 
 
-RUNS = ("nonprivate_s1", "nonprivate_s2", "flat_eps8_norm_bias_s1", "flat_eps8_norm_bias_s2")
+CELL = "flat_eps8_norm_bias_k2_ema0.9"
+RUNS = ("nonprivate_s1", "nonprivate_s2", f"{CELL}_s1", f"{CELL}_s2")
 
 
 def test_public_pretraining_then_private_fine_tuning_with_two_seeds(public_run):
@@ -296,16 +298,19 @@ def test_public_pretraining_then_private_fine_tuning_with_two_seeds(public_run):
         if name.startswith("flat"):
             privacy = json.loads((model / "fold_0" / "privacy.json").read_text())
             assert privacy["pretrained_weights"]["sha256"] == digest and privacy["trainable"] == "norm_bias"
+            assert privacy["augmentations_per_case"] == 2 and privacy["ema_decay"] == 0.9
+            final = torch.load(model / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+            assert final["ema_updates"] == privacy["steps"] and "raw_network_weights" in final  # EMA released
             assert privacy["num_training_cases"] == len(split["train"])
             assert "seed" not in json.loads((out / "runs" / name / "settings.json").read_text())
     md = (out / "results.md").read_text()
     assert "as close to the private data as public data can be" in md
-    assert "(n = 2)" in md and re.search(r"\| 8 \| flat \| default \([0-9.]+\) \| norm_bias \| [0-9.]+ ± [0-9.]+ \|", md)
+    assert "(n = 2)" in md and re.search(r"\| 8 \| flat \| default \([0-9.]+\) \| norm_bias, K=2, EMA 0.9 \| "
+                                         r"[0-9.]+ ± [0-9.]+ \|", md)
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert {r["run"] for r in rows if r["row"] == "repeat"} == set(RUNS)
-    assert {r["run"]: r["n"] for r in rows if r["row"] == "mean ± sd"} == {"nonprivate": "2",
-                                                                          "flat_eps8_norm_bias": "2"}
+    assert {r["run"]: r["n"] for r in rows if r["row"] == "mean ± sd"} == {"nonprivate": "2", CELL: "2"}
     budget = json.loads((out / "budget.json").read_text())
     assert budget["num_training_cases"] == len(split["train"]) and budget["seeds"] == 2
 
@@ -320,3 +325,24 @@ def test_second_invocation_skips_the_pretraining_and_every_run(public_run):
     assert again.stdout.count("finished earlier, skipped") == 1 + len(RUNS)
     assert "nnUNetv2_train" not in again.stdout and "Preprocessing:" not in again.stdout
     assert [c.stat().st_mtime_ns for c in ckpts] == before
+
+
+def test_a_given_pretrained_file_starts_every_run_of_a_real_grid(public_run, tmp_path):
+    """--pretrained FILE (here the public model above, as a user would bring one): checked, then passed to
+    nnUNetv2_train -pretrained_weights of the DP run, recorded with its sha256 in privacy.json, budget.json and the
+    report."""
+    ckpt = next((public_run["out"] / "public" / "nnUNet_results").glob("*/*/fold_all/checkpoint_final.pth"))
+    digest = hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    out = tmp_path / "out"
+    budget = public_run["out"].parent / "minimal.json"
+    run(["nnUNetv2_dp_experiment", "-d", str(DATASET_ID), "-c", "2d", "--rules", "flat", "--epsilons", "8",
+         "--pretrained", str(ckpt), "--trainable", "norm_bias", "--refine", "none", "--budget", str(budget),
+         "-o", str(out), "-device", "cpu", "-np", "1"], public_run["env"])
+    result = json.loads((out / "runs" / "flat_eps8_norm_bias" / "result.json").read_text())
+    assert result["pretrained"] == str(ckpt)
+    privacy = json.loads((Path(result["model_folder"]) / "fold_0" / "privacy.json").read_text())
+    assert privacy["pretrained_weights"]["sha256"] == digest and privacy["trainable"] == "norm_bias"
+    assert "-pretrained_weights " + str(ckpt) in (out / "runs" / "flat_eps8_norm_bias" / "log.txt").read_text()
+    assert json.loads((out / "budget.json").read_text())["start"] == {"from": "file", "path": str(ckpt),
+                                                                     "sha256": digest}
+    assert f"**Start: fine-tuned from {ckpt}** (sha256 {digest})" in (out / "results.md").read_text()
