@@ -16,6 +16,7 @@ from batchgenerators.utilities.file_and_folder_operations import load_json
 from nnunet_dp.postprocessing.errors import DPMorphError
 from nnunet_dp.postprocessing.folders import (
     DatasetInfo,
+    backup_previous,
     check_folders,
     final_case,
     find_json,
@@ -102,18 +103,28 @@ def _settings(folders: tuple[str, str, str], mode: Mode, candidates: Sequence[Ca
 
 
 def _score(pairs: list[tuple[str, str]], info: DatasetInfo, candidates: list[Candidate], spacing: list[float] | None,
-           slice_axis: int, num_processes: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-case Dice arrays [n_cases, n_candidates, n_labels]: class refined alone / all classes refined."""
+           slice_axis: int, num_processes: int) -> tuple[np.ndarray, ...]:
+    """Per-case arrays [n_cases, n_candidates, n_labels]: Dice with the class refined alone / all classes refined,
+    whether the class keeps a voxel (all refined); and [n_cases, n_labels]: whether the reference has the class."""
     scores = map_cases(score_case, [(p, r, info, candidates, spacing, slice_axis) for p, r in pairs],
                        num_processes, "DP-Morph: scoring candidates")
-    return np.stack([s[0] for s in scores]), np.stack([s[1] for s in scores])
+    return tuple(np.stack([s[i] for s in scores]) for i in range(4))
 
 
-def _select(alone: np.ndarray, every: np.ndarray, labels: Sequence[int], candidates: list[Candidate], mode: Mode,
+def _select(scores: tuple[np.ndarray, ...], labels: Sequence[int], candidates: list[Candidate], mode: Mode,
             margin: float, epsilon_select: float | None, seed: int | None) -> Selection:
     """The selection. A private one draws from fresh OS entropy unless seeded; the seed is never returned (inv. 8)."""
     rng = None if epsilon_select is None else selection_generator(seed)
-    return select(alone, every, labels, candidates, mode=mode, margin=margin, epsilon_select=epsilon_select, rng=rng)
+    alone, every, kept, in_ref = scores
+    return select(alone, every, labels, candidates, mode=mode, margin=margin, epsilon_select=epsilon_select, rng=rng,
+                  presence=(kept, in_ref))
+
+
+def _backup(folders: Sequence[str]) -> None:
+    """Keep an earlier determination's files (nnU-Net's connected-component step writes into -i as well)."""
+    for folder in dict.fromkeys(folders):
+        for path in backup_previous(folder):
+            print(f"DP-Morph: kept the previous {os.path.basename(path).split('.bak-')[0]} as {path}")
 
 
 def determine_dp_morph(folder_predictions: str, folder_ref: str, plans_file: str | None = None,
@@ -138,13 +149,15 @@ def determine_dp_morph(folder_predictions: str, folder_ref: str, plans_file: str
     slice_axis, usable = geometry(info, pairs[0][0], planes)
     candidates = [c for c in candidates if c.plane in usable or c.operation == "none"]
     cc_fns, cc_kwargs, cc_summary, searched = [], [], None, folder_predictions
+    _backup([output_folder or folder_predictions, *([folder_predictions] if with_connected_components else [])])
     if with_connected_components:
         cc_fns, cc_kwargs, cc_summary, searched = _connected_components(
             folder_predictions, folder_ref, plans_file, dataset_json_file, num_processes)
         search_pairs = pair_cases(searched, folder_ref, info.file_ending)
     spacing = list(info.median_spacing) if radius_unit == "mm" else None
-    alone, every = _score(search_pairs, info, candidates, spacing, slice_axis, num_processes)
-    selection = _select(alone, every, info.labels, candidates, mode, margin, epsilon_select, seed)
+    scores = _score(search_pairs, info, candidates, spacing, slice_axis, num_processes)
+    alone, every = scores[:2]
+    selection = _select(scores, info.labels, candidates, mode, margin, epsilon_select, seed)
     kwargs = {"steps": [s.to_kwargs() for s in selection.steps], "spacing": spacing, "slice_axis": slice_axis}
     pp_fns, pp_kwargs = (cc_fns + [refine_label_map], cc_kwargs + [kwargs]) if selection.steps else (cc_fns, cc_kwargs)
     finals = map_cases(final_case, [(p, r, info, pp_fns, pp_kwargs) for p, r in pairs], num_processes,

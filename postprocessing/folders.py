@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import shutil
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -97,11 +99,11 @@ def read_case(pred_file: str, ref_file: str, info: DatasetInfo) -> tuple[np.ndar
 
 
 def score_case(pred_file: str, ref_file: str, info: DatasetInfo, candidates: Sequence[Candidate],
-               spacing: Sequence[float] | None, slice_axis: int) -> tuple[np.ndarray, np.ndarray]:
-    """search.case_dice on one case read from disk (runs in a worker)."""
+               spacing: Sequence[float] | None, slice_axis: int) -> tuple[np.ndarray, ...]:
+    """search.case_dice on one case read from disk (runs in a worker): alone, every, kept, in_ref."""
     seg, ref = read_case(pred_file, ref_file, info)
     return case_dice(seg, ref, info.labels, candidates, spacing=spacing, slice_axis=slice_axis,
-                     ignore_label=info.ignore_label)
+                     ignore_label=info.ignore_label, presence=True)
 
 
 def final_case(pred_file: str, ref_file: str, info: DatasetInfo, pp_fns: list[Callable],
@@ -127,13 +129,40 @@ def map_cases(fn: Callable, jobs: Sequence[tuple], num_processes: int, desc: str
         return list(tqdm(pool.imap(_star, [(fn, job) for job in jobs]), total=len(jobs), desc=desc))
 
 
+BACKED_UP = ("postprocessing.pkl", "postprocessing.json", "postprocessing_scores.json")
+
+
+def backup_previous(folder: str) -> list[str]:
+    """Copy the files of an earlier determination in `folder` to <name>.bak-<time>[-<counter>] before anything is
+    written there; a backup is never overwritten (the counter grows until every name is free). The paths made."""
+    present = [name for name in BACKED_UP if os.path.isfile(os.path.join(folder, name))]
+    if not present:
+        return []
+    stamp, counter = time.strftime("%Y%m%d-%H%M%S"), 0
+    while True:
+        suffix = f".bak-{stamp}" + (f"-{counter}" if counter else "")
+        if not any(os.path.exists(os.path.join(folder, name + suffix)) for name in BACKED_UP):
+            break
+        counter += 1
+    made = []
+    for name in present:
+        made.append(os.path.join(folder, name + suffix))
+        shutil.copy2(os.path.join(folder, name), made[-1])
+    return made
+
+
 def write_postprocessing(folder: str, pp_fns: list[Callable], pp_kwargs: list[dict], summary: dict,
                          private_scores: dict | None = None) -> None:
     """postprocessing.pkl exactly as nnU-Net writes it ((fns, kwargs)) and postprocessing.json next to it.
 
-    private_scores (only with private selection) goes to postprocessing_scores.json: it is not privatised.
+    private_scores (only with private selection) goes to postprocessing_scores.json: it is not privatised. An older
+    postprocessing_scores.json (kept by backup_previous) is removed when this choice has none, so it cannot pass for
+    this choice's scores.
     """
     os.makedirs(folder, exist_ok=True)
+    stale = os.path.join(folder, "postprocessing_scores.json")
+    if private_scores is None and os.path.isfile(stale):
+        os.remove(stale)
     save_pickle((pp_fns, pp_kwargs), os.path.join(folder, "postprocessing.pkl"))
     for name, content in (("postprocessing.json", summary), ("postprocessing_scores.json", private_scores)):
         if content is not None:

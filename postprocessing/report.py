@@ -12,6 +12,8 @@ DICE_CONVENTION = ("mean over cases of Dice = 2|P&R|/(|P|+|R|), voxels with the 
 NOT_PRIVATE = ("These Dice values are computed from the validation cases and are NOT privatised. Keep this file with "
                "the private data; releasing it is not covered by epsilon_select.")
 
+ERASES = ("not eligible: deletes every voxel of a class that the validation references contain (global mode never "
+          "chooses such a candidate)")
 
 SEEDED = ("the selection was seeded (-seed): it is reproducible, not private, so its epsilon_select does not hold; "
           "whoever knows the seed recomputes the choice from the utilities (the seed is not recorded)")
@@ -39,7 +41,8 @@ def privacy_record(epsilon_select: float | None, num_cases: int, num_selections:
     return {"private_selection": True, "epsilon_select": float(epsilon_select), "private_randomness": not seeded,
             "randomness": randomness,
             "mechanism": "exponential mechanism (McSherry & Talwar 2007): P(c) ~ exp(eps * u(c) / (2 * du))",
-            "utility": "mean Dice over the cases, minus the margin for every candidate except none",
+            "utility": "mean Dice over the cases, minus the margin for every candidate except none (global mode: a "
+                       "case in which the candidate deletes a class that its reference and prediction hold scores 0)",
             "sensitivity": 1.0 / num_cases, "num_cases": num_cases, "num_selections": num_selections,
             "epsilon_per_selection": float(epsilon_select) / num_selections,
             "composition": "basic: the selections' epsilons add up to epsilon_select", "assumptions": assumptions}
@@ -75,6 +78,9 @@ def build_summary(settings: dict[str, Any], privacy: dict[str, Any], selection: 
               "dice_after": mean_dice(final[1], labels), "candidate_dice": table}
     record = {**settings, "num_cases": int(alone.shape[0]), "choice": choice, "privacy": privacy,
               "dice_convention": DICE_CONVENTION}
+    if selection.excluded:  # only for a non-private choice, whose scores are in this file anyway
+        record["excluded_candidates"] = {"reason": ERASES, "candidates": [_describe(candidates[i])
+                                                                          for i in selection.excluded]}
     if privacy["private_selection"]:
         record["scores"] = "withheld (not privatised): see postprocessing_scores.json"
         private_scores: dict[str, Any] | None = {"note": NOT_PRIVATE, **scores}
@@ -97,6 +103,9 @@ def format_result(main: dict[str, Any], folder: str) -> str:
         what = "none" if choice["operation"] == "none" else \
             f"{choice['operation']}, radius {choice['radius']:g} {unit}, {choice['plane']}"
         lines.append(f"  {name}: {what}")
+    if record.get("excluded_candidates"):
+        lines.append(f"  {len(record['excluded_candidates']['candidates'])} candidate(s) not eligible: they delete "
+                     "every voxel of a class that the references contain")
     if "dice_before" in record:
         for key in [*record["labels"], "foreground_mean"]:
             lines.append(f"  Dice {key}: {record['dice_before'][key]:.4f} -> {record['dice_after'][key]:.4f}")

@@ -8,7 +8,7 @@ out of its means.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
 
 import numpy as np
@@ -91,17 +91,20 @@ def _refined_masks(seg: np.ndarray, labels: Sequence[int], candidates: Sequence[
 
 
 def case_dice(seg: np.ndarray, ref: np.ndarray, labels: Sequence[int], candidates: Sequence[Candidate], *,
-              spacing: Sequence[float] | None = None, slice_axis: int = 0,
-              ignore_label: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+              spacing: Sequence[float] | None = None, slice_axis: int = 0, ignore_label: int | None = None,
+              presence: bool = False) -> tuple[np.ndarray, ...]:
     """Dice per (candidate, class) for one case, two ways (arrays of shape [n_candidates, n_labels]).
 
     alone: only that class refined (what the adaptive mode chooses from; exact for the final map unless two
     classes add the same background voxel); all: every class refined with the candidate and merged by
-    refine.combine (what the global mode applies).
+    refine.combine (what the global mode applies). presence=True adds kept [n_candidates, n_labels] (the class
+    still has a voxel in the all-refined map; row 0, "none", is the prediction itself) and in_ref [n_labels] (the
+    reference has the class): what the global mode needs to see a candidate that erases a class (select).
     """
     valid = None if ignore_label is None else ref != ignore_label
     alone = np.empty((len(candidates), len(labels)))
     every = np.empty_like(alone)
+    kept = np.zeros(alone.shape, dtype=bool)
     refs = {label: ref == label for label in labels}
     own = {label: (seg == 0) | (seg == label) for label in labels}
     for index, masks in _refined_masks(seg, labels, candidates, spacing, slice_axis):
@@ -109,7 +112,31 @@ def case_dice(seg: np.ndarray, ref: np.ndarray, labels: Sequence[int], candidate
         for k, label in enumerate(labels):
             alone[index, k] = dice(masks[label] & own[label], refs[label], valid)
             every[index, k] = dice(merged == label, refs[label], valid)
-    return alone, every
+            kept[index, k] = bool(np.any(merged == label))
+    if not presence:
+        return alone, every
+    return alone, every, kept, np.array([bool(np.any(refs[label])) for label in labels])
+
+
+def erasures(kept: np.ndarray, in_ref: np.ndarray) -> np.ndarray:
+    """[n_candidates, n_labels]: the candidate deletes every voxel of a class that the references contain.
+
+    kept [n_cases, n_candidates, n_labels] and in_ref [n_cases, n_labels] from case_dice(presence=True); candidate 0
+    is "none" (the predictions). True where some reference has the class, some prediction has it, and no case keeps
+    a voxel of it after the candidate.
+    """
+    return in_ref.any(axis=0)[None, :] & kept[:, 0, :].any(axis=0)[None, :] & ~kept.any(axis=0)
+
+
+def _private_global_utility(every: np.ndarray, kept: np.ndarray | None, in_ref: np.ndarray | None) -> np.ndarray:
+    """Mean over cases of the case's mean Dice, where a case in which the candidate deletes a class that the case's
+    reference and prediction both hold scores 0. Each case's utility stays in [0, 1] and depends on that case only,
+    so the sensitivity stays 1/n: a hard exclusion would depend on the validation cases and void epsilon_select."""
+    per_case = every.mean(axis=2)
+    if kept is not None and in_ref is not None:
+        erased = (in_ref[:, None, :] & kept[:, :1, :] & ~kept).any(axis=2)
+        per_case = np.where(erased, 0.0, per_case)
+    return per_case.mean(axis=0)
 
 
 @dataclass(frozen=True)
@@ -119,24 +146,49 @@ class Selection:
     steps: list[Step]
     chosen: dict[str, int]  # class key ("1", "2", ... or "all") -> candidate index
     utilities: dict[str, list[float]]  # class key -> utility of every candidate
+    excluded: list[int] = field(default_factory=list)  # global mode: candidates that erase a class (never chosen)
 
 
 def _choose(utility: np.ndarray, margin: float, epsilon: float | None, sensitivity: float,
-            rng: np.random.Generator | None) -> int:
-    """Best candidate if it beats "none" (index 0) by margin; privately: exponential mechanism on u - margin."""
+            rng: np.random.Generator | None, excluded: Sequence[int] = ()) -> int:
+    """Best candidate if it beats "none" (index 0) by margin; privately: exponential mechanism on u - margin.
+    Excluded candidates (never "none") are not chosen by the non-private argmax."""
     if epsilon is None:
-        best = int(np.argmax(utility))
-        return best if utility[best] > utility[0] + margin else 0
+        allowed = np.array(utility, dtype=float)
+        allowed[list(excluded)] = -np.inf
+        best = int(np.argmax(allowed))
+        return best if allowed[best] > utility[0] + margin else 0
     penalised = utility - margin * (np.arange(len(utility)) != 0)
     return exponential_mechanism(penalised, epsilon=epsilon, sensitivity=sensitivity, rng=rng)
 
 
+def _select_global(every: np.ndarray, labels: Sequence[int], candidates: Sequence[Candidate], margin: float,
+                   epsilon_select: float | None, rng: np.random.Generator | None,
+                   presence: tuple[np.ndarray, np.ndarray] | None) -> Selection:
+    """One candidate for every class. Non-private: never one that deletes every voxel of a class that the references
+    contain (erasures). Private: such a candidate scores 0 on the cases where it erases a class (see
+    _private_global_utility); the choice stays epsilon_select-DP."""
+    kept, in_ref = presence if presence is not None else (None, None)
+    excluded = [] if kept is None or epsilon_select is not None else [int(i) for i in np.flatnonzero(erasures(kept, in_ref).any(axis=1)) if i != 0]
+    if epsilon_select is None:
+        utility = every.mean(axis=0).mean(axis=1)
+    else:
+        utility = _private_global_utility(every, kept, in_ref)
+    index = _choose(utility, margin, epsilon_select, 1.0 / every.shape[0], rng, excluded)
+    cand = candidates[index]
+    steps = [Step(label, cand.operation, cand.radius, cand.plane) for label in labels]
+    return Selection([s for s in steps if s.operation != "none"], {"all": index}, {"all": utility.tolist()}, excluded)
+
+
 def select(alone: np.ndarray, every: np.ndarray, labels: Sequence[int], candidates: Sequence[Candidate], *,
            mode: Mode, margin: float = 0.0, epsilon_select: float | None = None,
-           rng: np.random.Generator | None = None) -> Selection:
+           rng: np.random.Generator | None = None,
+           presence: tuple[np.ndarray, np.ndarray] | None = None) -> Selection:
     """Choose from per-case Dice arrays of shape [n_cases, n_candidates, n_labels] (from case_dice).
 
-    global: one candidate for every class, utility = mean over classes of the class mean Dice (all refined).
+    global: one candidate for every class, utility = mean over classes of the class mean Dice (all refined); with
+    presence = (kept [n_cases, n_candidates, n_labels], in_ref [n_cases, n_labels]) from case_dice(presence=True),
+    never a candidate that deletes every voxel of a class the references contain (_select_global).
     adaptive: per class, utility = that class's mean Dice with only it refined. Private: the exponential mechanism
     with sensitivity 1/n_cases; adaptive spends epsilon_select / n_labels per class (basic composition).
     """
@@ -144,11 +196,7 @@ def select(alone: np.ndarray, every: np.ndarray, labels: Sequence[int], candidat
         raise DPMorphError("mode", mode, f"one of {list(MODES)}")
     sensitivity = 1.0 / alone.shape[0]
     if mode == "global":
-        utility = every.mean(axis=0).mean(axis=1)
-        index = _choose(utility, margin, epsilon_select, sensitivity, rng)
-        cand = candidates[index]
-        steps = [Step(label, cand.operation, cand.radius, cand.plane) for label in labels]
-        return Selection([s for s in steps if s.operation != "none"], {"all": index}, {"all": utility.tolist()})
+        return _select_global(every, labels, candidates, margin, epsilon_select, rng, presence)
     eps = None if epsilon_select is None else epsilon_select / len(labels)
     steps, chosen, utilities = [], {}, {}
     for k, label in enumerate(labels):

@@ -1,10 +1,28 @@
-"""Small command-line helpers: where the trainers live, and a privacy summary of a trained folder."""
+"""Small command-line helpers: where the trainers live, and the privacy of trained folders and of a release."""
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import sys
+from collections.abc import Sequence
+from typing import Any
+
+from nnunet_dp.errors import DPError, DPLedgerError
+from nnunet_dp.journal import JOURNAL_FILE, read_history, total_steps
+from nnunet_dp.release import (
+    DPReleaseError,
+    FoldRun,
+    SelectionRun,
+    compose_release,
+    format_release,
+    selection_from_summary,
+)
+
+RELEASE_JSON = "release_privacy.json"
+_REQUIRED = ("epsilon", "delta", "accountant", "steps", "noise_multiplier", "sampling_rate", "rule", "clip_norm",
+             "num_training_cases", "status", "assumptions")
 
 
 def trainer_folder() -> str:
@@ -24,27 +42,155 @@ def env_main() -> None:
     print(f"export nnUNet_extTrainer={os.pathsep.join([folder, *paths])}")
 
 
-def privacy_main() -> None:
-    """nnUNetv2_dp_privacy: print the privacy.json of a trained fold folder in a readable form."""
-    ap = argparse.ArgumentParser(description="Summarise privacy.json of a DP training output folder.")
-    ap.add_argument("folder", help="fold folder, e.g. $nnUNet_results/Dataset.../nnUNetTrainerDP__...__2d/fold_0")
-    args = ap.parse_args()
-    path = os.path.join(args.folder, "privacy.json")
+def read_privacy_json(folder: str) -> dict[str, Any]:
+    """privacy.json of a DP fold folder; stops with a message naming the folder when it is missing or not one."""
+    path = os.path.join(folder, "privacy.json")
     if not os.path.isfile(path):
-        sys.exit(f"No privacy.json in {args.folder!r}: is this the fold folder of a DP trainer run?")
+        raise DPReleaseError("FOLD_DIR", folder, "the fold folder of a DP trainer run (with privacy.json)",
+                             f"No privacy.json in {folder!r}: is this the fold folder of a DP trainer run?")
     try:
         with open(path) as f:
             rep = json.load(f)
-        missing = [k for k in ("epsilon", "delta", "accountant", "steps", "noise_multiplier", "sampling_rate", "rule",
-                               "clip_norm", "num_training_cases", "status", "assumptions") if k not in rep]
+        missing = [k for k in _REQUIRED if k not in rep]
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, TypeError) as e:
-        sys.exit(f"{path} is not a readable privacy.json ({type(e).__name__}: {e}); it may be truncated. Rerun "
-                 "the training with --c to rewrite it.")
+        raise DPReleaseError(path, f"{type(e).__name__}: {e}", "a readable privacy.json",
+                             "It may be truncated (not valid JSON). Rerun the training with --c to rewrite it.") from e
     if missing:
-        sys.exit(f"{path} lacks {', '.join(missing)}: not a privacy.json written by an nnunet-dp trainer.")
-    print(f"epsilon = {rep['epsilon']:.4f} at delta = {rep['delta']} ({rep['accountant']}), {rep['steps']} steps, "
-          f"sigma = {rep['noise_multiplier']:.4f}, q = {rep['sampling_rate']:.4f}, rule = {rep['rule']}, "
-          f"C = {rep['clip_norm']}, N = {rep['num_training_cases']}, status: {rep['status']}")
+        raise DPReleaseError(path, f"lacks {', '.join(missing)}", "a privacy.json written by an nnunet-dp trainer",
+                             "Give the fold folders of DP trainer runs only.")
+    return rep
+
+
+def _summary(folder: str, rep: dict[str, Any]) -> str:
+    return (f"{folder}: epsilon = {rep['epsilon']:.4f} at delta = {rep['delta']} ({rep['accountant']}), "
+            f"{rep['steps']} steps, sigma = {rep['noise_multiplier']:.4f}, q = {rep['sampling_rate']:.4f}, "
+            f"rule = {rep['rule']}, C = {rep['clip_norm']}, N = {rep['num_training_cases']}, status: {rep['status']}")
+
+
+def _history(folder: str, rep: dict[str, Any]) -> tuple[tuple[tuple[float, float, int], ...], str]:
+    """Every step the folder ran: the journal (write-ahead, crashed runs included) or privacy.json's ledger,
+    whichever knows more steps; (sigma, q, steps) of privacy.json for files without a ledger history."""
+    ledger = rep.get("ledger_history")
+    ledger = [(float(s), float(q), int(n)) for s, q, n in ledger] if ledger is not None else \
+        [(float(rep["noise_multiplier"]), float(rep["sampling_rate"]), int(rep["steps"]))]
+    try:
+        journal = read_history(os.path.join(folder, JOURNAL_FILE))
+    except DPLedgerError as e:
+        raise DPReleaseError(f"{JOURNAL_FILE} in {folder}", "damaged", "a readable privacy journal", str(e)) from e
+    if journal and total_steps(journal) >= total_steps(ledger):
+        return tuple(journal), JOURNAL_FILE
+    return tuple(ledger), "privacy.json ledger_history" if "ledger_history" in rep else "privacy.json steps"
+
+
+def _read_optional_json(path: str) -> Any:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+
+
+def _dataset(folder: str) -> str | None:
+    plans = _read_optional_json(os.path.join(os.path.dirname(os.path.abspath(folder)), "plans.json"))
+    return plans.get("dataset_name") if isinstance(plans, dict) else None
+
+
+def _splits_file(folder: str, given: str | None, dataset: str | None) -> tuple[str | None, list[str]]:
+    """--splits, else splits_final.json where nnU-Net's debug.json says the run's preprocessed data were, else in
+    $nnUNet_preprocessed/<dataset>; (None, the places looked in) when there is none."""
+    if given is not None:
+        if not os.path.isfile(given):
+            raise DPReleaseError("--splits", given, "an existing splits_final.json")
+        return given, [given]
+    debug = _read_optional_json(os.path.join(folder, "debug.json"))
+    places = [os.path.join(p, "splits_final.json") for p in (
+        debug.get("preprocessed_dataset_folder_base") if isinstance(debug, dict) else None,
+        os.path.join(os.environ["nnUNet_preprocessed"], dataset)
+        if dataset and os.environ.get("nnUNet_preprocessed") else None) if p]
+    return next((p for p in places if os.path.isfile(p)), None), places
+
+
+def _membership(folder: str, rep: dict[str, Any], splits: str | None,
+                looked: list[str]) -> tuple[frozenset[str] | None, str]:
+    """The fold's training cases from splits_final.json (None: every case, an upper bound) and where they came from."""
+    match = re.fullmatch(r"fold_(\d+|all)", os.path.basename(os.path.normpath(folder)))
+    if match is None or match.group(1) == "all":
+        why = "fold 'all' trains on every case" if match else "folder not named fold_N: assumed to hold every case"
+        return None, why
+    if splits is None:
+        return None, f"no splits_final.json (looked in {looked}; pass --splits): assumed to hold every case (upper bound)"
+    fold, table = int(match.group(1)), _read_optional_json(splits)
+    if not isinstance(table, list) or not all(isinstance(s, dict) and isinstance(s.get("train"), list) for s in table):
+        raise DPReleaseError("splits file", splits, "nnU-Net's splits_final.json: a list of {train: [...], val: [...]}")
+    if fold >= len(table):
+        return None, f"fold {fold} not in {splits} (nnU-Net used a random 80:20 split): assumed to hold every case"
+    cases = frozenset(str(c) for c in table[fold]["train"])
+    if len(cases) != int(rep["num_training_cases"]):
+        raise DPReleaseError(f"training cases of fold {fold} in {splits}", len(cases),
+                             f"num_training_cases = {rep['num_training_cases']} of {folder}/privacy.json",
+                             "This is not the split the run trained with: pass the right file with --splits.")
+    return cases, f"{splits}, fold {fold}"
+
+
+def load_fold(folder: str, splits: str | None = None) -> FoldRun:
+    rep = read_privacy_json(folder)
+    history, source = _history(folder, rep)
+    dataset = _dataset(folder)
+    cases, membership = _membership(folder, rep, *_splits_file(folder, splits, dataset))
+    return FoldRun(folder=folder, history=history, history_source=source, accountant=str(rep["accountant"]),
+                   delta=float(rep["delta"]), epsilon_reported=float(rep["epsilon"]), dataset=dataset,
+                   num_training_cases=int(rep["num_training_cases"]), training_cases=cases,
+                   membership_source=membership, private_randomness=rep.get("private_randomness"),
+                   status=str(rep["status"]))
+
+
+def load_selection(path: str) -> tuple[SelectionRun, list[str]]:
+    """The selection in a postprocessing folder (or its postprocessing.pkl/.json) and its assumptions."""
+    folder = os.path.dirname(path) if os.path.isfile(path) else path
+    if not (os.path.isfile(os.path.join(folder, "postprocessing.pkl"))
+            or os.path.isfile(os.path.join(folder, "postprocessing.json"))):
+        raise DPReleaseError("--postprocessing", path, "a folder with postprocessing.pkl and postprocessing.json "
+                             "(written by nnUNetv2_dp_determine_postprocessing)")
+    json_path = os.path.join(folder, "postprocessing.json")
+    summary = _read_optional_json(json_path) if os.path.isfile(json_path) else None
+    if os.path.isfile(json_path) and summary is None:
+        raise DPReleaseError(json_path, "unreadable", "valid JSON", "Rerun the determination to rewrite it.")
+    privacy = (summary or {}).get("dp_morph", {}).get("privacy", {}) if isinstance(summary, dict) else {}
+    return selection_from_summary(json_path, summary), list(privacy.get("assumptions", []))
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description="The (epsilon, delta) of a release: the DP fold runs ensembled for "
+                                             "prediction, composed per case, plus a DP-Morph selection.")
+    ap.add_argument("folders", nargs="+", metavar="FOLD_DIR",
+                    help="fold folder(s), e.g. $nnUNet_results/Dataset.../nnUNetTrainerDP__...__2d/fold_0")
+    ap.add_argument("--postprocessing", metavar="PP_DIR", default=None,
+                    help="folder of the postprocessing.pkl/.json released with the models")
+    ap.add_argument("--splits", default=None, help="splits_final.json the folds trained with. Default: found through "
+                                                   "the fold's debug.json or $nnUNet_preprocessed/<dataset>")
+    ap.add_argument("--delta", type=float, default=None, help="delta of the release. Default: the runs' delta")
+    ap.add_argument("-o", default=RELEASE_JSON, help=f"output file. Default: ./{RELEASE_JSON}")
+    return ap
+
+
+def privacy_main(argv: Sequence[str] | None = None) -> None:
+    """nnUNetv2_dp_privacy: each fold's privacy.json in a readable form, and the (epsilon, delta) of the release."""
+    from nnunet_dp.nnunet.report import versions, write_json_atomic
+
+    args = _parser().parse_args(argv)
+    try:
+        reports = [read_privacy_json(f) for f in args.folders]
+        folds = [load_fold(f, args.splits) for f in args.folders]
+        selection, pp_assumptions = (None, []) if args.postprocessing is None else load_selection(args.postprocessing)
+        release = compose_release(folds, selection, delta=args.delta)
+    except DPError as e:
+        sys.exit(f"ERROR: {e}")
+    assumptions = list(dict.fromkeys([a for r in reports for a in r["assumptions"]] + pp_assumptions))
+    release.update(assumptions=assumptions, versions=versions())
+    write_json_atomic(args.o, release)
+    for folder, rep in zip(args.folders, reports):
+        print(_summary(folder, rep))
     print("Not covered by epsilon:")
-    for a in rep["assumptions"]:
+    for a in assumptions:
         print(f"  - {a}")
+    print(format_release(release, args.o))
