@@ -19,7 +19,8 @@ ASSUMPTIONS: tuple[str, ...] = (
     ("Plans and preprocessing: the dataset fingerprint (intensity percentiles, mean and std of foreground voxels "
      "used for CT normalisation; image shapes and spacings that set target spacing and patch size) is computed "
      "from all training cases without noise. Treat plans.json and dataset_fingerprint.json as private, or plan on "
-     "public data."),
+     "public data (nnUNetv2_move_plans_between_datasets, which privacy.json cannot tell from this dataset's own "
+     "plans) or without data (nnUNetv2_dp_plan, recognised under 'plans')."),
     ("The number of training cases N (num_training_cases, and q = expected_batch_size / N) is published in this "
      "file and is assumed public; DP protects which cases took part, not how many."),
     ("Case membership: splits_final.json, debug.json and the training log name the training cases. Do not release "
@@ -46,6 +47,13 @@ ASSUMPTIONS: tuple[str, ...] = (
      "nnUNetv2_dp_alignment writes: alignment.csv, alignment_cases.csv with per-case rows keyed by case identifier, "
      "summary.json, plots) is computed from unnoised per-case gradients and is not covered by epsilon."),
 )
+# Replaces ASSUMPTIONS[0] when the plans were written by nnUNetv2_dp_plan and are unchanged (plans.plans_provenance).
+USER_PLANS = ("Plans and preprocessing: the plans '{plans_name}' (configuration {configuration}) were written by "
+              "nnUNetv2_dp_plan from user-given values only ({values}; command: {command}). Spacing, patch size, "
+              "network topology and normalisation read nothing from the training cases (the planner reads only "
+              "dataset.json's channels, labels and file ending); the trainer neither read nor copied "
+              "dataset_fingerprint.json. Preprocessing resamples and normalises each case on its own. The values are "
+              "assumed to be chosen without looking at the private cases.")
 # Added when a seed is set (DESIGN.md invariant 8).
 SEEDED = ("Reproducible, not private: the noise and the Poisson sampling were seeded (setting 'seed'). Anyone who "
           "knows or guesses the seed can regenerate the noise and remove it from the released weights: epsilon does "
@@ -63,11 +71,17 @@ def versions() -> dict[str, str]:
 
 
 def privacy_report(run: DPRun, cfg: DPConfig, *, status: str, dropped_cases: int = 0,
-                   extra: dict[str, Any] | None = None, extra_assumptions: list[str] | None = None) -> dict[str, Any]:
+                   extra: dict[str, Any] | None = None, extra_assumptions: list[str] | None = None,
+                   plans: dict[str, Any] | None = None) -> dict[str, Any]:
     """Epsilon counts every step recorded in the fold folder's journal (crashed runs included), not only the
     steps of the model in checkpoint_final. `extra`: fields of the trainer's fine-tuning levers (trained
-    parameters, pretrained weights, augmentations per case, EMA, noise advice), placed before `versions`."""
+    parameters, pretrained weights, augmentations per case, EMA, noise advice), placed before `versions`.
+    `plans`: nnunet_dp.nnunet.plans.plans_provenance; data-independent plans replace the plans assumption."""
     p = run.plan
+    assumptions = list(ASSUMPTIONS)
+    if plans is not None and plans.get("data_independent"):
+        assumptions[0] = USER_PLANS.format(**{k: plans.get(k) for k in ("plans_name", "configuration", "command")},
+                                           values=json.dumps(plans.get("values"), sort_keys=True))
     return {
         "epsilon": run.epsilon(),
         "delta": p.delta,
@@ -92,8 +106,9 @@ def privacy_report(run: DPRun, cfg: DPConfig, *, status: str, dropped_cases: int
         "dropped_cases": dropped_cases,
         "private_randomness": cfg.private_randomness,
         **(extra or {}),
+        **({} if plans is None else {"plans": plans}),
         "versions": versions(),
-        "assumptions": list(ASSUMPTIONS) + list(extra_assumptions or []) + ([] if cfg.private_randomness else [SEEDED]),
+        "assumptions": assumptions + list(extra_assumptions or []) + ([] if cfg.private_randomness else [SEEDED]),
     }
 
 

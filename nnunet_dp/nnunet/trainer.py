@@ -31,7 +31,7 @@ from nnunet_dp.nnunet.alignment_hook import maybe_record_alignment
 from nnunet_dp.nnunet.augmenter import make_augmenter
 from nnunet_dp.nnunet.case_loss import make_case_loss
 from nnunet_dp.nnunet.loader import nnUNetPoissonDataLoader
-from nnunet_dp.nnunet.plans import apply_dp_to_configuration
+from nnunet_dp.nnunet.plans import apply_dp_to_configuration, plans_provenance, start_without_fingerprint
 from nnunet_dp.nnunet.report import CONFIG_JSON, PRIVACY_JSON, privacy_report, write_json_atomic
 from nnunet_dp.nnunet.resume import attach_journal, check_dropped, check_labels, load_dp_config, read_checkpoint
 from nnunet_dp.optim import default_lr, noise_per_coordinate
@@ -263,7 +263,10 @@ class nnUNetTrainerDP(nnUNetTrainer):
     # ---- reporting ----------------------------------------------------------------------------------------------
     def on_train_start(self) -> None:
         finetune.start_finetuning(self)  # raw weights of a resume, the public checkpoint's record, the EMA
-        super().on_train_start()
+        if plans_provenance(self.plans_manager.plans, self.configuration_name)["data_independent"]:
+            start_without_fingerprint(self)  # nnUNetv2_dp_plan's plans: the private fingerprint is not read
+        else:
+            super().on_train_start()
         self.dp_status = "training"
         attach_journal(self)
         if self.local_rank == 0:
@@ -300,7 +303,9 @@ class nnUNetTrainerDP(nnUNetTrainer):
             write_json_atomic(join(self.output_folder, PRIVACY_JSON),
                               privacy_report(self.dp_run, self.dp_config, status=self.dp_status,
                                              dropped_cases=self.dp_dropped, extra=extra,
-                                             extra_assumptions=assumptions))
+                                             extra_assumptions=assumptions,
+                                             plans=plans_provenance(self.plans_manager.plans,
+                                                                    self.configuration_name)))
 
     # ---- checkpoints: the ledger travels in every one ------------------------------------------------------------
     def save_checkpoint(self, filename: str) -> None:
