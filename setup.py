@@ -8,7 +8,9 @@ setup(
     python_requires=">=3.10",
     packages=[
         "nnunet_dp",
+        "nnunet_dp.audit",
         "nnunet_dp.nnunet",
+        "nnunet_dp.nnunet.audit",
         "nnunet_dp.nnunet.experiment",
         "nnunet_dp.nnunet.experiment.trainers",
         "nnunet_dp.postprocessing",
@@ -43,6 +45,8 @@ setup(
             "nnUNetv2_dp_benchmark=nnunet_dp.nnunet.benchmark_cli:main",
             "nnUNetv2_dp_experiment=nnunet_dp.nnunet.experiment.cli:main",
             "nnUNetv2_dp_advise=nnunet_dp.nnunet.advise_cli:main",
+            "nnUNetv2_dp_audit=nnunet_dp.nnunet.audit.cli:main",
+            "nnUNetv2_dp_plan=nnunet_dp.nnunet.dp_plan:main",
         ],
     },
 )

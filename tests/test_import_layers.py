@@ -5,12 +5,15 @@ from pathlib import Path
 
 import nnunet_dp
 
-# every core module, found on disk, so a new module cannot be forgotten here
-CORE = sorted(p.stem for p in Path(nnunet_dp.__file__).parent.glob("*.py") if p.stem != "__init__")
+# every core module, subpackages included (all but nnunet_dp.nnunet), found on disk so none can be forgotten here
+ROOT = Path(nnunet_dp.__file__).parent
+CORE = sorted(".".join(p.relative_to(ROOT).with_suffix("").parts) for p in ROOT.rglob("*.py")
+              if p.relative_to(ROOT).parts[0] != "nnunet" and p.stem != "__init__")
 
 
 def test_core_list_is_complete():
-    assert {"ema", "advise", "bk_groups", "per_sample", "run", "optim", "journal"} <= set(CORE)
+    assert {"ema", "advise", "bk_groups", "per_sample", "run", "optim", "journal", "release", "audit.estimator",
+            "audit.canaries", "audit.mia"} <= set(CORE)
 
 
 def test_core_does_not_import_nnunetv2():

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -152,19 +153,28 @@ def _check_audit_args(rule: Any, sampling_rate: Any, steps: Any, num_canaries: A
             raise DPConfigError(key, value, allowed, source=_SOURCE)
 
 
+def _check_rule_constant(rule: Any, rule_constant: Any) -> None:
+    if rule_constant is not None and (rule == "flat" or not _is_num(rule_constant, 0.0, math.inf)):
+        raise DPConfigError("rule_constant", rule_constant, "None for rule flat, else None or a finite number > 0",
+                            source=_SOURCE)
+
+
 def _make_run(*, rule: RuleName, sigma: float, sampling_rate: float, steps: int, num_canaries: int, clip_norm: float,
-              delta: float, accountant: AccountantName, seed: int | None) -> DPRun:
-    """The product's DPRun for the canary population (N = m; no target epsilon: the audit reports, never stops)."""
-    plan = DPPlan(rule=rule, rule_constant=make_rule(rule, clip_norm=clip_norm).constant, clip_norm=clip_norm,
+              delta: float, accountant: AccountantName, seed: int | None, rule_constant: float | None = None) -> DPRun:
+    """The product's DPRun for the canary population (N = m; no target epsilon: the audit reports, never stops).
+    rule_constant None: the rule's default constant (gamma, r)."""
+    constant = make_rule(rule, clip_norm=clip_norm).constant if rule_constant is None else rule_constant
+    plan = DPPlan(rule=rule, rule_constant=constant, clip_norm=clip_norm,
                   noise_multiplier=sigma, sampling_rate=sampling_rate, num_training_cases=num_canaries,
                   planned_steps=steps, max_steps=None, target_epsilon=None, delta=delta, accountant=accountant)
     return DPRun(plan, device=torch.device("cpu"), seed=seed, strategy="loop")
 
 
-def train_with_canaries(run: DPRun, canaries: DiracCanaries, *, steps: int,
-                        rng: np.random.Generator) -> tuple[torch.Tensor, np.ndarray, torch.Tensor]:
+def train_with_canaries(run: DPRun, canaries: DiracCanaries, *, steps: int, rng: np.random.Generator,
+                        on_step: Callable[[], None] | None = None) -> tuple[torch.Tensor, np.ndarray, torch.Tensor]:
     """`steps` private SGD steps (lr 1) of the carrier with the included canaries as its cases. Returns each step's
-    canary projections (steps, m), each step's noise scale (steps,), and theta_T - theta_0 (num_params,)."""
+    canary projections (steps, m), each step's noise scale (steps,), and theta_T - theta_0 (num_params,).
+    `on_step` (e.g. a progress bar's update) is called after every step."""
     model = nn.Linear(canaries.num_params, 1, bias=False).double()
     nn.init.zeros_(model.weight)
     params = trainable_parameters(model)
@@ -180,6 +190,8 @@ def train_with_canaries(run: DPRun, canaries: DiracCanaries, *, steps: int,
         projections.append(canary_scores(canaries, update))
         scales.append(noise_scale(update))
         optimizer.step()
+        if on_step is not None:
+            on_step()
     return torch.stack(projections), np.asarray(scales), model.weight.detach().flatten().clone()
 
 
@@ -188,23 +200,27 @@ def run_one_run_audit(*, rule: RuleName, sampling_rate: float, steps: int, num_c
                       delta: float = 1e-5, clip_norm: float = 1.0, accountant: AccountantName = "rdp",
                       coords_per_canary: int = 1, num_params: int | None = None, score: ScoreName = "per_step",
                       confidence: float = 0.95, candidates: list[tuple[int, int]] | None = None,
-                      seed: int | None = None) -> dict[str, Any]:
+                      seed: int | None = None, rule_constant: float | None = None,
+                      on_step: Callable[[], None] | None = None, return_scores: bool = False) -> dict[str, Any]:
     """Train once with `num_canaries` Dirac canaries through DPRun.private_step, score them, and return the one-run
     lower bound next to the accountant's epsilon for the same sigma, q, steps and delta. Give noise_multiplier or
     target_epsilon (sigma then calibrated by the accountant). seed None: canaries, sampling and noise from OS
-    entropy; an int makes the whole audit reproducible (a test mode: the seed is never written anywhere)."""
+    entropy; an int makes the whole audit reproducible (a test mode: the seed is never written anywhere).
+    rule_constant: the rule's constant (None: its default); on_step: called after every step; return_scores: also
+    return each canary's score and inclusion bit ('scores', 'included': synthetic canaries, no private data)."""
     _check_audit_args(rule, sampling_rate, steps, num_canaries, noise_multiplier, target_epsilon, delta, clip_norm,
                       accountant, score, coords_per_canary, confidence)
+    _check_rule_constant(rule, rule_constant)
     sigma = float(noise_multiplier) if noise_multiplier is not None else calibrate_noise(
         target_epsilon=target_epsilon, delta=delta, sampling_rate=sampling_rate, steps=steps, accountant=accountant)
     base = secrets.randbits(63) if seed is None else seed
     run = _make_run(rule=rule, sigma=sigma, sampling_rate=sampling_rate, steps=steps, num_canaries=num_canaries,
-                    clip_norm=clip_norm, delta=delta, accountant=accountant, seed=seed)
+                    clip_norm=clip_norm, delta=delta, accountant=accountant, seed=seed, rule_constant=rule_constant)
     gen = torch.Generator().manual_seed(stream_seed(base, 1))
     canaries = make_canaries(num_canaries=num_canaries, num_params=num_params or num_canaries * coords_per_canary,
                              norm=run.rule.sensitivity, generator=gen, coords_per_canary=coords_per_canary)
     projections, scales, change = train_with_canaries(run, canaries, steps=steps,
-                                                      rng=np.random.default_rng(stream_seed(base, 2)))
+                                                      rng=np.random.default_rng(stream_seed(base, 2)), on_step=on_step)
     if score == "final":
         scores = canary_scores(canaries, -change).numpy()
     else:
@@ -216,4 +232,6 @@ def run_one_run_audit(*, rule: RuleName, sampling_rate: float, steps: int, num_c
                           accountant=accountant)
     return {**result, "epsilon": epsilon, "noise_multiplier": sigma, "sampling_rate": sampling_rate, "steps": steps,
             "rule": rule, "clip_norm": clip_norm, "score": score, "accountant": accountant,
-            "num_included": int(canaries.included.sum()), "coords_per_canary": coords_per_canary}
+            "num_included": int(canaries.included.sum()), "coords_per_canary": coords_per_canary,
+            "rule_constant": run.plan.rule_constant,
+            **({"scores": scores.tolist(), "included": canaries.included.tolist()} if return_scores else {})}

@@ -1,0 +1,164 @@
+"""nnUNetv2_dp_audit: evidence for a trained fold's privacy. Two subcommands:
+
+  mia      membership inference on any trained nnU-Net fold (DP or not): the seed paper's loss-threshold attack and a
+           per-case Dice attack, training cases (members) against held-out cases (non-members).
+  one-run  the one-run canary audit (Steinke, Nasr, Jagielski, NeurIPS 2023) of a DP fold's mechanism at the
+           settings in its privacy.json: a lower bound on epsilon to hold against the accountant's epsilon.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from os.path import isdir, join
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from nnunet_dp.audit.mia import attack_metrics, calibration_split
+from nnunet_dp.errors import DPError
+from nnunet_dp.nnunet.audit.locate import AuditInputError, env_folder, fold_arg, locate_fold, output_folder
+from nnunet_dp.nnunet.audit.one_run import run_one_run
+from nnunet_dp.nnunet.audit.outputs import roc_plot, write_cases_csv
+from nnunet_dp.nnunet.report import write_json_atomic
+
+MIA_JSON, MIA_CSV, MIA_PNG = "audit_mia.json", "audit_mia_cases.csv", "audit_mia_roc.png"
+CSV_NOTE = (f"{MIA_CSV} names the training cases (members) of this fold and their losses: it is private (it reveals "
+            "membership outright). Do not release it; the JSON and the plot hold no case ids.")
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed: an integer >= 1")
+    return int(text)
+
+
+def _confidence(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed: a number in (0, 1), e.g. 0.95")
+    return value
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-d", required=True, help="dataset id or name (DatasetXXX_Name), as for nnUNetv2_train")
+    p.add_argument("-c", required=True, help="configuration, e.g. 2d or 3d_fullres")
+    p.add_argument("-f", required=True, type=fold_arg, help="fold (0, 1, ... or all)")
+    p.add_argument("-tr", required=True, help="trainer of the model folder, e.g. nnUNetTrainerDP or nnUNetTrainer")
+    p.add_argument("-p", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
+    p.add_argument("-o", default=None, help="output folder (default: the fold folder)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="nnUNetv2_dp_audit", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n")[1])
+    sub = ap.add_subparsers(dest="command", required=True, metavar="{mia,one-run}")
+    mia = sub.add_parser("mia", help="membership inference: training vs held-out cases (any nnU-Net model)")
+    _common(mia)
+    mia.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint in the fold folder "
+                     "(default checkpoint_final.pth, the released model)")
+    mia.add_argument("--nonmembers", metavar="FILE", help="held-out case ids (JSON list or one per line), already "
+                     "preprocessed; default: the fold's validation cases")
+    mia.add_argument("--tta", action="store_true", help="predict with mirroring, as nnUNetv2_predict (slower)")
+    mia.add_argument("--seed", type=int, default=0, help="seed of the calibration split of the threshold attack "
+                     "(the attacker's choice, not private; default 0)")
+    mia.add_argument("-device", choices=("cpu", "cuda"), default="cuda", help="default cuda, as nnUNetv2_train")
+    one = sub.add_parser("one-run", help="one-run canary audit of a DP fold's mechanism (privacy.json's settings)")
+    _common(one)
+    one.add_argument("--canaries", type=_positive_int, default=1000, metavar="M", help="number of canaries "
+                     "(default 1000)")
+    one.add_argument("--confidence", type=_confidence, default=0.95, help="confidence of the bound (default 0.95)")
+    return ap
+
+
+def score_all(args: argparse.Namespace, fold: Any, preprocessed: str) -> tuple[list[dict[str, Any]], Any]:
+    """Every member's and non-member's loss and Dice, with a progress bar over cases."""
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+
+    from nnunet_dp.nnunet.audit import membership as mb
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise AuditInputError("-device cuda: CUDA is not available here; use -device cpu")
+    predictor = mb.load_predictor(fold, args.chk, torch.device(args.device), args.tta)
+    folder = mb.data_folder(preprocessed, predictor)
+    cases = mb.case_sets(preprocessed, args.f, infer_dataset_class(folder).get_identifiers(folder), args.nonmembers)
+    dataset = infer_dataset_class(folder)(folder, cases.members + cases.nonmembers)
+    loss = mb.make_loss(predictor.label_manager)
+    rows = []
+    labelled = [(c, True) for c in cases.members] + [(c, False) for c in cases.nonmembers]
+    for case_id, member in tqdm(labelled, desc="mia: cases", unit="case", file=sys.stdout):
+        value, dice = mb.score_case(predictor, dataset, case_id, loss)
+        rows.append({"case_id": case_id, "member": member, "loss": value, "dice": dice})
+    return rows, cases
+
+
+def mia_report(args: argparse.Namespace, fold: Any, rows: list[dict[str, Any]], cases: Any) -> dict[str, Any]:
+    from nnunet_dp.nnunet.audit.membership import DICE_DEFINITION, LOSS_DEFINITION
+
+    ids = [r["case_id"] for r in rows]
+    member = np.array([r["member"] for r in rows], dtype=bool)
+    calibration = calibration_split(ids, member, seed=args.seed)
+    scores = {"loss": attack_metrics([-r["loss"] for r in rows], member, calibration),
+              "dice": attack_metrics([r["dice"] for r in rows], member, calibration)}
+    top = {k: scores["loss"][k] for k in ("auc", "tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr", "fpr_resolution",
+                                          "threshold_attack")}
+    return {"attack": "membership inference: loss threshold (score -loss, the seed paper's attack) and per-case Dice "
+                      "(score dice); higher score = guessed member",
+            "num_members": int(member.sum()), "num_nonmembers": int((~member).sum()), **top,
+            "scores": scores, "members_source": cases.members_source, "nonmembers_source": cases.nonmembers_source,
+            "dataset": fold.dataset, "configuration": fold.configuration, "trainer": fold.trainer,
+            "plans": fold.plans, "fold": fold.fold, "checkpoint": args.chk, "mirroring": args.tta,
+            "calibration_seed": args.seed, "loss_definition": LOSS_DEFINITION, "dice_definition": DICE_DEFINITION,
+            "mean_loss": {"members": float(np.mean([r["loss"] for r in rows if r["member"]])),
+                          "nonmembers": float(np.mean([r["loss"] for r in rows if not r["member"]]))},
+            "privacy_note": CSV_NOTE, "files": [MIA_JSON, MIA_CSV, MIA_PNG]}
+
+
+def render_mia(r: dict[str, Any]) -> str:
+    lines = [(f"membership inference on {r['dataset']} {r['configuration']} {r['trainer']} fold {r['fold']} "
+             f"({r['checkpoint']}): {r['num_members']} members, {r['num_nonmembers']} non-members")]
+    for name, s in r["scores"].items():
+        t = s["threshold_attack"]
+        attack = (f"threshold attack balanced accuracy {t['balanced_accuracy']:.3f} (accuracy {t['accuracy']:.3f})"
+                  if t["balanced_accuracy"] is not None else f"threshold attack: {t['reason']}")
+        lines.append(f"  {name:5}: AUC {s['auc']:.3f}, TPR@1%FPR {s['tpr_at_1pct_fpr']:.3f}, TPR@0.1%FPR "
+                     f"{s['tpr_at_0.1pct_fpr']:.3f}; {attack}")
+    if r["fpr_resolution"] > 0.001:
+        lines.append(f"  (with {r['num_nonmembers']} non-members the smallest non-zero FPR is "
+                     f"{r['fpr_resolution']:.3g}: TPR at a lower FPR is the TPR at FPR 0)")
+    lines.append(f"  AUC 0.5 = no evidence of membership. {CSV_NOTE}")
+    return "\n".join(lines)
+
+
+def run_mia(args: argparse.Namespace) -> dict[str, Any]:
+    preprocessed = env_folder("nnUNet_preprocessed")
+    fold = locate_fold(args.d, args.c, args.f, args.tr, args.p)
+    if not isdir(join(preprocessed, fold.dataset)):
+        raise AuditInputError(f"-d {args.d}: {fold.dataset} is not in nnUNet_preprocessed = {preprocessed}; the attack "
+                              "reads the preprocessed cases (nnUNetv2_plan_and_preprocess)")
+    out = output_folder(args.o, fold.fold_folder)
+    rows, cases = score_all(args, fold, join(preprocessed, fold.dataset))
+    report = mia_report(args, fold, rows, cases)
+    write_cases_csv(join(out, MIA_CSV), rows)
+    roc_plot(join(out, MIA_PNG), report["scores"], title=f"{fold.trainer} fold {fold.fold}")
+    write_json_atomic(join(out, MIA_JSON), report)
+    print(render_mia(report))
+    print(f"Written to {out}: {MIA_JSON}, {MIA_CSV} (private), {MIA_PNG}")
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The console script (returns None: a console script's return value becomes its exit status)."""
+    args = build_parser().parse_args(argv)
+    try:
+        run_mia(args) if args.command == "mia" else run_one_run(args)
+    except DPError as e:
+        sys.exit(f"nnUNetv2_dp_audit {args.command}: {e}")
+
+
+if __name__ == "__main__":
+    main()
