@@ -18,7 +18,10 @@ SLOWEST_FIRST = {  # clean-clone .ci/run of 965eb2a: 533 tests in 22 min with 2 
     "test_demo.py": 2.3,
     "test_alignment_e2e.py": 2.0,
     "test_advise.py": 2.0,
+    "test_audit_mia.py": 2.0,
+    "test_dp_plan.py": 1.5,
     "test_benchmark.py": 1.5,
+    "test_release_privacy.py": 1.0,
     "test_bad_inputs.py": 1.0,
 }
 
