@@ -21,6 +21,7 @@ from typing import Any
 from nnunet_dp.advise import NOISE_RATIO_SEVERE, NOISE_RATIO_WARN, advice, advise_row, advise_table, noise_summary
 from nnunet_dp.config import TRAINABLE, DPConfig
 from nnunet_dp.errors import DPConfigError
+from nnunet_dp.nnunet.cli import fold_arg
 
 _META_FILES = {"dataset.json", "dataset_fingerprint.json", "splits_final.json"}
 
@@ -42,21 +43,13 @@ def _positive(kind: type) -> Any:
     return parse
 
 
-def _fold(text: str) -> int | str:
-    if text == "all":
-        return text
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"{text!r} is not allowed: an integer >= 0 (e.g. 0) or 'all'")
-    return int(text)
-
-
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="nnUNetv2_dp_advise", description=__doc__.split("\n\n")[0].split(": ", 1)[1])
     ap.add_argument("-d", required=True, help="dataset id or name (DatasetXXX_Name), as for nnUNetv2_train")
     ap.add_argument("-c", required=True, help="configuration, e.g. 2d or 3d_fullres")
     ap.add_argument("-p", default="nnUNetPlans", help="plans identifier (default: nnUNetPlans)")
     ap.add_argument("-tr", default="nnUNetTrainerDP", help="DP trainer (its rule and settings; default: nnUNetTrainerDP)")
-    ap.add_argument("-f", type=_fold, default=0, help="fold whose training cases count (default: 0; or 'all')")
+    ap.add_argument("-f", type=fold_arg, default=0, help="fold whose training cases count (default: 0; or 'all')")
     ap.add_argument("--target-epsilon", type=_positive(float), nargs="+", metavar="E",
                     help="target epsilons (default: target_epsilon of nnUNet_dp_config, else 8)")
     ap.add_argument("--trainable", choices=TRAINABLE,

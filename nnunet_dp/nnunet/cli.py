@@ -25,6 +25,15 @@ _REQUIRED = ("epsilon", "delta", "accountant", "steps", "noise_multiplier", "sam
              "num_training_cases", "status", "assumptions")
 
 
+def fold_arg(text: str) -> int | str:
+    """argparse type of nnU-Net's -f: an integer >= 0 or 'all'."""
+    if text == "all":
+        return text
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed: an integer >= 0 (e.g. 0) or 'all'")
+    return int(text)
+
+
 def trainer_folder() -> str:
     """The folder to put into nnUNet_extTrainer (installed as nnunet_dp.trainers)."""
     import nnunet_dp.trainers as t

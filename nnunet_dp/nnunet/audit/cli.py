@@ -18,9 +18,10 @@ from tqdm import tqdm
 
 from nnunet_dp.audit.mia import attack_metrics, calibration_split
 from nnunet_dp.errors import DPError
-from nnunet_dp.nnunet.audit.locate import AuditInputError, env_folder, fold_arg, locate_fold, output_folder
+from nnunet_dp.nnunet.audit.locate import AuditInputError, env_folder, locate_fold, output_folder
 from nnunet_dp.nnunet.audit.one_run import run_one_run
 from nnunet_dp.nnunet.audit.outputs import roc_plot, write_cases_csv
+from nnunet_dp.nnunet.cli import fold_arg
 from nnunet_dp.nnunet.report import write_json_atomic
 
 MIA_JSON, MIA_CSV, MIA_PNG = "audit_mia.json", "audit_mia_cases.csv", "audit_mia_roc.png"

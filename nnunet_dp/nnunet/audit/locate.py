@@ -4,7 +4,6 @@ Environment variables are read when called (not when nnunetv2 is imported), so t
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from dataclasses import dataclass
@@ -26,15 +25,6 @@ class Fold:
     fold: int | str
     model_folder: str  # $nnUNet_results/DatasetXXX_Name/TRAINER__PLANS__CONF
     fold_folder: str  # model_folder/fold_F
-
-
-def fold_arg(text: str) -> int | str:
-    """argparse type of -f: an integer >= 0 or 'all'."""
-    if text == "all":
-        return text
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"{text!r} is not allowed: an integer >= 0 (e.g. 0) or 'all'")
-    return int(text)
 
 
 def env_folder(var: str) -> str:
