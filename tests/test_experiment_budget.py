@@ -148,26 +148,64 @@ def test_run_command_says_why_and_streams_the_output(tmp_path):
 def test_progress_eta_from_the_first_epochs():
     lines, now = [], [0.0]
     p = Progress(["flat_eps1", "flat_eps8", "nonprivate"], num_epochs=10, iterations=20, val_iterations=2,
-                 voxels_per_step=1000, predicted_voxels=4000, clock=lambda: now[0], out=lines.append)
+                 voxels_per_step=1000, predicted_voxels=4000, pools=3, pool_seconds=5.0, clock=lambda: now[0],
+                 out=lines.append)
     assert p.status() == "0.0 min elapsed"  # nothing measured yet
     p.start_run("flat_eps1")
     now[0] = 30.0
-    p.on_log("2026-01-01 10:00:00.000000: Epoch 0\n2026-01-01 10:00:00.000000: Epoch time: 14.0 s\n2026-01")
-    assert not lines  # one epoch: no ETA yet
-    p.on_log("-01 10:00:12.000000: Epoch 1\n2026-01-01 10:00:13.000000: Epoch time: 10.0 s\n")
-    # start 30 s + 10 epochs x 10 s + (another start 30 s + 2.5 x 4000 voxels x 10 s / (20 x 1000 voxels) = 5 s)
-    assert p.first_estimate == pytest.approx(165.0)
-    assert len(lines) == 1 and "0.500 s per step" in lines[0] and "the whole grid ~ 8.2 min" in lines[0]
+    p.on_log("2026-01-01 10:00:00.000000: Epoch 0\n2026-01-01 10:00:09.000000: Epoch time: 9.0 s\n2026-01")
+    p.on_log("-01 10:00:12.000000: Epoch 1\n2026-01-01 10:00:13.000000: Epoch time: 7.0 s\n")
+    assert not lines  # one complete epoch after the warm-up one is needed
+    p.on_log("2026-01-01 10:00:23.000000: Epoch 2\n")
+    # epoch 1's wall time (Epoch 1 -> Epoch 2 line: 11 s, not nnU-Net's 7.0 s) x 10 epochs + the 30 s start, then
+    # another start (30 s) + 3 pools x 5 s + 0.75 x 4000 voxels x 11 s / (20 x 1000 voxels) = 1.65 s
+    assert p.first_estimate == pytest.approx(30 + 110 + 30 + 15 + 1.65)
+    assert len(lines) == 1 and "0.550 s per step" in lines[0] and "3 process pools of 5.0 s" in lines[0]
+    assert "the whole grid ~ 9.3 min" in lines[0]
     now[0] = 60.0
-    assert p.remaining() == pytest.approx(105.0 + 2 * 165.0) and "~7.2 min left" in p.status()
+    assert p.remaining() == pytest.approx(186.65 - 60 + 2 * 186.65) and "~8.3 min left" in p.status()
     now[0] = 150.0
     p.end_run("flat_eps1", 150.0)
     assert "ETA revised after flat_eps1 (2.5 min)" in lines[-1] and p.remaining() == pytest.approx(300.0)
     p.start_run("flat_eps8")
     p.end_run("flat_eps8", 10.0, failed=True)  # a failed run's time is not an estimate of a run
     assert p.remaining() == pytest.approx(150.0)
-    assert p.summary() == "Runs took 2.5 min; the first ETA announced 8.2 min (-70 %)."
+    assert p.summary() == "Runs took 2.5 min; the first ETA announced 9.3 min (-73 %)."
 
+
+def test_progress_without_timestamps_and_with_a_public_pretraining():
+    """Logs without timestamps fall back to nnU-Net's Epoch time; the public pretraining (non-private, no test work)
+    is timed but gives neither the first estimate nor the mean per run."""
+    lines, now = [], [0.0]
+    p = Progress(["public", "flat_eps8"], num_epochs=4, iterations=10, val_iterations=1, voxels_per_step=100,
+                 predicted_voxels=0, clock=lambda: now[0], out=lines.append)
+    p.start_run("public", measure=False)
+    p.on_log("2026-01-01 10:00:00.000000: Epoch 0\n2026-01-01 10:00:01.000000: Epoch 1\n"
+             "2026-01-01 10:00:02.000000: Epoch 2\n")
+    assert not lines and p.remaining() is None
+    now[0] = 40.0
+    p.end_run("public", 40.0)
+    assert not p.finished and p.pending == ["flat_eps8"]
+    p.start_run("flat_eps8")
+    now[0] = 50.0
+    p.on_log("Epoch 0\nEpoch time: 8.0 s\nEpoch 1\nEpoch time: 6.0 s\n")
+    # start 10 s + 4 x 6 s (epoch 1's Epoch time), then another start of 10 s (no pools, no voxels)
+    assert p.first_estimate == pytest.approx(44.0) and "nnU-Net's Epoch time" in lines[0]
+    assert p.announced == pytest.approx(40.0 + 44.0)
+
+
+def test_inference_voxels_counts_nnunet_sliding_windows_and_mirroring():
+    from nnunetv2.inference.sliding_window_prediction import compute_steps_for_sliding_window
+
+    from nnunet_dp.nnunet.experiment.budget import PlannedConfig, inference_voxels
+
+    for shape, patch, slices in [((192, 192), (64, 64), 1.0), ((256, 200), (64, 48), 1.0), ((50, 35), (56, 40), 36.0),
+                                 ((40, 56, 40), (40, 56, 40), 1.0), ((90, 130, 100), (48, 64, 64), 1.0)]:
+        planned = PlannedConfig(patch, 2, ((1,) * len(patch),), (8,), shape, slices)
+        # nnU-Net pads images smaller than the patch to the patch, then tiles with step 0.5
+        steps = compute_steps_for_sliding_window(tuple(max(s, p) for s, p in zip(shape, patch)), patch, 0.5)
+        windows = int(np.prod([len(s) for s in steps]))
+        assert inference_voxels(planned, patch, 7) == 7 * slices * windows * np.prod(patch) * 2 ** len(patch)
 
 
 def _result(run, rule, eps, dice=0.5):
@@ -194,6 +232,7 @@ def test_a_failed_run_says_why_the_others_go_on_and_the_report_marks_it(tmp_path
 
     monkeypatch.setattr(experiment_grid, "execute", fake_execute)
     ctx = Context("Dataset977_X", "2d", str(tmp_path), "", "", "", "cpu", 1, {}, ("none",))
+    monkeypatch.setattr(experiment_grid, "pool_start_seconds", lambda num_processes: 4.0)
     results, failed = experiment_grid.run_all(ctx, runs, b.spec, 1e6, 24576)
     out = capsys.readouterr().out
     assert order == ["flat_eps1", "flat_eps8", "nonprivate"] and failed == ["flat_eps1"]

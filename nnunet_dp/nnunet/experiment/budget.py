@@ -232,9 +232,10 @@ def plan_runs(specs: Sequence[RunSpec], budget: ResolvedBudget, seed: int | None
 
 
 def inference_voxels(planned: PlannedConfig, patch: Sequence[int], num_cases: int) -> float:
-    """Voxels that nnU-Net's sliding window (step 0.5) feeds the network to predict `num_cases` median cases."""
+    """Voxels that nnU-Net's sliding window (step 0.5) feeds the network to predict `num_cases` median cases, with its
+    default mirroring (every window 2^dims times: each subset of the patch axes flipped)."""
     windows = math.prod(1 if s <= p else math.ceil((s - p) / (0.5 * p)) + 1 for s, p in zip(planned.median_shape, patch))
-    return num_cases * planned.slices_per_case * windows * math.prod(patch)
+    return num_cases * planned.slices_per_case * windows * math.prod(patch) * 2 ** len(patch)
 
 
 def budget_summary(budget: ResolvedBudget, runs: Sequence[RunPlan], dataset: str, configuration: str,
@@ -304,7 +305,7 @@ def start_lines(summary: dict[str, Any]) -> list[str]:
         lines.append(f"  start: every run fine-tunes from a public model trained once (ordinary nnU-Net, same budget "
                      f"and network) on {start['num_public_cases']} public cases = --public-fraction "
                      f"{start['public_fraction']:g} of the non-test cases (an in-distribution split of the same "
-                     "dataset); the public pretraining counts as one run in the ETA")
+                     "dataset); the public pretraining runs first; the ETA is measured on the first DP run after it")
     elif start["from"] == "file":
         lines.append(f"  start: every run fine-tunes from {start['path']} (sha256 {start['sha256'][:12]}...)")
     if seeds > 1:

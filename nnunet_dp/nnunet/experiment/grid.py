@@ -1,8 +1,8 @@
 """nnUNetv2_dp_experiment, the runs: every run of the checked grid in turn, with progress, ETA and failures that say why.
 
-With --public-fraction the public pretraining goes first (every run fine-tunes from it; it counts as one run in the
-ETA; skipped when its checkpoint_final exists; if it fails, the grid stops). Then the DP runs (their steps are the slow
-ones, so the first ETA measures one of them; under --seeds K the first repeat of every run before the second), the
+With --public-fraction the public pretraining goes first (every run fine-tunes from it; it is timed and shown in the
+progress, but the ETA is measured on the first DP run after it; skipped when its checkpoint_final exists; if it fails,
+the grid stops). Then the DP runs (their steps are the slow ones, so the first ETA measures one of them; under --seeds K the first repeat of every run before the second), the
 non-private reference last; no run depends on another, so a failed run is reported and the others go on. Results come
 back in grid order.
 """
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from nnunet_dp.nnunet.experiment.budget import RunPlan
 from nnunet_dp.nnunet.experiment.plan import BudgetSpec
-from nnunet_dp.nnunet.experiment.progress import Progress, minutes
+from nnunet_dp.nnunet.experiment.progress import Progress, minutes, pool_start_seconds, pools_per_run
 from nnunet_dp.nnunet.experiment.run import RESULT_JSON, CommandError, Context, check_settings, execute, spec_fields
 
 if TYPE_CHECKING:
@@ -54,7 +54,7 @@ def _pretrain(pretraining: PublicPretraining, progress: Progress) -> None:
         return
     print(f"[0] {pretraining.name}: ordinary nnU-Net training on the public part ({progress.status()}; log: "
           f"{join(pretraining.folder, 'log.txt')})", flush=True)
-    progress.start_run(pretraining.name)
+    progress.start_run(pretraining.name, measure=False)
     t0 = time.time()
     try:
         seconds = pretraining.run(watch=progress.on_log)
@@ -78,9 +78,15 @@ def run_all(ctx: Context, runs: Sequence[RunPlan], budget: BudgetSpec, predicted
     todo = [r.spec.name for r in order if not isfile(join(ctx.out, "runs", r.spec.name, RESULT_JSON))]
     if pretraining is not None and not pretraining.done():
         todo.insert(0, pretraining.name)
+    pool_seconds = 0.0
+    if todo:  # measured on an idle machine, before any run: the ETA counts the pools a run starts after training
+        pool_seconds = pool_start_seconds(ctx.num_processes)
+        print(f"ETA: a process pool of {ctx.num_processes} (spawned, importing nnU-Net) starts in {pool_seconds:.1f} s "
+              f"here; a run starts {pools_per_run(ctx.refinements)} after training", flush=True)
     progress = Progress(todo, num_epochs=budget.num_epochs, iterations=budget.num_iterations_per_epoch,
                         val_iterations=budget.num_val_iterations_per_epoch, voxels_per_step=voxels_per_step,
-                        predicted_voxels=predicted_voxels, out=lambda line: print(line, flush=True))
+                        predicted_voxels=predicted_voxels, pools=pools_per_run(ctx.refinements),
+                        pool_seconds=pool_seconds, out=lambda line: print(line, flush=True))
     if pretraining is not None:
         _pretrain(pretraining, progress)
     results: dict[str, dict[str, Any]] = {}

@@ -1,25 +1,61 @@
 """nnUNetv2_dp_experiment, progress: the ETA from the first run's measured epochs, the remaining time of the grid, and
 the last error message of a failed run's log.
 
-The first estimate comes from the first epochs of the first run (nnU-Net's `Epoch time: X s` lines): its start-up,
-num_epochs x the epoch time, and the work after training (final validation, test predictions, DP-Morph, evaluation)
-estimated as one more start-up (nnUNetv2_predict's) plus POST_TRAINING_FACTOR x the voxels nnU-Net's sliding window
-predicts x the measured time per training voxel. From the first finished run on, a run is estimated by the mean of the finished ones.
+The first estimate comes from the first epochs of the first DP run (the public pretraining, if any, is timed but not
+used: it has no DP step and no test work). A run is estimated as
+- its start-up (launch to nnU-Net's first `Epoch 0` line),
+- num_epochs x the wall time of an epoch: the time between nnU-Net's timestamped `Epoch N` lines, which holds the
+  end-of-epoch work (checkpoint, privacy ledger) that nnU-Net's own `Epoch time` leaves out (falls back to it when
+  the log has no timestamps),
+- the work after training: one more start-up (nnUNetv2_predict's), the process pools it starts (nnU-Net's exports and
+  evaluations, two per DP-Morph search; each measured once before the first run by `pool_start_seconds`) and
+  INFERENCE_FACTOR x the voxels the sliding window feeds the network (mirroring included) x the measured training
+  time per voxel.
+From the first finished run on, a run is estimated by the mean of the finished ones.
 """
 from __future__ import annotations
 
+import multiprocessing
 import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 
-# The work after training per predicted voxel, in units of the measured time per voxel of a training epoch (whose
-# time also holds the validation steps). Rough, from Dataset902 2d under `tiny` (docs/results.md: ~1.5 of ~5 minutes
-# per DP run after training); the ETA is revised with measured times as soon as the first run has finished.
-POST_TRAINING_FACTOR = 2.5
+# Sliding-window inference per fed voxel (mirrored copies included), in units of the measured DP training time per
+# voxel: 0.70-0.75 on 2 CPU cores both for Dataset961 (192x192 RGB, 25 windows per image) and Dataset902 (one window
+# per slice) in the issue-14 timings (docs/results.md); the ETA is revised with measured times after the first run.
+INFERENCE_FACTOR = 0.75
 ETA_AFTER_EPOCHS = 2  # the first ETA is printed after this many epochs of the first run (fewer if it has fewer)
 _EPOCH = re.compile(r"(?:^|: )Epoch (\d+)\s*$")
 _EPOCH_TIME = re.compile(r"Epoch time: ([0-9.]+) s")
+_STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)?): ")
+
+
+def pools_per_run(refinements: tuple[str, ...] | list[str]) -> int:
+    """Process pools a run starts after training: nnU-Net's export of the validation and of the test predictions,
+    the test evaluation, and per DP-Morph mode its search's two (scoring, checking), nnU-Net's apply and the
+    evaluation."""
+    return 3 + 4 * sum(1 for mode in refinements if mode != "none")
+
+
+def _import_nnunet(_: int) -> None:
+    import nnunetv2.evaluation.evaluate_predictions  # noqa: F401 - what the harness's pool workers import
+
+
+def pool_start_seconds(num_processes: int) -> float:
+    """Wall time to start a spawn pool of num_processes workers that import nnU-Net, as the harness's evaluations and
+    DP-Morph searches do (on 2 CPU cores about 5 s: each spawned worker imports torch)."""
+    t0 = time.time()
+    with multiprocessing.get_context("spawn").Pool(max(1, num_processes)) as pool:
+        pool.map(_import_nnunet, range(max(1, num_processes)))
+    return time.time() - t0
+
+
+def _stamp(line: str) -> float | None:
+    m = _STAMP.match(line)
+    return datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S.%f" if "." in m.group(1) else "%Y-%m-%d %H:%M:%S"
+                             ).timestamp() if m else None
 
 
 def last_error(text: str, max_lines: int = 6, max_chars: int = 1200) -> str:
@@ -51,8 +87,10 @@ def minutes(seconds: float) -> str:
 class _Watch:
     name: str
     started: float
+    measure: bool = True  # False: the public pretraining (timed, not an estimate of a run)
     first_epoch_at: float | None = None
-    epoch_times: list[float] = field(default_factory=list)
+    epoch_times: list[float] = field(default_factory=list)  # nnU-Net's `Epoch time` values
+    epoch_starts: list[float] = field(default_factory=list)  # timestamps of its `Epoch N` lines
     buffer: str = ""
 
 
@@ -61,18 +99,24 @@ class Progress:
     `end_run` feed it; `status()` is the text the progress lines carry."""
 
     def __init__(self, names: list[str], *, num_epochs: int, iterations: int, val_iterations: int,
-                 voxels_per_step: float, predicted_voxels: float, clock: Callable[[], float] = time.time,
-                 out: Callable[[str], None] = print) -> None:
+                 voxels_per_step: float, predicted_voxels: float, pools: int = 0, pool_seconds: float = 0.0,
+                 clock: Callable[[], float] = time.time, out: Callable[[str], None] = print) -> None:
+        """predicted_voxels: what the sliding window feeds the network per run (validation and test cases, mirrored
+        copies included); pools, pool_seconds: process pools a run starts after training and the measured start of
+        one."""
         self.pending, self.finished = list(names), {}
         self.num_epochs, self.iterations, self.val_iterations = num_epochs, iterations, val_iterations
         self.voxels_per_step, self.predicted_voxels = voxels_per_step, predicted_voxels
+        self.pools, self.pool_seconds = pools, pool_seconds
         self.clock, self.out, self.t0 = clock, out, clock()
         self.current: _Watch | None = None
         self.first_estimate: float | None = None  # seconds per run, from the first epochs
         self.announced: float | None = None  # total grid seconds announced by the first ETA
 
-    def start_run(self, name: str) -> None:
-        self.current = _Watch(name, self.clock())
+    def start_run(self, name: str, measure: bool = True) -> None:
+        """measure=False: timed and counted as done, but neither the first estimate nor the mean per run (the public
+        pretraining)."""
+        self.current = _Watch(name, self.clock(), measure)
 
     def on_log(self, text: str) -> None:
         run = self.current
@@ -83,31 +127,50 @@ class Progress:
         for line in complete:
             if _EPOCH.search(line.strip()) is not None:
                 run.first_epoch_at = run.first_epoch_at or self.clock()
+                if (stamp := _stamp(line.strip())) is not None:
+                    run.epoch_starts.append(stamp)
             elif (m := _EPOCH_TIME.search(line)) is not None:
                 run.epoch_times.append(float(m.group(1)))
-        if self.first_estimate is None and len(run.epoch_times) >= min(ETA_AFTER_EPOCHS, self.num_epochs):
-            self._first_eta(run)
+        if self.first_estimate is None and run.measure and (epoch := self._epoch_seconds(run)) is not None:
+            self._first_eta(run, *epoch)
 
-    def _first_eta(self, run: _Watch) -> None:
-        times = run.epoch_times[1:] or run.epoch_times  # the first epoch includes warm-up
-        epoch = sum(times) / len(times)
+    def _epoch_seconds(self, run: _Watch) -> tuple[float, int, str] | None:
+        """(seconds per epoch, epochs measured, what was measured) once ETA_AFTER_EPOCHS epochs are complete (the
+        first, with its warm-up, only when it is the only one), else None."""
+        walls = [b - a for a, b in zip(run.epoch_starts, run.epoch_starts[1:])]
+        need = min(ETA_AFTER_EPOCHS, self.num_epochs - 1)
+        if run.epoch_starts and need > 0:
+            if len(walls) < need:
+                return None
+            times, what = walls[1:] or walls, "wall time between nnU-Net's Epoch lines"
+        elif len(run.epoch_times) >= min(ETA_AFTER_EPOCHS, self.num_epochs):
+            times, what = run.epoch_times[1:] or run.epoch_times, "nnU-Net's Epoch time"
+        else:
+            return None
+        return sum(times) / len(times), len(times), what
+
+    def _first_eta(self, run: _Watch, epoch: float, measured: int, what: str) -> None:
         startup = (run.first_epoch_at or run.started) - run.started
         per_voxel = epoch / max(1.0, self.iterations * self.voxels_per_step)
-        post = startup + POST_TRAINING_FACTOR * self.predicted_voxels * per_voxel
+        inference = INFERENCE_FACTOR * self.predicted_voxels * per_voxel
+        post = startup + self.pools * self.pool_seconds + inference
         self.first_estimate = startup + self.num_epochs * epoch + post
         left = self.remaining()
         self.announced = self.clock() - self.t0 + left
-        self.out(f"ETA: {run.name} measured {epoch:.2f} s per epoch over {len(times)} epoch(s), i.e. "
+        self.out(f"ETA: {run.name} measured {epoch:.2f} s per epoch over {measured} epoch(s) ({what}), i.e. "
                  f"{epoch / self.iterations:.3f} s per step ({self.iterations} steps + {self.val_iterations} "
                  f"validation steps per epoch), after a {startup:.0f} s start. A run ~ {minutes(self.first_estimate)} "
-                 f"(training {minutes(startup + self.num_epochs * epoch)}, then validation, test predictions and "
-                 f"DP-Morph ~ {minutes(post)}: estimated until the first run ends). The {len(self.pending)} runs left "
+                 f"(training {minutes(startup + self.num_epochs * epoch)}, then validation, test predictions, "
+                 f"evaluation and DP-Morph ~ {minutes(post)}: a {startup:.0f} s start, {self.pools} process pools of "
+                 f"{self.pool_seconds:.1f} s, {self.predicted_voxels / 1e6:.1f} M voxels through the sliding window "
+                 f"~ {inference:.0f} s; estimated until the first run ends). The {len(self.pending)} runs left "
                  f"~ {minutes(left)}, the whole grid ~ {minutes(self.announced)}, done about {self._at(left)}.")
 
     def end_run(self, name: str, seconds: float, failed: bool = False) -> None:
         if name in self.pending:
             self.pending.remove(name)
-        if not failed:
+        measure = self.current is None or self.current.name != name or self.current.measure
+        if not failed and measure:
             first = not self.finished
             self.finished[name] = seconds
             if first and self.pending:
