@@ -57,6 +57,15 @@ def test_one_run_writes_the_bound_next_to_the_accountants_epsilon(results: Path,
     assert "epsilon_lower_bound" in out and "NOT covered" in out and "nnU-Net's data path" in out
 
 
+def test_one_run_accepts_nnunets_device_option(results: Path, capsys: pytest.CaptureFixture) -> None:
+    """-device (typed out of nnU-Net habit) is not read as -d 'evice' followed by a stray 'cpu'."""
+    audit("-tr", "nnUNetTrainerDP_PSAC", "--canaries", "20", "-device", "cpu")
+    assert json.loads((fold_folder(results, "nnUNetTrainerDP_PSAC") / "audit_one_run.json").read_text())[
+        "num_canaries"] == 20
+    audit("-tr", "nnUNetTrainerDP_PSAC", "--canaries", "20", "-device", "cuda")
+    assert "-device cuda ignored" in capsys.readouterr().out
+
+
 def test_one_run_into_another_folder_and_a_mismatching_epsilon(results: Path, tmp_path: Path,
                                                                 capsys: pytest.CaptureFixture) -> None:
     privacy = fold_folder(results, "nnUNetTrainerDP_PSAC") / "privacy.json"

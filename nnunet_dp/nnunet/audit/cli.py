@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     one.add_argument("--canaries", type=_positive_int, default=1000, metavar="M", help="number of canaries "
                      "(default 1000)")
     one.add_argument("--confidence", type=_confidence, default=0.95, help="confidence of the bound (default 0.95)")
+    one.add_argument("-device", choices=("cpu", "cuda"), default=None, help="accepted as in every nnU-Net command; "
+                     "one-run always runs on the CPU (it replays the mechanism on canary gradients, no network)")
     return ap
 
 
@@ -155,6 +157,9 @@ def run_mia(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     """The console script (returns None: a console script's return value becomes its exit status)."""
     args = build_parser().parse_args(argv)
+    if args.command == "one-run" and args.device == "cuda":
+        print("nnUNetv2_dp_audit one-run: -device cuda ignored: the audit replays the DP mechanism on canary "
+              "gradients (no network) and runs on the CPU")
     try:
         run_mia(args) if args.command == "mia" else run_one_run(args)
     except DPError as e:
