@@ -64,6 +64,9 @@ class DPConfig:
     trainable: Trainable = "all"  # which parameters DP-SGD trains; the others stay frozen (no gradient, noise, update)
     augmentations_per_case: int = 1  # K patches per sampled case, their gradients averaged before the rule scales it
     ema_decay: float | None = None  # exponential moving average of the weights (post-processing); null = off
+    # -pretrained_weights: also copy the public segmentation heads (nnU-Net never does) when the checkpoint's labels
+    # equal this dataset's and the shapes fit; public weights, so no privacy cost
+    transfer_heads: bool = True
 
     def __post_init__(self) -> None:
         for check in _CHECKS:
@@ -188,6 +191,11 @@ def _momentum(cfg: DPConfig) -> None:
         raise DPConfigError("momentum", v, "a number in [0, 1) (default 0.9)")
 
 
+def _transfer_heads(cfg: DPConfig) -> None:
+    if not isinstance(cfg.transfer_heads, bool):
+        raise DPConfigError("transfer_heads", cfg.transfer_heads, "true or false (default true)")
+
+
 def _nesterov(cfg: DPConfig) -> None:
     if not isinstance(cfg.nesterov, bool):
         raise DPConfigError("nesterov", cfg.nesterov, "true or false (default true)")
@@ -238,5 +246,5 @@ _CHECKS = (
     _choice("per_sample_strategy", STRATEGIES), _unit_interval("oversample_foreground_percent", False, False),
     _nonneg_int("alignment_every"), _seed, _positive("save_every", integer=True),
     _choice("trainable", TRAINABLE), _augmentations, _unit_interval("ema_decay", True, True, allow_none=True),
-    _privacy_target, _one_rate,
+    _transfer_heads, _privacy_target, _one_rate,
 )

@@ -76,14 +76,17 @@ def test_finetune_from_public_weights_with_ema_interrupted_and_resumed(public):
     rep = json.loads((folder / "privacy.json").read_text())
     record = rep["pretrained_weights"]
     assert record["sha256"] == hashlib.sha256(public_file.read_bytes()).hexdigest()
-    assert record["path"] == str(public_file) and record["transferred"] == len(mapped)
+    heads = [k for k in file_weights if ".seg_layers." in k]  # same dataset, same labels: transfer_heads copies them
+    assert heads and record["heads_transferred"] is True and record["path"] == str(public_file)
+    assert record["transferred"] == len(mapped) + len(heads) and not set(heads) & set(record["not_transferred"])
     assert record["plans_source_dataset"] == f"Dataset{DS}_Test{DS}" and record["other_dataset"] is False
     assert any(k.endswith("running_var") for k in record["not_transferred"])
     assert rep["trainable"] == "norm_bias" and 0 < rep["num_trained_parameters"] < rep["num_parameters"]
     assert rep["ema_decay"] == 0.9 and rep["augmentations_per_case"] == 2 and rep["steps"] == 4
     assert PRETRAINED_ASSUMPTION in rep["assumptions"]
     log = "\n".join(p.read_text() for p in folder.glob("training_log_*.txt"))
-    for line in ("DP trainable=norm_bias: ", "BatchNorm running statistics", "DP ema_decay=0.9"):
+    for line in ("DP trainable=norm_bias: ", "BatchNorm running statistics", "DP ema_decay=0.9",
+                 f"segmentation heads transferred from the public checkpoint too ({len(heads)} tensors"):
         assert line in log
 
     out = root / "pred"

@@ -297,6 +297,7 @@ def test_public_pretraining_then_private_fine_tuning_with_two_seeds(public_run):
                          re.escape(str(ckpt)), log)
         privacy = json.loads((model / "fold_0" / "privacy.json").read_text())
         assert privacy["pretrained_weights"]["sha256"] == digest and privacy["trainable"] == "norm_bias"
+        assert privacy["pretrained_weights"]["heads_transferred"] is True
         assert privacy["augmentations_per_case"] == 2 and privacy["ema_decay"] == 0.9
         final = torch.load(model / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
         assert final["ema_updates"] == privacy["steps"] and "raw_network_weights" in final  # EMA released
@@ -334,7 +335,7 @@ def test_a_given_pretrained_file_starts_every_run_of_a_real_grid(public_run, tmp
     digest = hashlib.sha256(ckpt.read_bytes()).hexdigest()
     out = tmp_path / "out"
     budget = public_run["out"].parent / "minimal.json"
-    run(["nnUNetv2_dp_experiment", "-d", str(DATASET_ID), "-c", "2d", "--rules", "flat", "--epsilons", "8",
+    run(["nnUNetv2_dp_experiment", "-d", str(DATASET_ID), "-c", "2d", "--rules", "nonprivate", "flat", "--epsilons", "8",
          "--pretrained", str(ckpt), "--trainable", "norm_bias", "--refine", "none", "--budget", str(budget),
          "-o", str(out), "-device", "cpu", "-np", "1"], public_run["env"])
     result = json.loads((out / "runs" / "flat_eps8_norm_bias" / "result.json").read_text())
@@ -342,6 +343,11 @@ def test_a_given_pretrained_file_starts_every_run_of_a_real_grid(public_run, tmp
     privacy = json.loads((Path(result["model_folder"]) / "fold_0" / "privacy.json").read_text())
     assert privacy["pretrained_weights"]["sha256"] == digest and privacy["trainable"] == "norm_bias"
     assert "-pretrained_weights " + str(ckpt) in (out / "runs" / "flat_eps8_norm_bias" / "log.txt").read_text()
+    # same labels: the DP run and the non-private reference both start from the public heads too
+    assert privacy["pretrained_weights"]["heads_transferred"] is True
+    for name in ("flat_eps8_norm_bias", "nonprivate"):
+        assert "segmentation heads transferred from the public checkpoint too" in (
+            out / "runs" / name / "log.txt").read_text(), name
     assert json.loads((out / "budget.json").read_text())["start"] == {"from": "file", "path": str(ckpt),
                                                                      "sha256": digest}
     assert f"**Start: fine-tuned from {ckpt}** (sha256 {digest})" in (out / "results.md").read_text()

@@ -14,7 +14,14 @@ from torch import nn
 from nnunet_dp.config import DPConfig
 from nnunet_dp.errors import DPConfigError
 from nnunet_dp.nnunet import finetune
-from nnunet_dp.nnunet.finetune import freeze_, pretrained_record, pretrained_weights_arg, report_extra, select_trainable
+from nnunet_dp.nnunet.finetune import (
+    freeze_,
+    pretrained_record,
+    pretrained_weights_arg,
+    report_extra,
+    select_trainable,
+    transfer_heads,
+)
 from nnunet_dp.nnunet.plans import dp_architecture
 from nnunet_dp.run import DPRun, make_plan
 
@@ -155,6 +162,47 @@ def test_pretrained_record_after_nnunets_own_loading(tmp_path):
     assert extra["pretrained_weights"] is record and extra["trainable"] == "norm_bias"
     assert assumptions == [finetune.PRETRAINED_ASSUMPTION]
     assert report_extra(DPConfig(), None, None)[1] == []
+
+
+LABELS = {"background": 0, "anterior": 1, "posterior": 2}
+
+
+def test_transfer_heads_copies_the_public_heads_only_when_labels_and_shapes_match(tmp_path):
+    """After nnU-Net's own loading (which skips the heads), transfer_heads copies exactly the '.seg_layers.' tensors
+    when the checkpoint's labels equal the dataset's; otherwise nothing changes and the line says why."""
+    public = tiny_unet(2, seed=3)
+    path = str(tmp_path / "public.pth")
+    torch.save({"network_weights": public.state_dict(), "init_args": {"dataset_json": {"labels": LABELS}}}, path)
+    heads = [k for k in public.state_dict() if ".seg_layers." in k]
+    assert heads
+
+    def loaded(seed=1, num_classes=3):
+        net = tiny_unet(2, seed=seed, num_classes=num_classes)
+        load_pretrained_weights(net, path)
+        return net, {k: v.clone() for k, v in net.state_dict().items()}
+
+    net, before = loaded()
+    assert all(not torch.equal(before[k], public.state_dict()[k]) for k in heads)  # nnU-Net left them random
+    copied, line = transfer_heads(path, net, {"labels": dict(LABELS)})
+    assert sorted(copied) == sorted(heads) and "transferred" in line
+    after = net.state_dict()
+    for k, v in after.items():
+        assert torch.equal(v, public.state_dict()[k] if k in heads else before[k]), k
+
+    for dataset_json, why in (({"labels": {**LABELS, "posterior": 3}}, "differ from this dataset's"),
+                              ({"labels": {"background": 0, "x": 1, "y": 2}}, "differ from this dataset's")):
+        net, before = loaded()
+        copied, line = transfer_heads(path, net, dataset_json)
+        assert copied == [] and why in line and "not transferred" in line
+        assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    net, before = loaded(num_classes=2)  # same labels claimed, other head shapes
+    copied, line = transfer_heads(path, net, {"labels": dict(LABELS)})
+    assert copied == [] and "shapes differ" in line
+    torch.save({"network_weights": public.state_dict()}, path)  # no labels recorded
+    net, before = loaded()
+    assert transfer_heads(path, net, {"labels": dict(LABELS)})[0] == []
+    with pytest.raises(DPConfigError, match="transfer_heads"):
+        DPConfig(transfer_heads="yes")
 
 
 def test_pretrained_record_is_null_when_the_network_does_not_hold_the_file(tmp_path):

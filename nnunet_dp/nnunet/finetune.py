@@ -8,7 +8,9 @@ costs none either, provided the pretraining data do not contain the private case
 nnU-Net loads -pretrained_weights itself (run_training.maybe_load_checkpoint: trainer.initialize(), then
 load_pretrained_weights(trainer.network, FILE)) and does not tell the trainer the file. The trainer reads the option
 from the command line (`pretrained_weights_arg`) and records the file only if the network's weights equal the file's
-for every key nnU-Net transfers (`pretrained_record`).
+for every key nnU-Net transfers (`pretrained_record`). nnU-Net never transfers the segmentation heads (another
+dataset may have other labels); `transfer_heads` copies them too when the checkpoint's labels equal this dataset's,
+so that fine-tuning starts from the public model's predictions rather than from random heads.
 """
 from __future__ import annotations
 
@@ -191,6 +193,33 @@ def pretrained_record(path: str, model: nn.Module, dataset_name: str) -> tuple[d
     return record, lines
 
 
+def transfer_heads(path: str, model: nn.Module, dataset_json: dict[str, Any]) -> tuple[list[str], str]:
+    """Copy the checkpoint's segmentation heads (the keys nnU-Net skips) into `model` when the checkpoint's labels
+    (its init_args' dataset_json) equal `dataset_json`'s and every head tensor has the same shape. Returns the keys
+    copied (empty: nothing changed) and the log line that says what happened and why."""
+    checkpoint = read_checkpoint(path)
+    file_weights = checkpoint.get("network_weights") or {}
+    state = model.state_dict()
+    heads = sorted(k for k in state if SKIPPED_BY_NNUNET in k)
+    theirs = ((checkpoint.get("init_args") or {}).get("dataset_json") or {}).get("labels")
+    ours = dataset_json.get("labels")
+    why = None
+    if not heads:
+        why = "this network has no segmentation heads under '.seg_layers.'"
+    elif theirs != ours:
+        why = (f"the checkpoint's labels {theirs!r} differ from this dataset's {ours!r}" if theirs is not None else
+               "the checkpoint does not record its labels (init_args.dataset_json.labels)")
+    elif any(k not in file_weights or tuple(file_weights[k].shape) != tuple(state[k].shape) for k in heads):
+        why = "the checkpoint's head tensors do not fit this network's (names or shapes differ)"
+    if why is not None:
+        return [], f"DP: segmentation heads not transferred ({why}): they start from random initialisation and train"
+    with torch.no_grad():
+        for k in heads:
+            state[k].copy_(file_weights[k].to(state[k].device, state[k].dtype))
+    return heads, (f"DP: segmentation heads transferred from the public checkpoint too ({len(heads)} tensors; same "
+                   "labels; transfer_heads=true; nnU-Net itself never transfers them)")
+
+
 # ---- privacy.json fields, checkpoint entries ----------------------------------------------------------------------
 def report_extra(cfg: DPConfig, selection: Selection | None,
                  pretrained: dict[str, Any] | None) -> tuple[dict[str, Any], list[str]]:
@@ -258,6 +287,15 @@ def start_finetuning(trainer: Any) -> None:
     path = pretrained_weights_arg(sys.argv[1:])
     if trainer.dp_resumed_steps is None and trainer.local_rank == 0 and path is not None:
         trainer.dp_pretrained, lines = pretrained_record(path, net, trainer.plans_manager.dataset_name)
+        if trainer.dp_pretrained is not None and cfg.transfer_heads:
+            copied, line = transfer_heads(path, net, trainer.dataset_json)
+            lines.append(line)
+            trainer.dp_pretrained["heads_transferred"] = bool(copied)
+            trainer.dp_pretrained["transferred"] += len(copied)
+            trainer.dp_pretrained["not_transferred"] = [k for k in trainer.dp_pretrained["not_transferred"]
+                                                        if k not in copied]
+        elif trainer.dp_pretrained is not None:
+            trainer.dp_pretrained["heads_transferred"] = False
         for line in lines:
             trainer.print_to_log_file(line)
     if cfg.trainable != "all" and trainer.dp_pretrained is None and path is None:

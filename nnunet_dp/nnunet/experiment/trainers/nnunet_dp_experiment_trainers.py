@@ -36,6 +36,20 @@ class nnUNetTrainerNonPrivateBudget(nnUNetTrainer):
         self.save_every = int(budget.get("save_every", self.save_every))
         self.experiment_batch_size = int(budget["batch_size"])
 
+    def on_train_start(self):
+        """A fine-tuning reference starts where the DP runs start: with -pretrained_weights the public segmentation
+        heads are copied too when the labels match (the DP trainers' transfer_heads default)."""
+        super().on_train_start()
+        import sys
+
+        from nnunet_dp.nnunet.finetune import pretrained_weights_arg, transfer_heads
+
+        path = pretrained_weights_arg(sys.argv[1:])
+        if path is not None:
+            net = getattr(self.network, "module", self.network)
+            _, line = transfer_heads(path, getattr(net, "_orig_mod", net), self.dataset_json)
+            self.print_to_log_file(line)
+
     def _set_batch_size_and_oversample(self):
         super()._set_batch_size_and_oversample()
         self.batch_size = self.experiment_batch_size
