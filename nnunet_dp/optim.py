@@ -23,6 +23,12 @@ LR_EFF_MAX = 1.0
 # never a smaller one: at high noise the 1/sigma scaling was too cautious (synthetic, epsilon 2: the rule's 0.095 gave
 # Dice 0.34, 0.3 gave 0.43, 1 gave 0.00), the best step stayed near 0.3 while the step that breaks training fell
 LR_EFF_MIN = 0.3
+# Fine-tuning from public weights: the accumulated noise per trained weight is kept at FINETUNE_DRIFT x the RMS of
+# the public weights that train, without the floor (the floor is for learning from scratch, where a minimum step is
+# needed to learn at all; a pretrained start needs the noise to stay small against the weights it starts from).
+# Set a priori (a quarter of the weights' own scale), not chosen on any dataset; the Dataset904 sweep of fixed lrs in
+# docs/results.md (issue 11) checks it.
+FINETUNE_DRIFT = 0.25
 # momentum 0.9 (memory ~10 steps) instead of nnU-Net's 0.99 (~100 steps, a quarter of a short DP run)
 DEFAULT_MOMENTUM = 0.9
 DEFAULT_NESTEROV = True
@@ -43,3 +49,17 @@ def default_lr(*, noise_multiplier: float, clip_norm: float, expected_batch_size
     lo, hi = LR_EFF_MIN / clip_norm, LR_EFF_MAX / clip_norm
     lr_eff = min(max(tau / (noise * math.sqrt(steps)), lo), hi) if noise > 0 else hi  # tau * qN / (sigma C sqrt(T))
     return (1.0 - momentum) * lr_eff
+
+
+def finetune_lr(*, noise_multiplier: float, clip_norm: float, expected_batch_size: float, steps: int,
+                weight_rms: float, momentum: float = DEFAULT_MOMENTUM, drift: float = FINETUNE_DRIFT) -> float:
+    """The initial learning rate for fine-tuning from public weights whose trained parameters have RMS `weight_rms`:
+    lr = (1 - beta) * drift * weight_rms / (n * sqrt(T)), never above the from-scratch default_lr. The weights are
+    public, so the rule costs no privacy."""
+    scratch = default_lr(noise_multiplier=noise_multiplier, clip_norm=clip_norm, expected_batch_size=expected_batch_size,
+                         steps=steps, momentum=momentum)
+    noise = noise_per_coordinate(noise_multiplier=noise_multiplier, clip_norm=clip_norm,
+                                 expected_batch_size=expected_batch_size)
+    if noise <= 0 or not weight_rms > 0:
+        return scratch
+    return min(scratch, (1.0 - momentum) * drift * weight_rms / (noise * math.sqrt(steps)))

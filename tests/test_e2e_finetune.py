@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from e2e import nnunet_env, prepare, run
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
 from nnunet_dp.nnunet.finetune import PRETRAINED_ASSUMPTION, select_trainable
+from nnunet_dp.optim import FINETUNE_DRIFT, default_lr
 
 DS = 993
 CFG = {"num_epochs": 2, "num_iterations_per_epoch": 2, "num_val_iterations_per_epoch": 1, "expected_batch_size": 3,
@@ -36,12 +38,16 @@ def public(tmp_path_factory):
     return root, fold(root, "nnUNetTrainer_DPTestPublicBN") / "checkpoint_final.pth"
 
 
-def trained_keys(folder) -> set[str]:
-    """state_dict keys (aliases included) of the parameters norm_bias trains, on the network nnU-Net builds from the
-    DP run's plans."""
+def plans_net(folder):
+    """The network nnU-Net builds from the DP run's plans."""
     arch = json.loads((folder.parent / "plans.json").read_text())["configurations"]["2d"]["architecture"]
-    net = get_network_from_plans(arch["network_class_name"], arch["arch_kwargs"], arch["_kw_requires_import"], 1, 2,
-                                 allow_init=True, deep_supervision=True)
+    return get_network_from_plans(arch["network_class_name"], arch["arch_kwargs"], arch["_kw_requires_import"], 1, 2,
+                                  allow_init=True, deep_supervision=True)
+
+
+def trained_keys(folder) -> set[str]:
+    """state_dict keys (aliases included) of the parameters norm_bias trains."""
+    net = plans_net(folder)
     chosen = {id(p) for p in select_trainable(net, "norm_bias").trained}
     return {k for k, v in net.state_dict(keep_vars=True).items() if id(v) in chosen}
 
@@ -74,6 +80,20 @@ def test_finetune_from_public_weights_with_ema_interrupted_and_resumed(public):
         assert torch.equal(raw[k], file_weights[k]) and torch.equal(ema[k], file_weights[k]), k
 
     rep = json.loads((folder / "privacy.json").read_text())
+    # the fine-tuning lr rule, from the RMS of the public weights that train (heads included: transferred), in closed
+    # form; recorded in privacy.json and in both checkpoints (--c continued with it)
+    net = plans_net(folder)
+    chosen = {id(q) for q in select_trainable(net, "norm_bias").trained}
+    names = [n for n, p in net.named_parameters() if id(p) in chosen]
+    rms = math.sqrt(sum(float(file_weights[n].double().pow(2).sum()) for n in names) /
+                    sum(file_weights[n].numel() for n in names))
+    noise = rep["noise_multiplier"] * rep["clip_norm"] / rep["expected_batch_size"]
+    expected_lr = min(0.1 * FINETUNE_DRIFT * rms / (noise * math.sqrt(rep["planned_steps"])),
+                      default_lr(noise_multiplier=rep["noise_multiplier"], clip_norm=rep["clip_norm"],
+                                 expected_batch_size=rep["expected_batch_size"], steps=rep["planned_steps"]))
+    assert rep["lr_rule"] == "fine-tuning rule" and rep["initial_lr"] == pytest.approx(expected_lr, rel=1e-9)
+    assert latest["dp_initial_lr"] == pytest.approx(expected_lr, rel=1e-9) and final["dp_lr_rule"] == "fine-tuning rule"
+    assert final["dp_initial_lr"] == pytest.approx(expected_lr, rel=1e-9)
     record = rep["pretrained_weights"]
     assert record["sha256"] == hashlib.sha256(public_file.read_bytes()).hexdigest()
     heads = [k for k in file_weights if ".seg_layers." in k]  # same dataset, same labels: transfer_heads copies them
@@ -85,7 +105,7 @@ def test_finetune_from_public_weights_with_ema_interrupted_and_resumed(public):
     assert rep["ema_decay"] == 0.9 and rep["augmentations_per_case"] == 2 and rep["steps"] == 4
     assert PRETRAINED_ASSUMPTION in rep["assumptions"]
     log = "\n".join(p.read_text() for p in folder.glob("training_log_*.txt"))
-    for line in ("DP trainable=norm_bias: ", "BatchNorm running statistics", "DP ema_decay=0.9",
+    for line in ("DP trainable=norm_bias: ", "BatchNorm running statistics", "DP ema_decay=0.9", "DP fine-tuning lr: ",
                  f"segmentation heads transferred from the public checkpoint too ({len(heads)} tensors"):
         assert line in log
 

@@ -5,7 +5,15 @@ import pytest
 
 from nnunet_dp.config import DPConfig
 from nnunet_dp.errors import DPConfigError
-from nnunet_dp.optim import LR_EFF_MAX, LR_EFF_MIN, LR_NOISE_TAU, default_lr, noise_per_coordinate
+from nnunet_dp.optim import (
+    FINETUNE_DRIFT,
+    LR_EFF_MAX,
+    LR_EFF_MIN,
+    LR_NOISE_TAU,
+    default_lr,
+    finetune_lr,
+    noise_per_coordinate,
+)
 
 
 @pytest.mark.parametrize("sigma,clip,qn,steps,momentum", [(2.61, 1.0, 32, 400, 0.9), (15.8, 1.0, 32, 400, 0.9),
@@ -15,6 +23,21 @@ def test_default_lr_closed_form(sigma, clip, qn, steps, momentum):
     got = default_lr(noise_multiplier=sigma, clip_norm=clip, expected_batch_size=qn, steps=steps, momentum=momentum)
     assert got == pytest.approx((1 - momentum) * lr_eff, rel=1e-12)
     assert noise_per_coordinate(noise_multiplier=sigma, clip_norm=clip, expected_batch_size=qn) == sigma * clip / qn
+
+
+@pytest.mark.parametrize("sigma,clip,qn,steps,rms", [(3.289, 1.0, 29.0, 400, 0.12), (20.31, 1.0, 29.0, 400, 0.12),
+                                                      (3.289, 0.5, 29.0, 400, 0.66), (0.2, 1.0, 64.0, 100, 5.0)])
+def test_finetune_lr_keeps_the_drift_at_a_fraction_of_the_public_weights(sigma, clip, qn, steps, rms):
+    """lr_eff * sigma C/(qN) * sqrt(T) = FINETUNE_DRIFT * rms, without the from-scratch floor, never above the
+    from-scratch rule."""
+    got = finetune_lr(noise_multiplier=sigma, clip_norm=clip, expected_batch_size=qn, steps=steps, weight_rms=rms)
+    own = 0.1 * FINETUNE_DRIFT * rms * qn / (sigma * clip * math.sqrt(steps))
+    scratch = default_lr(noise_multiplier=sigma, clip_norm=clip, expected_batch_size=qn, steps=steps)
+    assert got == pytest.approx(min(own, scratch), rel=1e-12)
+    if own < scratch:  # the drift it allows, in the units the docstring states
+        assert got / 0.1 * sigma * clip / qn * math.sqrt(steps) == pytest.approx(FINETUNE_DRIFT * rms, rel=1e-12)
+    assert finetune_lr(noise_multiplier=sigma, clip_norm=clip, expected_batch_size=qn, steps=steps,
+                       weight_rms=0.0) == scratch  # nothing to protect: the from-scratch rule
 
 
 def test_default_lr_on_the_issue_setting_lands_in_the_range_that_learned():

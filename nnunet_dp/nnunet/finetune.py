@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -29,6 +30,7 @@ from nnunet_dp.config import DPConfig, Trainable
 from nnunet_dp.ema import ParameterEMA
 from nnunet_dp.errors import DPConfigError
 from nnunet_dp.nnunet.resume import read_checkpoint
+from nnunet_dp.optim import FINETUNE_DRIFT, finetune_lr
 
 PRETRAINED_ASSUMPTION = ("The pretraining data must not contain the private training cases; epsilon covers only the "
                          "fine-tuning on them.")
@@ -220,6 +222,46 @@ def transfer_heads(path: str, model: nn.Module, dataset_json: dict[str, Any]) ->
                    "labels; transfer_heads=true; nnU-Net itself never transfers them)")
 
 
+def trained_rms(selection: Selection) -> float:
+    """Root mean square of the values of the trained parameters (after the public weights were loaded)."""
+    with torch.no_grad():
+        total = sum(float(p.detach().double().pow(2).sum()) for p in selection.trained)
+    return math.sqrt(total / max(selection.num_trained, 1))
+
+
+def set_initial_lr(trainer: Any, lr: float, rule: str) -> None:
+    """The initial lr of nnU-Net's SGD and poly schedule, after configure_optimizers built them."""
+    trainer.initial_lr, trainer.dp_lr_rule = lr, rule
+    trainer.lr_scheduler.initial_lr = lr
+    for group in trainer.optimizer.param_groups:
+        group["lr"] = lr
+
+
+def apply_finetune_lr(trainer: Any) -> str:
+    """A fresh start from public weights without an initial_lr setting: optim.finetune_lr from the RMS of the trained
+    public weights (no privacy cost). Returns the log line."""
+    plan, cfg = trainer._dp_setup().plan, trainer.dp_config
+    rms = trained_rms(trainer.dp_selection)
+    scratch = trainer.initial_lr
+    lr = finetune_lr(noise_multiplier=plan.noise_multiplier, clip_norm=plan.clip_norm,
+                     expected_batch_size=plan.expected_batch_size, steps=plan.planned_steps, weight_rms=rms,
+                     momentum=cfg.momentum)
+    set_initial_lr(trainer, lr, "fine-tuning rule")
+    noise = plan.noise_multiplier * plan.clip_norm / plan.expected_batch_size
+    drift = lr / (1 - cfg.momentum) * noise * math.sqrt(plan.planned_steps)
+    return (f"DP fine-tuning lr: {lr:.4g} (fine-tuning rule, nnunet_dp.optim.finetune_lr; the from-scratch rule gave "
+            f"{scratch:.4g}): accumulated noise per trained weight ~{drift:.3g} = {drift / max(rms, 1e-12):.2f} x the "
+            f"RMS {rms:.3g} of the public weights that train (the rule keeps it at most {FINETUNE_DRIFT:g} x). Set "
+            "initial_lr to override")
+
+
+def restore_lr(trainer: Any, checkpoint: dict) -> None:
+    """--c / --val: the lr the checkpoint's training used (a fine-tuning lr is not what configure_optimizers
+    recomputes)."""
+    if checkpoint.get("dp_initial_lr") is not None:
+        set_initial_lr(trainer, float(checkpoint["dp_initial_lr"]), checkpoint.get("dp_lr_rule") or "checkpoint")
+
+
 # ---- privacy.json fields, checkpoint entries ----------------------------------------------------------------------
 def report_extra(cfg: DPConfig, selection: Selection | None,
                  pretrained: dict[str, Any] | None) -> tuple[dict[str, Any], list[str]]:
@@ -285,7 +327,7 @@ def start_finetuning(trainer: Any) -> None:
         net.load_state_dict(trainer.dp_raw_weights)
         trainer.dp_raw_weights = None
     path = pretrained_weights_arg(sys.argv[1:])
-    if trainer.dp_resumed_steps is None and trainer.local_rank == 0 and path is not None:
+    if trainer.dp_resumed_steps is None and path is not None:  # every rank: the heads and the lr must agree
         trainer.dp_pretrained, lines = pretrained_record(path, net, trainer.plans_manager.dataset_name)
         if trainer.dp_pretrained is not None and cfg.transfer_heads:
             copied, line = transfer_heads(path, net, trainer.dataset_json)
@@ -296,6 +338,8 @@ def start_finetuning(trainer: Any) -> None:
                                                         if k not in copied]
         elif trainer.dp_pretrained is not None:
             trainer.dp_pretrained["heads_transferred"] = False
+        if trainer.dp_pretrained is not None and cfg.initial_lr is None:
+            lines.append(apply_finetune_lr(trainer))
         for line in lines:
             trainer.print_to_log_file(line)
     if cfg.trainable != "all" and trainer.dp_pretrained is None and path is None:

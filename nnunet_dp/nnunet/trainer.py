@@ -113,6 +113,7 @@ class nnUNetTrainerDP(nnUNetTrainer):
                              expected_batch_size=plan.expected_batch_size, steps=plan.planned_steps,
                              momentum=cfg.momentum)
         self.initial_lr = cfg.initial_lr if cfg.initial_lr is not None else rule_lr
+        self.dp_lr_rule = "initial_lr setting" if cfg.initial_lr is not None else "default rule"  # finetune may change
         noise = noise_per_coordinate(noise_multiplier=plan.noise_multiplier, clip_norm=plan.clip_norm,
                                      expected_batch_size=plan.expected_batch_size)
         source = "initial_lr setting" if cfg.initial_lr is not None else "default rule"
@@ -299,7 +300,7 @@ class nnUNetTrainerDP(nnUNetTrainer):
     def _write_privacy_json(self) -> None:
         if self.local_rank == 0 and self.dp_run is not None:
             extra, assumptions = finetune.report_extra(self.dp_config, self.dp_selection, self.dp_pretrained)
-            extra.update(self.dp_noise or {})
+            extra.update(self.dp_noise or {}, initial_lr=self.initial_lr, lr_rule=self.dp_lr_rule)
             write_json_atomic(join(self.output_folder, PRIVACY_JSON),
                               privacy_report(self.dp_run, self.dp_config, status=self.dp_status,
                                              dropped_cases=self.dp_dropped, extra=extra,
@@ -328,6 +329,7 @@ class nnUNetTrainerDP(nnUNetTrainer):
             "dp_state": run.state_dict(),  # plan and ledger; never a noise generator state or seed
             "dp_config": self.dp_config.release_dict(),
             "dp_pretrained": self.dp_pretrained,
+            "dp_initial_lr": self.initial_lr, "dp_lr_rule": self.dp_lr_rule,
         }
         tmp = f"{filename}.tmp"
         torch.save(checkpoint, tmp)
@@ -352,6 +354,7 @@ class nnUNetTrainerDP(nnUNetTrainer):
         # from the raw weights (finetune.start_finetuning)
         self.dp_raw_weights = checkpoint.get("raw_network_weights")
         self.dp_pretrained = checkpoint.get("dp_pretrained")
+        finetune.restore_lr(self, checkpoint)
         self.dp_ema = finetune.restore_ema(checkpoint, self._plain_network(), self.dp_config.ema_decay,
                                            self.print_to_log_file)
         self.print_to_log_file(f"DP: resumed ledger with {self.dp_run.steps} steps, "

@@ -45,7 +45,10 @@ def randomness_line(header: dict[str, Any]) -> str:
 def lr_used(r: dict[str, Any]) -> float | None:
     """The initial lr a run trained with: its initial_lr setting (--lrs, or the baseline's budget lr); for a DP run
     without one, the trainer's default rule recomputed from its privacy.json (σ, C, qN, planned steps) with the DP
-    momentum default, as in nnUNetTrainerDP.configure_optimizers. None if those fields are missing."""
+    momentum default, as in nnUNetTrainerDP.configure_optimizers (privacy.json's initial_lr, `lr_used`, where the
+    trainer recorded it: the fine-tuning rule depends on the public weights). None if those fields are missing."""
+    if r.get("lr_used") is not None:
+        return r["lr_used"]
     if r.get("initial_lr") is not None or r["rule"] == "nonprivate":
         return r.get("initial_lr")
     fields = [r.get(k) for k in ("noise_multiplier", "clip_norm", "expected_batch_size", "planned_steps")]

@@ -217,9 +217,10 @@ def privacy_summary(fold: str) -> dict[str, Any]:
         return {"epsilon": None, "delta": None, "noise_multiplier": None, "steps": None, "status": "non-private"}
     with open(path) as f:
         rep = json.load(f)
-    return {k: rep.get(k) for k in ("epsilon", "delta", "noise_multiplier", "steps", "sampling_rate",
-                                    "expected_batch_size", "num_training_cases", "status", "clip_norm",
-                                    "planned_steps", "num_trained_parameters", "pretrained_weights")}
+    return {**{k: rep.get(k) for k in ("epsilon", "delta", "noise_multiplier", "steps", "sampling_rate",
+                                       "expected_batch_size", "num_training_cases", "status", "clip_norm",
+                                       "planned_steps", "num_trained_parameters", "pretrained_weights")},
+            "lr_used": rep.get("initial_lr"), "lr_rule": rep.get("lr_rule")}
 
 
 def spec_fields(spec: RunSpec) -> dict[str, Any]:
