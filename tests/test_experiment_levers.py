@@ -246,6 +246,7 @@ def test_budget_print_states_the_start_and_the_repeats():
     summary = budget_summary(b, plans, "Dataset902_Hippocampus", "2d", {"from": "public part", "public_fraction": 0.3,
                                                                          "num_public_cases": 14}, 2)
     text = format_budget(summary)
+    assert "at most: the fine-tuning rule sets it from the public weights" in text
     assert "14 public cases = --public-fraction 0.3" in text and "the ETA is measured on the first DP run after it" in text
     assert "--seeds 2" in text and "flat_eps8_norm_bias_k4_ema0.999_s2" in text
     run_ = summary["runs"][1]

@@ -289,11 +289,15 @@ def format_budget(summary: dict[str, Any]) -> str:
               "voxels per step"),
              *start_lines(summary),
              f"  {'run':<{width}} {'eps':>6} {'sigma':>9} {'q':>8} {'lr':>9}"]
+    finetuning = (summary.get("start") or {"from": "scratch"})["from"] != "scratch"
     for r in summary["runs"]:
         eps = "-" if r["target_epsilon"] is None else f"{r['target_epsilon']:g}"
         sigma = "-" if r["noise_multiplier"] is None else f"{r['noise_multiplier']:.4g}"
         q = "-" if r["sampling_rate"] is None else f"{r['sampling_rate']:.4g}"
-        lines.append(f"  {r['run']:<{width}} {eps:>6} {sigma:>9} {q:>8} {r['initial_lr']:>9.4g} ({r['lr_source']})")
+        source = r["lr_source"]
+        if finetuning and source == "default rule":  # the trainer lowers it from the public weights it loads
+            source = "at most: the fine-tuning rule sets it from the public weights, nnunet_dp.optim.finetune_lr"
+        lines.append(f"  {r['run']:<{width}} {eps:>6} {sigma:>9} {q:>8} {r['initial_lr']:>9.4g} ({source})")
     return "\n".join(lines)
 
 
