@@ -105,6 +105,7 @@ def test_finetune_from_public_weights_with_ema_interrupted_and_resumed(public):
     assert rep["ema_decay"] == 0.9 and rep["augmentations_per_case"] == 2 and rep["steps"] == 4
     assert PRETRAINED_ASSUMPTION in rep["assumptions"]
     log = "\n".join(p.read_text() for p in folder.glob("training_log_*.txt"))
+    assert "segmentation-head tensors: nnU-Net never transfers them" not in log  # they were transferred
     for line in ("DP trainable=norm_bias: ", "BatchNorm running statistics", "DP ema_decay=0.9", "DP fine-tuning lr: ",
                  f"segmentation heads transferred from the public checkpoint too ({len(heads)} tensors"):
         assert line in log

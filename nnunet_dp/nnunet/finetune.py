@@ -331,6 +331,8 @@ def start_finetuning(trainer: Any) -> None:
         trainer.dp_pretrained, lines = pretrained_record(path, net, trainer.plans_manager.dataset_name)
         if trainer.dp_pretrained is not None and cfg.transfer_heads:
             copied, line = transfer_heads(path, net, trainer.dataset_json)
+            if copied:  # the record's "not transferred: ... heads start from random initialisation" no longer holds
+                lines = [x for x in lines if "segmentation-head tensors" not in x]
             lines.append(line)
             trainer.dp_pretrained["heads_transferred"] = bool(copied)
             trainer.dp_pretrained["transferred"] += len(copied)
