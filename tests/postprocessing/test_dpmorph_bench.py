@@ -13,6 +13,6 @@ def test_quick_benchmark_runs_and_reports_identical_outputs():
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
-    assert sum("identical: yes" in line for line in lines) == 4  # opening and closing at two radii
-    assert sum("all within the radius of the border: yes" in line for line in lines) == 2
+    assert sum("identical: yes" in line for line in lines) == 8  # opening and closing, two radii, two volumes
+    assert sum("all within the radius of the border: yes" in line for line in lines) == 4
     assert lines[-1] == "all outputs identical / as documented: yes"
