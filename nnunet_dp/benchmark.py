@@ -146,11 +146,12 @@ def fmt(v: float | None, spec: str) -> str:
 
 
 def format_table(rows: list[Row], header: str) -> str:
-    lines = [header, (f"{'config':<12} {'method':<10} {'runs':<5} {'B':>4} {'time/step s':>11} {'x nnU-Net':>9} "
+    width = max([12, *(len(r.config) for r in rows)])
+    lines = [header, (f"{'config':<{width}} {'method':<10} {'runs':<5} {'B':>4} {'time/step s':>11} {'x nnU-Net':>9} "
                       f"{'peak MB':>9} {'x nnU-Net':>9} {'noise+acct':>10}  note")]
     for r in rows:
         share = "-" if r.overhead_share is None else f"{100 * r.overhead_share:.1f}%"
-        lines.append(f"{r.config:<12} {r.method:<10} {r.strategy or '':<5} {r.batch_size:>4} {fmt(r.time_s, '.3f'):>11} "
+        lines.append(f"{r.config:<{width}} {r.method:<10} {r.strategy or '':<5} {r.batch_size:>4} {fmt(r.time_s, '.3f'):>11} "
                      f"{fmt(r.time_ratio, '.2f'):>9} {fmt(r.peak_mem_mb, '.0f'):>9} {fmt(r.mem_ratio, '.2f'):>9} "
                      f"{share:>10}  {r.note}")
     return "\n".join(lines)

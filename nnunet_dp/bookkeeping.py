@@ -5,8 +5,9 @@ a layer's per-case parameter gradients follow from its input a_i and output grad
 the whole batch instead of once per case. Here:
 - each case's loss is nnU-Net's loss on that case alone (a batch of one, sliced from the batched output), exactly as
   in the micro-batch loop; their sum is backpropagated once;
-- autograd computes only activation gradients (the gradient is requested for the input, not the parameters), so the
-  batched weight gradient that a normal step computes is not computed as well;
+- autograd computes only activation gradients (the gradient is requested for the inputs of the first trained layers,
+  not the parameters), so the batched weight gradient that a normal step computes is not computed as well, and a
+  frozen front of the network (trainable "decoder": the encoder) is not backpropagated at all;
 - a convolution's per-case weight gradients are one convolution_backward over the batch folded into the channels
   (groups x B, as in opacus' expanded weights); bias and norm-affine gradients are sums over space;
 - a layer whose per-case weight gradients are larger than its input + output gradient (deep, low-resolution layers)
@@ -267,6 +268,36 @@ class Tape:
                                          g[s * k:(s + chunk) * k].to(self.work), per_case=True, group=k)
                 self.sq_norms[s:s + chunk] += sq_norms(part, self.work)
         call.deferred = (a, g)
+
+    def backward_targets(self) -> list[torch.Tensor]:
+        """The inputs the activation backward must reach: those of the recorded layers whose input depends on no
+        recorded layer's output (the network input when the first layer trains; the bottleneck when only the decoder
+        trains). Every recorded layer that reaches the loss lies on a path from the loss to one of them, so its hook
+        fires (check_complete verifies it), and nothing upstream of them (a frozen encoder) is backpropagated."""
+        recorded = {c.node for c in self.calls.values()}
+        tainted: dict[Any, bool] = {}  # autograd node -> some recorded layer's output node lies at or below it
+
+        def is_tainted(root: Any) -> bool:
+            stack = [root]
+            while stack:
+                node = stack[-1]
+                if node in tainted:
+                    stack.pop()
+                    continue
+                below = [f for f, _ in node.next_functions if f is not None and f not in tainted]
+                if below:
+                    stack.extend(below)
+                    continue
+                stack.pop()
+                tainted[node] = node in recorded or any(tainted[f] for f, _ in node.next_functions if f is not None)
+            return tainted[root]
+
+        targets: dict[int, torch.Tensor] = {}
+        for call in self.calls.values():
+            a = call.a
+            if a is not None and a.requires_grad and (a.grad_fn is None or not is_tainted(a.grad_fn)):
+                targets.setdefault(id(a), a)
+        return list(targets.values())
 
     def check_complete(self, roots: list[Any]) -> None:
         """Every layer whose output reaches the loss got its gradient (a layer not reached is an exact zero)."""

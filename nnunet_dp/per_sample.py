@@ -170,7 +170,7 @@ def _scaled_sum_bk(model: nn.Module, params: list[nn.Parameter], loss_fn: LossFn
         out_grads = torch.autograd.grad(total, detached, allow_unused=True)
         used = [(o, g) for o, g in zip(outs, out_grads) if g is not None]
         tape.remove()
-        torch.autograd.grad([o for o, _ in used], [x], [g for _, g in used])
+        torch.autograd.grad([o for o, _ in used], tape.backward_targets(), [g for _, g in used], allow_unused=True)
         tape.check_complete([o.grad_fn for o, _ in used])
         norms = tape.sq_norms.sqrt()
         scales, finite = finite_scales(rule, norms, losses.detach())

@@ -99,3 +99,30 @@ def test_cpu_batch_cap_and_plans_configs():
     assert cli.batch_size_for(configs["2d"], CPU, args) == 200_000 // (56 * 40)
     assert cli.batch_size_for(configs["3d_fullres"], CPU, args) == 2
     assert cli.batch_size_for(configs["2d"], torch.device("cuda"), args) == 366
+
+
+def test_trainable_subsets_freeze_every_methods_network_as_the_dp_trainers_do(tmp_path):
+    """--trainable: each method trains exactly the DP trainers' selection (nnU-Net's step included); rows are labelled
+    per subset and compared with nnU-Net's step on the same subset."""
+    from dataclasses import replace
+
+    from nnunet_dp.nnunet.finetune import select_trainable
+    cfg = replace(bm.quick_configs()["tiny2d"], trainable="norm_bias")
+    batch = bm.make_batch(cfg, 3, CPU)
+    plain = bm.build_network(bm.quick_configs()["tiny2d"], seed=0)
+    chosen = {id(q) for q in select_trainable(plain, "norm_bias").trained}
+    expected = {n for n, p in plain.named_parameters() if id(p) in chosen}
+    for method in (bm.nnunet_method(cfg, batch, CPU), bm.dp_method(cfg, batch, CPU, "bk")):
+        before = {n: p.detach().clone() for n, p in method.model.named_parameters()}
+        method.step()
+        changed = {n for n, p in method.model.named_parameters() if not torch.equal(p, before[n])}
+        trained = {n for n, p in method.model.named_parameters() if p.requires_grad}
+        assert changed <= trained and trained == expected
+        assert "decoder.seg_layers.1.weight" in changed  # the (full-resolution) seg head trains under norm_bias
+    path = tmp_path / "q.json"
+    cli.main(["--quick", "--threads", "1", "--trainable", "all", "norm_bias", "--methods", "nnunet", "dp-bk",
+              "--no-memory", "--json", str(path)])
+    rows = json.loads(path.read_text())
+    assert [(r["config"], r["method"]) for r in rows] == [("tiny2d", "nnunet"), ("tiny2d", "dp-bk"),
+                                                          ("tiny2d/norm_bias", "nnunet"), ("tiny2d/norm_bias", "dp-bk")]
+    assert rows[3]["time_ratio"] == pytest.approx(rows[3]["time_s"] / rows[2]["time_s"], rel=1e-2)

@@ -274,3 +274,36 @@ def test_bk_frees_each_step_without_the_cyclic_collector():
     finally:
         gc.enable()
         bookkeeping.Tape.__init__ = init
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+@pytest.mark.parametrize("trainable", ["norm_bias", "decoder"])
+@pytest.mark.parametrize("strategy", ["loop", "bk"])
+def test_trained_subsets_match_the_reference_and_bk_skips_a_frozen_encoder(dim, trainable, strategy):
+    """Under `trainable`, per-case norms and the scaled sum over the trained parameters equal the micro-batch
+    reference (float64); under 'decoder' book-keeping's backward never enters the frozen encoder."""
+    from nnunet_dp.nnunet.finetune import freeze_, select_trainable
+    model = tiny_unet(dim).double()
+    sel = select_trainable(model, trainable)
+    freeze_(model, sel)
+    loss_fn, rule = nnunet_loss(), make_rule("flat", clip_norm=0.5)
+    x, targets = batch(dim, 3, size=16)
+    ref, ref_norms = reference(model, loss_fn, x, targets, CLOSED["flat"])
+    trained = torch.cat([torch.ones(p.numel()) if p.requires_grad else torch.zeros(p.numel())
+                         for p in model.parameters()]).bool()
+    reached = []
+
+    def watch(module, args, out):  # counts gradients arriving at the first encoder stage's output
+        if out.requires_grad:
+            out.register_hook(lambda g: reached.append(1))
+
+    hook = model.encoder.stages[0].register_forward_hook(watch)
+    try:
+        got = scaled_sum(model, loss_fn, x, targets, rule, strategy=strategy)
+    finally:
+        hook.remove()
+    torch.testing.assert_close(got.norms, ref_norms, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(torch.cat([g.flatten() for g in got.grads]), ref[trained], rtol=1e-9, atol=1e-12)
+    assert len(got.grads) == len(sel.trained)
+    if strategy == "bk":  # norm_bias trains the first stage's biases: its output gradient is needed there
+        assert (len(reached) == 0) == (trainable == "decoder")

@@ -24,6 +24,7 @@ from torch import nn
 from nnunet_dp import benchmark as core
 from nnunet_dp.config import DPConfig
 from nnunet_dp.nnunet.case_loss import make_case_loss
+from nnunet_dp.nnunet.finetune import freeze_, select_trainable
 from nnunet_dp.nnunet.plans import dp_architecture
 from nnunet_dp.per_sample import _STRATEGIES, choose_strategy
 from nnunet_dp.run import DPRun, dp_autocast, make_plan
@@ -39,6 +40,12 @@ class BenchConfig:
     patch_size: tuple[int, ...]
     plans_batch_size: int
     architecture: dict  # nnU-Net plans 'architecture' entry (network_class_name, arch_kwargs, _kw_requires_import)
+    trainable: str = "all"  # DP setting `trainable`, applied to every method's network (nnU-Net's step included)
+
+    @property
+    def label(self) -> str:
+        """The configuration's name in the tables: `2d`, or `2d/norm_bias` for a trained subset."""
+        return self.name if self.trainable == "all" else f"{self.name}/{self.trainable}"
 
     @property
     def strides(self) -> np.ndarray:
@@ -76,12 +83,17 @@ def load_configs(plans_files: list[str]) -> dict[str, BenchConfig]:
 
 
 def build_network(cfg: BenchConfig, *, seed: int, inplace: bool = True) -> nn.Module:
+    """The plans' network; parameters outside cfg.trainable are frozen exactly as the DP trainers freeze them
+    (nnunet_dp.nnunet.finetune.select_trainable + freeze_)."""
     arch = copy.deepcopy(cfg.architecture)
     if not inplace:
         arch["arch_kwargs"]["nonlin_kwargs"] = {**(arch["arch_kwargs"].get("nonlin_kwargs") or {}), "inplace": False}
     torch.manual_seed(seed)
-    return get_network_from_plans(arch["network_class_name"], arch["arch_kwargs"], arch["_kw_requires_import"], 1,
-                                  NUM_CLASSES, allow_init=True, deep_supervision=True)
+    net = get_network_from_plans(arch["network_class_name"], arch["arch_kwargs"], arch["_kw_requires_import"], 1,
+                                 NUM_CLASSES, allow_init=True, deep_supervision=True)
+    if cfg.trainable != "all":
+        freeze_(net, select_trainable(net, cfg.trainable))
+    return net
 
 
 def build_loss(cfg: BenchConfig) -> nn.Module:
@@ -106,8 +118,10 @@ def make_batch(cfg: BenchConfig, b: int, device: torch.device, seed: int = 0) ->
 
 
 def sgd(net: nn.Module) -> torch.optim.Optimizer:
-    """nnUNetTrainer.configure_optimizers (initial_lr 1e-2, weight_decay 3e-5)."""
-    return torch.optim.SGD(net.parameters(), 1e-2, weight_decay=3e-5, momentum=0.99, nesterov=True)
+    """nnUNetTrainer.configure_optimizers (initial_lr 1e-2, weight_decay 3e-5) over the trained parameters (as the DP
+    trainers' optimizer under `trainable`)."""
+    return torch.optim.SGD([p for p in net.parameters() if p.requires_grad], 1e-2, weight_decay=3e-5, momentum=0.99,
+                           nesterov=True)
 
 
 @dataclass

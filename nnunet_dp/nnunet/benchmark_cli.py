@@ -3,6 +3,7 @@
     nnUNetv2_dp_benchmark                       # 2d, 3d_fullres (Dataset902 plans) and 2d_256, on CPU
     nnUNetv2_dp_benchmark -device cuda --json bench_gpu.json
     nnUNetv2_dp_benchmark --quick --json q.json # CI smoke test: tiny plans-like networks, seconds, no data needed
+    nnUNetv2_dp_benchmark --trainable all norm_bias   # each configuration twice: all parameters, then norm_bias only
 
 Networks are built from nnU-Net plans exactly as nnUNetTrainerDP builds them (nnU-Net's get_network_from_plans after
 the DP changes of nnunet_dp.nnunet.plans), with nnU-Net's deep-supervision DC_and_CE loss; batches are random tensors
@@ -11,7 +12,9 @@ of the plans' patch size. Methods, alternated round by round (nnunet_dp.benchmar
 - dp-<strategy>: nnUNetTrainerDP.train_step (per-case gradients, rule, noise, accountant, SGD step), for each
   per-case strategy and 'auto' (bf16 autocast without GradScaler on CUDA, fp32 norms and accumulator);
 - opacus: GradSampleModule hooks + DPOptimizer on the same network and loss, where it runs.
-The CPU batch size is the plans' batch size capped at --max-batch-voxels (nnU-Net's 2d batch of 366 would take
+--trainable: every method (nnU-Net's step included) trains only that subset (the DP setting `trainable`; frozen
+parameters exactly as the DP trainers freeze them); rows are labelled `2d/norm_bias` and compared with nnU-Net's step
+on the same subset. The CPU batch size is the plans' batch size capped at --max-batch-voxels (nnU-Net's 2d batch of 366 would take
 minutes per method on 2 cores); on CUDA the plans' batch size is used. --batch-size overrides both.
 """
 from __future__ import annotations
@@ -22,12 +25,14 @@ import json
 import os
 import sys
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from nnunet_dp import benchmark as core
+from nnunet_dp.config import TRAINABLE
 from nnunet_dp.nnunet.bench_methods import (
     METHODS,
     BenchConfig,
@@ -128,6 +133,7 @@ def cpu_peak_mb(name: str, cfg: BenchConfig, b: int, args: argparse.Namespace) -
     argv = ["-m", "nnunet_dp.nnunet.benchmark_cli", "--probe-memory", name, "--configs", cfg.name,
             "--batch-size", str(b), "--threads", str(torch.get_num_threads()), "-device", "cpu"]
     argv += ["--quick"] if args.quick else ["--plans", *args.plans]
+    argv += ["--trainable", cfg.trainable]
     out = core.run_json_subprocess(argv, timeout=args.probe_timeout)
     return out.get("peak_mem_mb"), out.get("error", "")
 
@@ -149,8 +155,9 @@ def bench_config(cfg: BenchConfig, methods: list[str], device: torch.device, arg
                  ) -> list[core.Row]:
     b = batch_size_for(cfg, device, args)
     log = print if args.verbose else (lambda s: None)
-    print(f"[{cfg.name}] patch {list(cfg.patch_size)}, batch {b} (plans: {cfg.plans_batch_size}), "
-          f"load {os.getloadavg()[0]:.2f}", flush=True)
+    trained = sum(p.numel() for p in build_network(cfg, seed=0).parameters() if p.requires_grad)
+    print(f"[{cfg.label}] patch {list(cfg.patch_size)}, batch {b} (plans: {cfg.plans_batch_size}), {trained:,} trained "
+          f"parameters, load {os.getloadavg()[0]:.2f}", flush=True)
     batch = make_batch(cfg, b, device)
     built: dict[str, Method] = {}
     failed: dict[str, str] = {}
@@ -172,7 +179,7 @@ def bench_config(cfg: BenchConfig, methods: list[str], device: torch.device, arg
         m = built.get(name)
         t = core.median(times[name]) if name in times else None
         share = overhead_seconds(m, device) / t if m is not None and m.run is not None and t else None
-        rows.append(core.Row(cfg.name, name, t, None, times_s=[round(x, 4) for x in times.get(name, [])],
+        rows.append(core.Row(cfg.label, name, t, None, times_s=[round(x, 4) for x in times.get(name, [])],
                              batch_size=b, patch_size=list(cfg.patch_size), strategy=m.strategy if m else None,
                              overhead_share=share, note="; ".join(x for x in (m.describe() if m else "", notes.get(name, ""))
                                                                   if x)))
@@ -198,6 +205,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                                    str(PLANS_DIR / "large_2d_256.json")],
                    help="nnU-Net plans files (default: the committed copies under benchmarks/plans)")
     p.add_argument("-device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--trainable", nargs="+", default=["all"], choices=TRAINABLE,
+                   help="DP setting trainable for every method; several values run each configuration once per value "
+                        "(default: all)")
     p.add_argument("--quick", action="store_true", help="CI smoke test: tiny networks, 1 round, no plans needed")
     p.add_argument("--batch-size", type=int, default=0, help="cases per step (default: plans; CPU: capped)")
     p.add_argument("--max-batch-voxels", type=int, default=200_000,
@@ -230,12 +240,13 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         sys.exit(f"--configs {' '.join(unknown)}: not in the plans; known: {', '.join(configs)}")
     if args.probe_memory:
-        return probe_memory(args, configs[names[0]])
+        return probe_memory(args, replace(configs[names[0]], trainable=args.trainable[0]))
     env = core.environment(device)
     print(f"nnUNetv2_dp_benchmark on {env}", flush=True)
     rows: list[core.Row] = []
     for name in names:
-        rows += bench_config(configs[name], args.methods, device, args)
+        for trainable in args.trainable:
+            rows += bench_config(replace(configs[name], trainable=trainable), args.methods, device, args)
     env_end = core.environment(device)
     header = (f"device {device} ({env.get('gpu', 'CPU')}), torch {env['torch']}, {env['threads']} threads; "
               f"load average {env['loadavg']} at start, {env_end['loadavg']} at end; median of {args.rounds} rounds")
