@@ -13,6 +13,9 @@ the whole batch instead of once per case. Here:
 - a layer whose per-case weight gradients are larger than its input + output gradient (deep, low-resolution layers)
   keeps only (a, g) and the per-case squared norms; once all norms are known, its share of sum_i s_i g_i is one
   batched weight gradient with g_i scaled by s_i (linearity). Other layers keep their per-case gradients.
+  A deferred layer's norms come from "ghost" Gram matrices, sum_{t,t'} (a_t . a_t')(g_t . g_t') over the unfolded
+  input and the output gradient (Li et al. 2022; Bu et al. 2023), where that costs fewer multiply-adds than forming
+  the per-case weight gradients (few positions T: the deepest layers), else from per-case gradients in chunks;
 Exactness guards (an error names the layer): a layer called twice in one forward, a parameter shared by two layers,
 an input modified in place before its backward, a layer that reaches the loss but not the input. Layers without a
 per-case rule make `unsupported_layers` non-empty, and 'auto' then uses the micro-batch loop.
@@ -24,12 +27,14 @@ the set of trainable parameters changed, and `forget_structure` drops it explici
 """
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 from torch.nn.modules.instancenorm import _InstanceNorm
@@ -53,6 +58,10 @@ KEEP_RATIO = 1.0
 # per-case conv weight gradients: "grouped" (one call, cases folded into groups), "loop" (one call per case), or
 # "auto": grouped on CUDA, loop on CPU (oneDNN's grouped weight gradient is slow for many groups)
 PER_CASE_CONV = "auto"
+# norms of a deferred conv's per-case weight gradients: "ghost" (Gram matrices of the unfolded input and of the output
+# gradient, no per-case weight gradient at all), "materialise" (per-case weight gradients in chunks), or "auto": ghost
+# where it costs fewer multiply-adds, T (K*T') x (D_a + D_g) < D_a x D_g per position (the deep, low-resolution layers)
+GHOST_NORMS = "auto"
 
 
 class BookkeepingUnsupported(RuntimeError):
@@ -152,6 +161,67 @@ def _wgrad(m: _ConvNd, a: torch.Tensor, g: torch.Tensor, k: int) -> torch.Tensor
     out_pad = list(m.output_padding) if transposed else [0] * len(m.stride)
     return torch.ops.aten.convolution_backward(g, a, dummy, None, list(m.stride), list(m.padding), list(m.dilation),
                                                transposed, out_pad, m.groups * k, (False, True, False))[1]
+
+
+def _ghost_factors(m: _ConvNd, a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(A, G), (N, D_a, T) and (N, D_g, T), with the layer's per-row weight gradient = sum_t A[:, t] G[:, t]^T (up to
+    the weight's layout), or None where this layer has no such form here (groups, dilation, a transposed conv whose
+    kernel differs from its stride or that pads)."""
+    dims = a.dim() - 2
+    if m.groups != 1 or any(d != 1 for d in m.dilation):
+        return None
+    if isinstance(m, _ConvTransposeNd):  # kernel == stride, no padding: input position t owns one output block
+        if (list(m.kernel_size) != list(m.stride) or any(p != 0 for p in m.padding)
+                or any(p != 0 for p in m.output_padding)
+                or list(g.shape[2:]) != [n * s for n, s in zip(a.shape[2:], m.stride)]):
+            return None
+        n, cout = g.shape[:2]
+        blocks = g.reshape(n, cout, *[v for t, s in zip(a.shape[2:], m.stride) for v in (t, s)])
+        order = [0, 1, *[3 + 2 * i for i in range(dims)], *[2 + 2 * i for i in range(dims)]]
+        return a.flatten(2), blocks.permute(order).reshape(n, cout * math.prod(m.stride), -1)
+    x = F.pad(a, [p for pad in reversed(m.padding) for p in (pad, pad)])
+    for i, (kk, st) in enumerate(zip(m.kernel_size, m.stride)):
+        x = x.unfold(2 + i, kk, st)  # (N, C, T1.., k1..) after all dims
+    n, c = x.shape[:2]
+    order = [0, 1, *range(2 + dims, 2 + 2 * dims), *range(2, 2 + dims)]
+    return x.permute(order).reshape(n, c * math.prod(m.kernel_size), -1), g.flatten(2)
+
+
+def _use_ghost(m: _ConvNd, a: torch.Tensor, g: torch.Tensor, group: int) -> bool:
+    if GHOST_NORMS == "materialise" or _ghost_factors(m, a[:1], g[:1]) is None:
+        return False
+    if GHOST_NORMS == "ghost":
+        return True
+    d_a, d_g, t = _ghost_shapes(m, a, g)
+    return group * t * (d_a + d_g) < d_a * d_g
+
+
+def _ghost_shapes(m: _ConvNd, a: torch.Tensor, g: torch.Tensor) -> tuple[int, int, int]:
+    """(D_a, D_g, T) of _ghost_factors without building them."""
+    if isinstance(m, _ConvTransposeNd):
+        return a.shape[1], g.shape[1] * math.prod(m.stride), math.prod(a.shape[2:])
+    return a.shape[1] * math.prod(m.kernel_size), g.shape[1], math.prod(g.shape[2:])
+
+
+def ghost_sq_norms(m: _ConvNd, a: torch.Tensor, g: torch.Tensor, group: int, work: torch.dtype) -> torch.Tensor:
+    """Per-case squared norms of conv m's weight gradient without forming it: ||sum_t A_t G_t^T||^2 =
+    sum_{t,t'} (A_t . A_t') (G_t . G_t') over the positions t of all `group` rows of a case (the case's gradient is
+    the sum of its rows'). In the work dtype, in chunks of whole cases."""
+    d_a, d_g, t = _ghost_shapes(m, a, g)
+    cases = a.shape[0] // group
+    per_case = group * t * (d_a + d_g + group * t)  # elements held per case: both factors and both Gram matrices
+    chunk = max(1, CHUNK_ELEMENTS // per_case)
+    out = torch.empty(cases, dtype=work, device=a.device)
+    for s in range(0, cases, chunk):
+        rows = slice(s * group, min(cases, s + chunk) * group)
+        fa, fg = _ghost_factors(m, a[rows].to(work), g[rows].to(work))
+        n = fa.shape[0] // group  # a case's rows side by side: (n, D, group * T)
+        fa = fa.reshape(n, group, d_a, t).transpose(1, 2).reshape(n, d_a, group * t)
+        fg = fg.reshape(n, group, d_g, t).transpose(1, 2).reshape(n, d_g, group * t)
+        gram_a = torch.bmm(fa.transpose(1, 2), fa)
+        gram_g = torch.bmm(fg.transpose(1, 2), fg)
+        out[s:s + n] = (gram_a * gram_g).sum(dim=(1, 2))
+    return out
 
 
 class _Capture(torch.autograd.Function):
@@ -261,13 +331,16 @@ class Tape:
         # Deferred: the norms now, the weighted sum after all norms are known. Both from the same (a, g) in the work
         # dtype without TF32, so that the summed share of case i is the gradient whose norm was clipped. Chunks hold
         # whole cases (k rows each).
+        call.deferred = (a, g)
+        if _use_ghost(m, a, g, k):
+            self.sq_norms += ghost_sq_norms(m, a, g, k, self.work)
+            return
         chunk = max(1, CHUNK_ELEMENTS // size)
         with exact_convolutions():
             for s in range(0, b, chunk):
                 part = _conv_weight_grad(m, a[s * k:(s + chunk) * k].to(self.work),
                                          g[s * k:(s + chunk) * k].to(self.work), per_case=True, group=k)
                 self.sq_norms[s:s + chunk] += sq_norms(part, self.work)
-        call.deferred = (a, g)
 
     def backward_targets(self) -> list[torch.Tensor]:
         """The inputs the activation backward must reach: those of the recorded layers whose input depends on no

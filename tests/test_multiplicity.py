@@ -107,14 +107,17 @@ def test_group_one_is_the_unchanged_per_row_path(strategy):
 
 
 @pytest.mark.parametrize("k", [2, 3])
-@pytest.mark.parametrize("keep_ratio,chunk,conv", [(0.0, 1, "auto"), (1e9, 1 << 24, "auto"), (0.0, 1, "grouped"),
-                                                   (1e9, 1 << 24, "grouped")])
-def test_bk_equals_loop_with_a_non_finite_case(monkeypatch, k, keep_ratio, chunk, conv):
+@pytest.mark.parametrize("keep_ratio,chunk,conv,ghost", [
+    (0.0, 1, "auto", "materialise"), (1e9, 1 << 24, "auto", "auto"), (0.0, 1, "grouped", "materialise"),
+    (1e9, 1 << 24, "grouped", "auto"), (0.0, 1, "auto", "ghost"), (0.0, 1 << 24, "auto", "ghost")])
+def test_bk_equals_loop_with_a_non_finite_case(monkeypatch, k, keep_ratio, chunk, conv, ghost):
     """Deferred convs (chunks of one whole case) and kept ones, per-case conv gradients one call per case or
-    cases folded into groups; case 1 has a NaN in one of its K rows: all K rows contribute exactly zero."""
+    cases folded into groups, deferred norms from per-case gradients or ghost Gram matrices; case 1 has a NaN in
+    one of its K rows: all K rows contribute exactly zero."""
     monkeypatch.setattr(bk, "KEEP_RATIO", keep_ratio)
     monkeypatch.setattr(bk, "CHUNK_ELEMENTS", chunk)
     monkeypatch.setattr(bk, "PER_CASE_CONV", conv)
+    monkeypatch.setattr(bk, "GHOST_NORMS", ghost)
     model, loss = tiny_unet(2).double(), nnunet_loss()
     x, t = batch(2, 3 * k, seed=20 + k)
     bad = x.clone()

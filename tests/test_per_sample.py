@@ -130,11 +130,39 @@ def test_bk_with_batched_case_loss_matches_reference(dim):
     torch.testing.assert_close(torch.cat([g.flatten() for g in got.grads]), ref, rtol=1e-6, atol=1e-9)
 
 
-def test_bk_defers_large_layers_exactly(monkeypatch):
-    """Layers whose per-case gradients outgrow their activations take the second, weighted pass: still exact."""
+@pytest.mark.parametrize("dim", [2, 3])
+@pytest.mark.parametrize("group", [1, 3])
+def test_ghost_norms_equal_per_case_weight_gradients_from_autograd(dim, group):
+    """sum_{t,t'} (a_t . a_t')(g_t . g_t') equals ||per-case weight gradient||^2 taken by autograd, one case (its
+    `group` rows) at a time, for convolutions (stride, padding, 1x1) and nnU-Net's transposed convolutions."""
+    from torch import nn
+
     import nnunet_dp.bookkeeping as bk
-    model, loss = tiny_unet(2).double(), nnunet_loss()
-    x, t = batch(2, 3, size=16, seed=6)
+    conv, tconv = (nn.Conv2d, nn.ConvTranspose2d) if dim == 2 else (nn.Conv3d, nn.ConvTranspose3d)
+    torch.manual_seed(dim + group)
+    layers = [(conv(3, 4, 3, stride=2, padding=1), 7), (conv(2, 5, 3, padding=1), 5), (conv(3, 2, 1), 4),
+              (conv(2, 3, (3, 1, 3)[:dim], padding=(1, 0, 1)[:dim]), 5), (tconv(4, 3, 2, stride=2), 3)]
+    for m, side in layers:
+        m = m.double()
+        a = torch.randn(2 * group, m.in_channels, *[side] * dim, dtype=torch.float64)
+        g = torch.randn_like(m(a))
+        expected = []
+        for i in range(2):
+            rows = slice(i * group, (i + 1) * group)
+            (w,) = torch.autograd.grad((m(a[rows]) * g[rows]).sum(), [m.weight])
+            expected.append(w.pow(2).sum())
+        got = bk.ghost_sq_norms(m, a, g, group, torch.float64)
+        torch.testing.assert_close(got, torch.stack(expected), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("ghost", ["ghost", "materialise"])
+def test_bk_defers_large_layers_exactly(monkeypatch, ghost):
+    """Layers whose per-case gradients outgrow their activations take the second, weighted pass: still exact, with
+    their norms from ghost Gram matrices or from per-case gradients."""
+    import nnunet_dp.bookkeeping as bk
+    monkeypatch.setattr(bk, "GHOST_NORMS", ghost)
+    model, loss = tiny_unet(3 if ghost == "ghost" else 2).double(), nnunet_loss()
+    x, t = batch(3 if ghost == "ghost" else 2, 3, size=16, seed=6)
     ref, ref_norms = reference(model, loss, x, t, CLOSED["flat"])
     for keep_ratio, chunk in ((0.0, 1), (1e9, bk.CHUNK_ELEMENTS)):  # defer every conv (1 case per chunk) / none
         monkeypatch.setattr(bk, "CHUNK_ELEMENTS", chunk)
@@ -144,12 +172,13 @@ def test_bk_defers_large_layers_exactly(monkeypatch):
         torch.testing.assert_close(torch.cat([g.flatten() for g in got.grads]), ref, rtol=1e-6, atol=1e-9)
 
 
-@pytest.mark.parametrize("keep_ratio", [0.0, 1e9])
-def test_bk_under_bf16_autocast_never_exceeds_the_clip_norm(monkeypatch, keep_ratio):
+@pytest.mark.parametrize("keep_ratio,ghost", [(0.0, "ghost"), (0.0, "materialise"), (1e9, "auto")])
+def test_bk_under_bf16_autocast_never_exceeds_the_clip_norm(monkeypatch, keep_ratio, ghost):
     """The clipped norm and the summed gradient are the same numbers (deferred layers: both in fp32 from what the
-    bf16 convolution saw), so a clipped case adds at most C, up to fp32 rounding."""
+    bf16 convolution saw; ghost norms too), so a clipped case adds at most C, up to fp32 rounding."""
     import nnunet_dp.bookkeeping as bk
     monkeypatch.setattr(bk, "KEEP_RATIO", keep_ratio)
+    monkeypatch.setattr(bk, "GHOST_NORMS", ghost)
     model, loss = tiny_unet(2, norm=GroupNormNNUNet, seed=3), nnunet_loss()
     x, t = batch(2, 4, size=16, seed=7, dtype=torch.float32)
     clip = 1e-3  # below every case's norm: every case is clipped to exactly C
