@@ -343,10 +343,11 @@ class Tape:
                 self.sq_norms[s:s + chunk] += sq_norms(part, self.work)
 
     def backward_targets(self) -> list[torch.Tensor]:
-        """The inputs the activation backward must reach: those of the recorded layers whose input depends on no
-        recorded layer's output (the network input when the first layer trains; the bottleneck when only the decoder
-        trains). Every recorded layer that reaches the loss lies on a path from the loss to one of them, so its hook
-        fires (check_complete verifies it), and nothing upstream of them (a frozen encoder) is backpropagated."""
+        """What the activation backward must reach: for each recorded layer whose input depends on no recorded
+        layer's output (the first convolution when it trains; the bottleneck's transposed convolution when only the
+        decoder trains), its input where that requires a gradient, else its trained parameters (a one-layer weight
+        gradient, discarded). Every recorded layer that reaches the loss lies on a path from the loss to one of them,
+        so its hook fires (check_complete verifies it), and nothing upstream (a frozen encoder) is backpropagated."""
         recorded = {c.node for c in self.calls.values()}
         tainted: dict[Any, bool] = {}  # autograd node -> some recorded layer's output node lies at or below it
 
@@ -368,8 +369,10 @@ class Tape:
         targets: dict[int, torch.Tensor] = {}
         for call in self.calls.values():
             a = call.a
-            if a is not None and a.requires_grad and (a.grad_fn is None or not is_tainted(a.grad_fn)):
-                targets.setdefault(id(a), a)
+            if a is None or (a.grad_fn is not None and is_tainted(a.grad_fn)):
+                continue
+            for t in [a] if a.requires_grad else call.params:
+                targets.setdefault(id(t), t)
         return list(targets.values())
 
     def check_complete(self, roots: list[Any]) -> None:

@@ -159,7 +159,7 @@ def _scaled_sum_bk(model: nn.Module, params: list[nn.Parameter], loss_fn: LossFn
     b, work = batch_size_of(data), torch.promote_types(params[0].dtype, torch.float32)
     tape = Tape(model, b // group, work, data.device, group=group)
     try:
-        x = data.detach().requires_grad_(True)
+        x = data.detach()  # no gradient for the data: a frozen front of the network keeps no graph
         with autocast():
             out = model(x)
         outs = _outputs(out)
