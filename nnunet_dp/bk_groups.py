@@ -82,12 +82,14 @@ def trained(p: nn.Parameter | None) -> bool:
 
 @contextlib.contextmanager
 def exact_convolutions() -> Iterator[None]:
-    """cuDNN convolutions in full fp32 (no TF32) inside the block: a deferred layer's norms and its weighted sum are
-    two separate convolutions, and TF32 would round them differently (~1e-3). No effect on CPU."""
+    """cuDNN convolutions and CUDA matmuls in full fp32 (no TF32) inside the block: a deferred layer's norms (per-case
+    convolutions or ghost Gram matrices) and its weighted sum are separate computations, and TF32 would round them
+    differently (~1e-3). No effect on CPU."""
     conv = torch.backends.cudnn.conv  # torch's fp32-precision API (>= 2.9); the legacy allow_tf32 must not be mixed
-    before = conv.fp32_precision
-    conv.fp32_precision = "ieee"
+    matmul = torch.backends.cuda.matmul
+    before = conv.fp32_precision, matmul.fp32_precision
+    conv.fp32_precision = matmul.fp32_precision = "ieee"
     try:
         yield
     finally:
-        conv.fp32_precision = before
+        conv.fp32_precision, matmul.fp32_precision = before

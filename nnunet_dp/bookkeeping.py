@@ -60,7 +60,8 @@ KEEP_RATIO = 1.0
 PER_CASE_CONV = "auto"
 # norms of a deferred conv's per-case weight gradients: "ghost" (Gram matrices of the unfolded input and of the output
 # gradient, no per-case weight gradient at all), "materialise" (per-case weight gradients in chunks), or "auto": ghost
-# where it costs fewer multiply-adds, T (K*T') x (D_a + D_g) < D_a x D_g per position (the deep, low-resolution layers)
+# where it costs fewer multiply-adds, K*T*(D_a + D_g) < D_a*D_g (T output positions, K rows per case, D_a = C_in x
+# kernel, D_g = C_out): the deep, low-resolution layers
 GHOST_NORMS = "auto"
 
 
@@ -163,18 +164,22 @@ def _wgrad(m: _ConvNd, a: torch.Tensor, g: torch.Tensor, k: int) -> torch.Tensor
                                                transposed, out_pad, m.groups * k, (False, True, False))[1]
 
 
-def _ghost_factors(m: _ConvNd, a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(A, G), (N, D_a, T) and (N, D_g, T), with the layer's per-row weight gradient = sum_t A[:, t] G[:, t]^T (up to
-    the weight's layout), or None where this layer has no such form here (groups, dilation, a transposed conv whose
-    kernel differs from its stride or that pads)."""
-    dims = a.dim() - 2
+def _has_ghost_form(m: _ConvNd, a: torch.Tensor, g: torch.Tensor) -> bool:
+    """Whether the layer's per-row weight gradient is sum_t A_t G_t^T for _ghost_factors: no groups or dilation; a
+    transposed conv only with kernel == stride, no padding (input position t owns one output block)."""
     if m.groups != 1 or any(d != 1 for d in m.dilation):
-        return None
-    if isinstance(m, _ConvTransposeNd):  # kernel == stride, no padding: input position t owns one output block
-        if (list(m.kernel_size) != list(m.stride) or any(p != 0 for p in m.padding)
-                or any(p != 0 for p in m.output_padding)
-                or list(g.shape[2:]) != [n * s for n, s in zip(a.shape[2:], m.stride)]):
-            return None
+        return False
+    if not isinstance(m, _ConvTransposeNd):
+        return True
+    return (list(m.kernel_size) == list(m.stride) and not any(m.padding) and not any(m.output_padding)
+            and list(g.shape[2:]) == [n * s for n, s in zip(a.shape[2:], m.stride)])
+
+
+def _ghost_factors(m: _ConvNd, a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, G), (N, D_a, T) and (N, D_g, T), with the layer's per-row weight gradient = sum_t A[:, t] G[:, t]^T (up to
+    the weight's layout), for a layer with _has_ghost_form."""
+    dims = a.dim() - 2
+    if isinstance(m, _ConvTransposeNd):
         n, cout = g.shape[:2]
         blocks = g.reshape(n, cout, *[v for t, s in zip(a.shape[2:], m.stride) for v in (t, s)])
         order = [0, 1, *[3 + 2 * i for i in range(dims)], *[2 + 2 * i for i in range(dims)]]
@@ -188,7 +193,7 @@ def _ghost_factors(m: _ConvNd, a: torch.Tensor, g: torch.Tensor) -> tuple[torch.
 
 
 def _use_ghost(m: _ConvNd, a: torch.Tensor, g: torch.Tensor, group: int) -> bool:
-    if GHOST_NORMS == "materialise" or _ghost_factors(m, a[:1], g[:1]) is None:
+    if GHOST_NORMS == "materialise" or not _has_ghost_form(m, a, g):
         return False
     if GHOST_NORMS == "ghost":
         return True
@@ -206,7 +211,10 @@ def _ghost_shapes(m: _ConvNd, a: torch.Tensor, g: torch.Tensor) -> tuple[int, in
 def ghost_sq_norms(m: _ConvNd, a: torch.Tensor, g: torch.Tensor, group: int, work: torch.dtype) -> torch.Tensor:
     """Per-case squared norms of conv m's weight gradient without forming it: ||sum_t A_t G_t^T||^2 =
     sum_{t,t'} (A_t . A_t') (G_t . G_t') over the positions t of all `group` rows of a case (the case's gradient is
-    the sum of its rows'). In the work dtype, in chunks of whole cases."""
+    the sum of its rows'). In the work dtype without TF32, in chunks of whole cases."""
+    if not _has_ghost_form(m, a, g):
+        raise ValueError(f"ghost norms: {type(m).__name__} has no ghost form here (groups, dilation, or a transposed "
+                         "conv whose kernel differs from its stride)")
     d_a, d_g, t = _ghost_shapes(m, a, g)
     cases = a.shape[0] // group
     per_case = group * t * (d_a + d_g + group * t)  # elements held per case: both factors and both Gram matrices
@@ -218,8 +226,9 @@ def ghost_sq_norms(m: _ConvNd, a: torch.Tensor, g: torch.Tensor, group: int, wor
         n = fa.shape[0] // group  # a case's rows side by side: (n, D, group * T)
         fa = fa.reshape(n, group, d_a, t).transpose(1, 2).reshape(n, d_a, group * t)
         fg = fg.reshape(n, group, d_g, t).transpose(1, 2).reshape(n, d_g, group * t)
-        gram_a = torch.bmm(fa.transpose(1, 2), fa)
-        gram_g = torch.bmm(fg.transpose(1, 2), fg)
+        with exact_convolutions():
+            gram_a = torch.bmm(fa.transpose(1, 2), fa)
+            gram_g = torch.bmm(fg.transpose(1, 2), fg)
         out[s:s + n] = (gram_a * gram_g).sum(dim=(1, 2))
     return out
 
