@@ -6,6 +6,11 @@ os.environ.setdefault("nnUNet_n_proc_DA", "0")
 # Under pytest-xdist every worker, and every nnU-Net command it starts (tests/e2e.py passes this on), uses one OpenMP
 # thread: two workers with two spinning OpenMP threads each on 2 cores slow each other down many times over.
 os.environ.setdefault("OMP_NUM_THREADS", "1" if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1 else "2")
+# nnU-Net's own commands on a CPU (nnUNetv2_predict, nnU-Net's trainers; the planner uses nnUNet_n_proc_DA) set torch's
+# threads to all cores whatever OMP_NUM_THREADS says; our trainers honour it (nnunet_dp/nnunet/threads.py). Under
+# xdist, the OpenMP threads of those commands sleep at barriers instead of spinning, so they cost 2x, not 5x.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("nnUNet_def_n_proc", "1")
 
 # The slowest files first (minutes on the 2-core CI machine, from its --durations report), so that `-n auto` with

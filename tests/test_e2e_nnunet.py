@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import shutil
 
 import numpy as np
@@ -63,6 +64,8 @@ def test_train_each_trainer(root, trainer, rule):
     assert json.loads((folder / "dp_config.json").read_text())["expected_batch_size"] == 3
     log = next(folder.glob("training_log_*.txt")).read_text()
     assert "DP: epsilon spent =" in log
+    threads = os.environ["OMP_NUM_THREADS"]  # conftest.py; nnUNetv2_train -device cpu itself sets all cores
+    assert f"CPU threads: {threads} (OMP_NUM_THREADS={threads};" in log
     plans = json.loads((folder.parent / "plans.json").read_text())
     assert plans["configurations"]["2d"]["batch_dice"] is False
     assert (folder / "validation" / "summary.json").exists()

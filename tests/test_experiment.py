@@ -241,6 +241,11 @@ def test_end_to_end_files_plots_and_dice(experiment):
     tested = {f.split(".")[0] for f in os.listdir(out / "runs" / "flat_eps8" / "test" / "adaptive")
               if f.endswith(".nii.gz")}
     assert tested == set(split["test"])
+    threads = os.environ["OMP_NUM_THREADS"]  # nnUNetv2_train alone would take all cores; both trainers honour it
+    for run_ in ("nonprivate", "flat_eps8"):
+        folder = Path(json.loads((out / "runs" / run_ / "result.json").read_text())["model_folder"]) / "fold_0"
+        log = next(folder.glob("training_log_*.txt")).read_text()
+        assert f"CPU threads: {threads} (OMP_NUM_THREADS={threads};" in log, run_
 
 
 def test_default_runs_hold_no_seed_and_tables_say_private(experiment):

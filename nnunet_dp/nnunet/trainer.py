@@ -34,6 +34,7 @@ from nnunet_dp.nnunet.loader import nnUNetPoissonDataLoader
 from nnunet_dp.nnunet.plans import apply_dp_to_configuration, plans_provenance, start_without_fingerprint
 from nnunet_dp.nnunet.report import CONFIG_JSON, PRIVACY_JSON, privacy_report, write_json_atomic
 from nnunet_dp.nnunet.resume import attach_journal, check_dropped, check_labels, load_dp_config, read_checkpoint
+from nnunet_dp.nnunet.threads import apply_cpu_threads
 from nnunet_dp.optim import default_lr, noise_per_coordinate
 from nnunet_dp.rules import RuleName
 from nnunet_dp.run import DPRun, dp_autocast, make_plan
@@ -50,6 +51,8 @@ class nnUNetTrainerDP(nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):  # noqa: B008 (nnU-Net's exact signature)
         super().__init__(plans, configuration, fold, dataset_json, device)
+        if (threads := apply_cpu_threads(self.device)) is not None:
+            self.print_to_log_file(threads)
         cfg, self.dp_config_source = load_dp_config(self.output_folder, self.dp_defaults)
         self.dp_config = cfg
         self.num_epochs = cfg.num_epochs

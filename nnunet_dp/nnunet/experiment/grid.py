@@ -82,7 +82,7 @@ def run_all(ctx: Context, runs: Sequence[RunPlan], budget: BudgetSpec, predicted
     if todo:  # measured on an idle machine, before any run: the ETA counts the pools a run starts after training
         pool_seconds = pool_start_seconds(ctx.num_processes)
         print(f"ETA: a process pool of {ctx.num_processes} (spawned, importing nnU-Net) starts in {pool_seconds:.1f} s "
-              f"here; a run starts {pools_per_run(ctx.refinements)} after training", flush=True)
+              f"here; a run starts {pools_per_run(ctx.refinements)} of them after training", flush=True)
     progress = Progress(todo, num_epochs=budget.num_epochs, iterations=budget.num_iterations_per_epoch,
                         val_iterations=budget.num_val_iterations_per_epoch, voxels_per_step=voxels_per_step,
                         predicted_voxels=predicted_voxels, pools=pools_per_run(ctx.refinements),

@@ -20,6 +20,10 @@ class nnUNetTrainerNonPrivateBudget(nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):  # noqa: B008 (nnU-Net's exact signature)
         super().__init__(plans, configuration, fold, dataset_json, device)
+        from nnunet_dp.nnunet.threads import apply_cpu_threads
+
+        if (threads := apply_cpu_threads(self.device)) is not None:  # nnUNetv2_train ignores OMP_NUM_THREADS on a CPU
+            self.print_to_log_file(threads)
         path = os.environ.get(BUDGET_ENV)
         if not path or not os.path.isfile(path):
             raise RuntimeError(f"{BUDGET_ENV} = {path!r}: expected the path of the budget JSON that "
