@@ -30,7 +30,7 @@ from typing import Any, Literal
 from nnunet_dp.accounting import epsilon_for
 from nnunet_dp.config import DPConfig
 from nnunet_dp.errors import DPConfigError
-from nnunet_dp.optim import default_lr, noise_per_coordinate
+from nnunet_dp.optim import default_lr, finetune_lr, noise_per_coordinate
 from nnunet_dp.rules import RuleName
 from nnunet_dp.run import DPPlan, calibrate
 
@@ -111,8 +111,11 @@ def training_advice(plan: DPPlan, num_trained_parameters: int) -> tuple[dict[str
 
 
 def advise_row(cfg: DPConfig, *, rule: RuleName, num_training_cases: int, plans_batch_size: int,
-               num_trained_parameters: int, expected_batch_size: float, epochs: int) -> dict[str, Any]:
-    """One setting, calibrated as training would calibrate it; an infeasible one says why instead."""
+               num_trained_parameters: int, expected_batch_size: float, epochs: int,
+               weight_rms: float | None = None) -> dict[str, Any]:
+    """One setting, calibrated as training would calibrate it; an infeasible one says why instead. `weight_rms`: the
+    RMS of the public weights that train (a fine-tuning start): lr then follows the trainer's fine-tuning rule
+    (nnunet_dp.optim.finetune_lr), else the from-scratch rule (default_lr)."""
     row: dict[str, Any] = {"rule": rule, "target_epsilon": cfg.target_epsilon,
                            "expected_batch_size": float(expected_batch_size), "epochs": int(epochs),
                            "steps": int(epochs) * cfg.num_iterations_per_epoch,
@@ -127,19 +130,25 @@ def advise_row(cfg: DPConfig, *, rule: RuleName, num_training_cases: int, plans_
     ebs = q * num_training_cases
     summary = noise_summary(noise_multiplier=sigma, clip_norm=cfg.clip_norm, expected_batch_size=ebs,
                             num_trained_parameters=num_trained_parameters)
-    lr = default_lr(noise_multiplier=sigma, clip_norm=cfg.clip_norm, expected_batch_size=ebs, steps=steps,
-                    momentum=cfg.momentum)
+    if weight_rms is None:
+        lr = default_lr(noise_multiplier=sigma, clip_norm=cfg.clip_norm, expected_batch_size=ebs, steps=steps,
+                        momentum=cfg.momentum)
+    else:
+        lr = finetune_lr(noise_multiplier=sigma, clip_norm=cfg.clip_norm, expected_batch_size=ebs, steps=steps,
+                         weight_rms=weight_rms, momentum=cfg.momentum)
     eps = epsilon_for(noise_multiplier=sigma, sampling_rate=q, steps=steps, delta=cfg.delta, accountant=cfg.accountant)
     return {**row, "feasible": True, "reason": None, "sampling_rate": q, "noise_multiplier": sigma, "epsilon": eps,
             "delta": cfg.delta, "noise_per_coordinate": summary["noise_per_coordinate"],
             "noise_norm": summary["noise_norm"], "noise_ratio": summary["noise_ratio"], "level": summary["level"],
-            "lr": lr, "effective_step": lr / (1.0 - cfg.momentum), "momentum": cfg.momentum}
+            "lr": lr, "lr_rule": "from-scratch rule" if weight_rms is None else "fine-tuning rule",
+            "effective_step": lr / (1.0 - cfg.momentum), "momentum": cfg.momentum}
 
 
 def advise_table(cfg: DPConfig, *, rule: RuleName, num_training_cases: int, plans_batch_size: int,
                  num_trained_parameters: int, batch_sizes: Sequence[float],
-                 epoch_counts: Sequence[int]) -> list[dict[str, Any]]:
+                 epoch_counts: Sequence[int], weight_rms: float | None = None) -> list[dict[str, Any]]:
     """One row per (expected batch size, epochs), in that order: q, sigma, steps, epsilon, noise ratio, lr."""
     return [advise_row(cfg, rule=rule, num_training_cases=num_training_cases, plans_batch_size=plans_batch_size,
-                       num_trained_parameters=num_trained_parameters, expected_batch_size=b, epochs=e)
+                       num_trained_parameters=num_trained_parameters, expected_batch_size=b, epochs=e,
+                       weight_rms=weight_rms)
             for b in batch_sizes for e in epoch_counts]

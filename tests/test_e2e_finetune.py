@@ -12,7 +12,9 @@ import torch
 from e2e import nnunet_env, prepare, run
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
+from nnunet_dp.config import DPConfig
 from nnunet_dp.nnunet.finetune import PRETRAINED_ASSUMPTION, select_trainable
+from nnunet_dp.nnunet.plans import apply_dp_to_configuration
 from nnunet_dp.optim import FINETUNE_DRIFT, default_lr
 
 DS = 993
@@ -115,3 +117,59 @@ def test_finetune_from_public_weights_with_ema_interrupted_and_resumed(public):
          "-d", str(DS), "-c", "2d", "-f", "0", "-tr", trainer, "-chk", "checkpoint_final.pth", "-device", "cpu",
          "-npp", "1", "-nps", "1"], nnunet_env(root))
     assert len(list(out.glob("*.nii.gz"))) == 2
+
+
+def test_advise_with_pretrained_gives_the_fine_tuning_lr(public, monkeypatch, capsys, tmp_path):
+    """nnUNetv2_dp_advise --pretrained: the lr column is the trainer's fine-tuning rule, in closed form from the RMS of
+    the public file's weights that norm_bias trains (heads included: same labels, transferred)."""
+    from nnunet_dp.nnunet import advise_cli
+
+    root, public_file = public
+    for key, value in nnunet_env(root, CFG).items():
+        if key.startswith("nnUNet"):
+            monkeypatch.setenv(key, value)
+    out = tmp_path / "advice.json"
+    grid = ["--batch-sizes", "3", "--epochs", "2", "4"]  # calibrations cost seconds each: a small table
+    advise_cli.main(["-d", str(DS), "-c", "2d", "--pretrained", str(public_file), *grid, "--json", str(out)])
+    text = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    file_weights = torch.load(public_file, map_location="cpu", weights_only=False)["network_weights"]
+    plans = json.loads((root / "pre" / f"Dataset{DS}_Test{DS}" / "nnUNetPlans.json").read_text())
+    defaults = DPConfig()  # the DP trainer's plan changes (BatchNorm -> per-sample norms), then nnU-Net's builder
+    apply_dp_to_configuration(plans, plans["configurations"]["2d"], "2d", norm_conversion=defaults.norm_conversion,
+                              num_groups=defaults.group_norm_groups)
+    arch = plans["configurations"]["2d"]["architecture"]
+    net = get_network_from_plans(arch["network_class_name"], arch["arch_kwargs"], arch["_kw_requires_import"], 1, 2,
+                                 allow_init=True, deep_supervision=True)
+    chosen = {id(q) for q in select_trainable(net, "norm_bias").trained}
+    names = [n for n, p in net.named_parameters() if id(p) in chosen]
+    rms = math.sqrt(sum(float(file_weights[n].double().pow(2).sum()) for n in names) /
+                    sum(file_weights[n].numel() for n in names))
+    start = report["pretrained"]
+    assert start["heads_transferred"] is True and start["weight_rms"] == pytest.approx(rms, rel=1e-9)
+    assert report["trainable"] == "norm_bias" and report["num_trained_parameters"] == sum(
+        file_weights[n].numel() for n in names)
+    for row in [*report["rows"], *report["current"]]:
+        noise = row["noise_multiplier"] * 1.0 / row["expected_batch_size"]
+        expected = min(0.1 * FINETUNE_DRIFT * rms / (noise * math.sqrt(row["steps"])),
+                       default_lr(noise_multiplier=row["noise_multiplier"], clip_norm=1.0,
+                                  expected_batch_size=row["expected_batch_size"], steps=row["steps"]))
+        assert row["lr_rule"] == "fine-tuning rule" and row["lr"] == pytest.approx(expected, rel=1e-12)
+    assert "the fine-tuning rule (nnunet_dp.optim.finetune_lr) from the RMS" in text and str(public_file) in text
+
+    # without --pretrained: the from-scratch rule, as before
+    advise_cli.main(["-d", str(DS), "-c", "2d", *grid, "--json", str(out)])
+    plain = json.loads(out.read_text())
+    assert plain["pretrained"] is None and {r["lr_rule"] for r in plain["rows"]} == {"from-scratch rule"}
+    assert all(r["lr"] == default_lr(noise_multiplier=r["noise_multiplier"], clip_norm=1.0,
+                                     expected_batch_size=r["expected_batch_size"], steps=r["steps"])
+               for r in plain["rows"])
+
+    # a file that is not a checkpoint of this network, and a missing file: errors that name --pretrained
+    other = tmp_path / "other.pth"
+    torch.save({"network_weights": {"encoder.x": torch.zeros(1)}}, other)
+    for bad, words in ((other, "not a checkpoint of this network"), (tmp_path / "none.pth", "no such file")):
+        with pytest.raises(SystemExit):
+            advise_cli.main(["-d", str(DS), "-c", "2d", "--pretrained", str(bad)])
+        err = capsys.readouterr().err
+        assert f"--pretrained {bad}" in err and words in err, err

@@ -58,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="expected batch sizes qN (default: the plans' batch size B, 2B, 4B and N/4, at most N)")
     ap.add_argument("--epochs", type=_positive(int), nargs="+", metavar="E",
                     help="numbers of epochs (default: the settings' num_epochs, 2x and 4x)")
+    ap.add_argument("--pretrained", metavar="FILE",
+                    help="the public checkpoint you will give nnUNetv2_train as -pretrained_weights: the lr column "
+                         "then follows the DP trainers' fine-tuning rule (nnunet_dp.optim.finetune_lr) from the RMS "
+                         "of the public weights that train, loaded as the trainer loads them (reads only this file)")
     ap.add_argument("--json", metavar="FILE", help="also write the table to this JSON file")
     return ap
 
@@ -182,16 +186,42 @@ HEADER = (f"{'':1}{'eps*':>6} {'qN':>7} {'q':>7} {'epochs':>6} {'steps':>7} {'si
           f"{'noise/c':>9} {'|noise|':>9} {'ratio':>8} {'lr':>8} {'lr_eff':>7}")
 
 
+def public_start(network: Any, path: str, dataset_json: dict, cfg: DPConfig) -> dict[str, Any]:
+    """Load the public checkpoint into `network` as a DP training does (nnU-Net's load_pretrained_weights, then the
+    heads when cfg.transfer_heads and the labels match): what the fine-tuning rule reads. Errors name --pretrained."""
+    from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
+
+    from nnunet_dp.errors import DPCheckpointError
+    from nnunet_dp.nnunet.finetune import transfer_heads
+
+    if not isfile(path):
+        raise AdviseInputError(f"--pretrained {path}: no such file; give the checkpoint_final.pth of the public "
+                               "training (the file nnUNetv2_train's -pretrained_weights will get)")
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            load_pretrained_weights(network, path, verbose=False)
+        copied, heads = transfer_heads(path, network, dataset_json) if cfg.transfer_heads else \
+            ([], ("DP: segmentation heads not transferred (transfer_heads=false): they start from random "
+                  "initialisation and train"))
+    except (AssertionError, KeyError, DPCheckpointError, RuntimeError) as e:
+        raise AdviseInputError(f"--pretrained {path}: not a checkpoint of this network ({type(e).__name__}: "
+                               f"{str(e).splitlines()[0] if str(e) else 'no network_weights'}); it must come from an "
+                               "nnU-Net training with the same plans (architecture)") from e
+    return {"path": os.path.abspath(path), "heads_transferred": bool(copied), "heads": heads.removeprefix("DP: ")}
+
+
 def count_parameters(trainer: type, plans: dict, dataset_json: dict, configuration: str,
-                     cfg: DPConfig) -> dict[str, int]:
+                     cfg: DPConfig, pretrained: str | None = None) -> dict[str, Any]:
     """Parameters of the network the DP trainer builds (its __init__'s plan changes, then initialize's
     build_network_architecture), all and those `cfg.trainable` trains (the trainer's select_trainable), and the plans'
-    batch size. Built on the meta device: shapes only, no memory, no data."""
+    batch size. Built on the meta device: shapes only, no memory, no data. With `pretrained`, built on the CPU and
+    loaded from that public checkpoint: also the RMS of the trained weights (`weight_rms`, the fine-tuning rule's
+    input) and what happened to the heads."""
     import torch
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from nnunet_dp.nnunet.finetune import select_trainable
+    from nnunet_dp.nnunet.finetune import select_trainable, trained_rms
     from nnunet_dp.nnunet.plans import apply_dp_to_configuration
 
     manager = PlansManager(copy.deepcopy(plans))
@@ -206,15 +236,19 @@ def count_parameters(trainer: type, plans: dict, dataset_json: dict, configurati
         build_args = (conf.network_arch_class_name, conf.network_arch_init_kwargs,
                       conf.network_arch_init_kwargs_req_import, channels, heads, True)
     try:
-        with torch.device("meta"):
+        with torch.device("cpu" if pretrained else "meta"):
             network = trainer.build_network_architecture(*build_args)
     except (RuntimeError, NotImplementedError):  # an architecture that cannot be built on the meta device
         network = trainer.build_network_architecture(*build_args)
+    start = None if pretrained is None else public_start(network, pretrained, dataset_json, cfg)
     try:
         selection = select_trainable(network, cfg.trainable)  # the trainer's own selection
     except DPConfigError as e:
         raise AdviseInputError(f"--trainable / setting trainable = {cfg.trainable!r}: needs {e.allowed}") from e
-    return {"all": selection.num_parameters, "trained": selection.num_trained, "plans_batch_size": int(conf.batch_size)}
+    if start is not None:
+        start["weight_rms"] = trained_rms(selection)
+    return {"all": selection.num_parameters, "trained": selection.num_trained, "plans_batch_size": int(conf.batch_size),
+            "pretrained": start}
 
 
 def advise(args: argparse.Namespace) -> dict[str, Any]:
@@ -224,12 +258,13 @@ def advise(args: argparse.Namespace) -> dict[str, Any]:
     n, n_source = training_cases(folder, dataset_json, args.f)
     trainer = find_trainer(args.tr)
     cfg, source = load_settings(trainer, args.trainable)
-    counts = count_parameters(trainer, plans, dataset_json, args.c, cfg)
+    counts = count_parameters(trainer, plans, dataset_json, args.c, cfg, args.pretrained)
+    start = counts["pretrained"]
     plans_batch = counts["plans_batch_size"]
     batches, epochs = default_grid(cfg, n=n, plans_batch=plans_batch)
     batches, epochs = args.batch_sizes or batches, args.epochs or epochs
     common = {"rule": trainer.dp_rule, "num_training_cases": n, "plans_batch_size": plans_batch,
-              "num_trained_parameters": counts["trained"]}
+              "num_trained_parameters": counts["trained"], "weight_rms": start and start["weight_rms"]}
     rows, current = [], []
     # one settings object per target epsilon; a fixed noise_multiplier only when no epsilon is given at all
     for c in [dataclasses.replace(cfg, target_epsilon=e, noise_multiplier=None) for e in args.target_epsilon or []] \
@@ -243,7 +278,8 @@ def advise(args: argparse.Namespace) -> dict[str, Any]:
             "num_parameters": counts["all"], "num_trained_parameters": counts["trained"],
             "clip_norm": cfg.clip_norm, "delta": cfg.delta, "accountant": cfg.accountant, "momentum": cfg.momentum,
             "num_iterations_per_epoch": cfg.num_iterations_per_epoch, "initial_lr_setting": cfg.initial_lr,
-            "warn_above": NOISE_RATIO_WARN, "severe_above": NOISE_RATIO_SEVERE, "current": current, "rows": rows}
+            "warn_above": NOISE_RATIO_WARN, "severe_above": NOISE_RATIO_SEVERE, "pretrained": start,
+            "current": current, "rows": rows}
 
 
 def _context(r: dict[str, Any]) -> list[str]:
@@ -256,8 +292,11 @@ def _context(r: dict[str, Any]) -> list[str]:
             f"steps per epoch, momentum {r['momentum']:g}"),
             "",
             (f"ratio = sigma*sqrt(d)/(qN), the noise norm on the averaged update over the largest signal C: ! above "
-            f"{r['warn_above']:g}, !! above {r['severe_above']:g} (not expected to learn from scratch). lr: the DP "
-            "default learning rate (nnunet_dp.optim.default_lr); lr_eff = lr/(1 - momentum).")]
+            f"{r['warn_above']:g}, !! above {r['severe_above']:g} (not expected to learn from scratch). lr: " +
+            ("the DP default learning rate from scratch (nnunet_dp.optim.default_lr)" if r["pretrained"] is None else
+             f"the fine-tuning rule (nnunet_dp.optim.finetune_lr) from the RMS {r['pretrained']['weight_rms']:.4g} "
+             f"of the public weights that train, {r['pretrained']['path']}; {r['pretrained']['heads']}") +
+            "; lr_eff = lr/(1 - momentum).")]
 
 
 def render(r: dict[str, Any]) -> str:
