@@ -80,8 +80,9 @@ def noise_summary(*, noise_multiplier: float, clip_norm: float, expected_batch_s
             "severe_above": NOISE_RATIO_SEVERE}
 
 
-def advice(summary: dict[str, Any]) -> str | None:
-    """A plain-words warning naming the levers when the noise ratio is above NOISE_RATIO_WARN, else None."""
+def advice(summary: dict[str, Any], *, finetuning: bool = False) -> str | None:
+    """A plain-words warning naming the levers when the noise ratio is above NOISE_RATIO_WARN, else None.
+    `finetuning`: the run starts from public weights, so the from-scratch wording and the first lever do not apply."""
     ratio, d, ebs = summary["noise_ratio"], summary["num_trained_parameters"], summary["expected_batch_size"]
     if ratio <= NOISE_RATIO_WARN:
         return None
@@ -89,13 +90,20 @@ def advice(summary: dict[str, Any]) -> str | None:
     head = (f"DP noise warning: the noise on each averaged update has norm ~{_num(summary['noise_norm'])}, "
             f"{_num(ratio)} x the largest possible signal C = {summary['clip_norm']:g} (sigma "
             f"{summary['noise_multiplier']:.3g}, d = {d:,} trained parameters, expected batch qN = {ebs:.3g}). ")
-    head += (f"Training from scratch is not expected to learn at this ratio (above {NOISE_RATIO_SEVERE:g})"
-             if ratio > NOISE_RATIO_SEVERE else f"Training from scratch may learn little or slowly (above "
-             f"{NOISE_RATIO_WARN:g})") + \
+    if finetuning:
+        head += ("You fine-tune from public weights: the thresholds were measured from scratch, and a good public "
+                 "start keeps what it knows at any ratio, but learns from the private cases only what this noise "
+                 "lets through")
+    else:
+        head += (f"Training from scratch is not expected to learn at this ratio (above {NOISE_RATIO_SEVERE:g})"
+                 if ratio > NOISE_RATIO_SEVERE else f"Training from scratch may learn little or slowly (above "
+                 f"{NOISE_RATIO_WARN:g})")
+    head += \
         f"; the thresholds are a rough guide (nnunet_dp/advise.py). Bringing it to {NOISE_RATIO_WARN:g} takes " \
         f"a {_num(k)}-fold smaller ratio, e.g. {_num(k * k)} x fewer trained parameters (it falls with sqrt(d)); " \
         "more cases or fewer steps lower sigma at a fixed epsilon (compare the rows of nnUNetv2_dp_advise)."
-    return head + "\nLevers:\n" + "\n".join(f"  - {lever}" for lever in LEVERS)
+    levers = LEVERS[1:] if finetuning else LEVERS
+    return head + "\nLevers:\n" + "\n".join(f"  - {lever}" for lever in levers)
 
 
 def _num(x: float) -> str:
@@ -103,11 +111,12 @@ def _num(x: float) -> str:
     return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
 
 
-def training_advice(plan: DPPlan, num_trained_parameters: int) -> tuple[dict[str, Any], str | None]:
+def training_advice(plan: DPPlan, num_trained_parameters: int,
+                    finetuning: bool = False) -> tuple[dict[str, Any], str | None]:
     """For the trainer: privacy.json fields {"noise": {...}} and the warning to log (None below the threshold)."""
     summary = noise_summary(noise_multiplier=plan.noise_multiplier, clip_norm=plan.clip_norm,
                             expected_batch_size=plan.expected_batch_size, num_trained_parameters=num_trained_parameters)
-    return {"noise": summary}, advice(summary)
+    return {"noise": summary}, advice(summary, finetuning=finetuning)
 
 
 def advise_row(cfg: DPConfig, *, rule: RuleName, num_training_cases: int, plans_batch_size: int,

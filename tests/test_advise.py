@@ -77,6 +77,11 @@ def test_warning_exactly_above_the_threshold() -> None:
     severe = NOISE_RATIO_SEVERE / 10
     assert summary(severe)["level"] == "warn" and summary(severe * (1 + 1e-12))["level"] == "severe"
     assert "not expected to learn" in advice(summary(severe * (1 + 1e-12)))
+    # fine-tuning from public weights: same threshold, no from-scratch verdict, no "start from public weights" lever
+    tuned = advice(summary(severe * 2), finetuning=True)
+    assert advice(summary(at), finetuning=True) is None and "You fine-tune from public weights" in tuned
+    assert "not expected to learn" not in tuned and "-pretrained_weights" not in tuned
+    assert all(lever in tuned for lever in LEVERS[1:])
 
 
 def test_training_advice_for_a_plan() -> None:
@@ -90,6 +95,7 @@ def test_training_advice_for_a_plan() -> None:
     json.dumps(fields)  # privacy.json material
     fields, warning = training_advice(plan, 10**6)  # ratio 150
     assert fields["noise"]["level"] == "severe" and warning is not None and "1,000,000" in warning
+    assert "not expected to learn" in warning and "not expected to learn" not in training_advice(plan, 10**6, True)[1]
 
 
 # ---- the table: calibrated as training is -------------------------------------------------------------------------

@@ -311,7 +311,8 @@ def render(r: dict[str, Any]) -> str:
     for c in r["current"]:
         if c["feasible"] and (text := advice(noise_summary(
                 noise_multiplier=c["noise_multiplier"], clip_norm=r["clip_norm"],
-                expected_batch_size=c["expected_batch_size"], num_trained_parameters=r["num_trained_parameters"]))):
+                expected_batch_size=c["expected_batch_size"], num_trained_parameters=r["num_trained_parameters"]),
+                finetuning=r["pretrained"] is not None)):
             lines += ["", f"target epsilon {_fmt(c['target_epsilon'], 'g')}: {text}"]
     return "\n".join(lines)
 

@@ -6,6 +6,7 @@ declared in trainers/ as 1-3 line subclasses, like nnU-Net's own nnUNetTrainer_2
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from os.path import isdir, isfile, join
 from typing import Any, ClassVar
@@ -96,7 +97,8 @@ class nnUNetTrainerDP(nnUNetTrainer):
 
     def _log_noise_advice(self) -> None:
         """The noise on the averaged update against the signal C (nnunet_dp.advise), logged and in privacy.json."""
-        self.dp_noise, warning = training_advice(self._dp_setup().plan, self.dp_selection.num_trained)
+        finetuning = finetune.pretrained_weights_arg(sys.argv[1:]) is not None  # nnU-Net loads it after initialize
+        self.dp_noise, warning = training_advice(self._dp_setup().plan, self.dp_selection.num_trained, finetuning)
         n = self.dp_noise["noise"]
         self.print_to_log_file(f"DP noise: norm ~{n['noise_norm']:.4g} on the averaged update = {n['noise_ratio']:.3g} x"
                                f" the largest signal C (sigma*sqrt(d)/(qN), d = {n['num_trained_parameters']} trained "
