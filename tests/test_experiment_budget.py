@@ -32,7 +32,7 @@ from nnunet_dp.nnunet.experiment.plan import (
     resolve_budget,
     run_grid,
 )
-from nnunet_dp.nnunet.experiment.progress import Progress, last_error
+from nnunet_dp.nnunet.experiment.progress import BUSY_WARN_CORES, Progress, busy_cores, busy_warning, last_error
 from nnunet_dp.nnunet.experiment.report import write_report
 from nnunet_dp.nnunet.experiment.run import CommandError, Context, run_command
 from nnunet_dp.nnunet.synthetic import _case, make_dataset
@@ -284,3 +284,26 @@ def test_synthetic_defaults_unchanged(tmp_path):
         assert np.array_equal(got[0], image)
     meta = json.loads((folder / "dataset.json").read_text())
     assert meta["channel_names"] == {"0": "synthetic"} and meta["file_ending"] == ".nii.gz"
+
+
+def test_busy_cores_sees_a_spinning_process_and_the_warning_names_the_cure():
+    """/proc/stat over one second: a process spinning on one core shows up as >= 0.5 busy cores (other work on the
+    machine can only add to it); the warning's threshold and words."""
+    import subprocess
+    import sys
+    import time
+
+    if not os.path.exists("/proc/stat"):
+        assert busy_cores(0.01) is None
+        return
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        busy = busy_cores(1.0)
+    finally:
+        spinner.kill()
+        spinner.wait()
+    assert busy is not None and BUSY_WARN_CORES <= busy <= (os.cpu_count() or 1) + 1e-9
+    assert busy_warning(None, 2) is None and busy_warning(BUSY_WARN_CORES * 0.99, 2) is None
+    text = busy_warning(1.4, 2)
+    assert "1.4 of 2 CPU cores busy" in text and "OMP_NUM_THREADS" in text and "many-fold" in text

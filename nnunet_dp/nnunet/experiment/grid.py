@@ -9,6 +9,7 @@ back in grid order.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Sequence
 from os.path import isfile, join
@@ -16,7 +17,14 @@ from typing import TYPE_CHECKING, Any
 
 from nnunet_dp.nnunet.experiment.budget import RunPlan
 from nnunet_dp.nnunet.experiment.plan import BudgetSpec
-from nnunet_dp.nnunet.experiment.progress import Progress, minutes, pool_start_seconds, pools_per_run
+from nnunet_dp.nnunet.experiment.progress import (
+    Progress,
+    busy_cores,
+    busy_warning,
+    minutes,
+    pool_start_seconds,
+    pools_per_run,
+)
 from nnunet_dp.nnunet.experiment.run import RESULT_JSON, CommandError, Context, check_settings, execute, spec_fields
 
 if TYPE_CHECKING:
@@ -79,6 +87,8 @@ def run_all(ctx: Context, runs: Sequence[RunPlan], budget: BudgetSpec, predicted
     if pretraining is not None and not pretraining.done():
         todo.insert(0, pretraining.name)
     pool_seconds = 0.0
+    if todo and ctx.device == "cpu" and (busy := busy_warning(busy_cores(), os.cpu_count() or 1)):
+        print(busy, flush=True)
     if todo:  # measured on an idle machine, before any run: the ETA counts the pools a run starts after training
         pool_seconds = pool_start_seconds(ctx.num_processes)
         print(f"ETA: a process pool of {ctx.num_processes} (spawned, importing nnU-Net) starts in {pool_seconds:.1f} s "

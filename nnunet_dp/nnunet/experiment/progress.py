@@ -16,6 +16,7 @@ From the first finished run on, a run is estimated by the mean of the finished o
 from __future__ import annotations
 
 import multiprocessing
+import os
 import re
 import time
 from collections.abc import Callable
@@ -50,6 +51,38 @@ def pool_start_seconds(num_processes: int) -> float:
     with multiprocessing.get_context("spawn").Pool(max(1, num_processes)) as pool:
         pool.map(_import_nnunet, range(max(1, num_processes)))
     return time.time() - t0
+
+
+def busy_cores(seconds: float = 1.0) -> float | None:
+    """How many CPU cores other processes keep busy: the non-idle share of all cores over `seconds` of /proc/stat,
+    measured while this process sleeps. None where /proc/stat cannot be read (not Linux)."""
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+        return sum(fields), fields[3] + fields[4]
+    try:
+        total0, idle0 = sample()
+        time.sleep(seconds)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    if total1 <= total0:
+        return None
+    return (1.0 - (idle1 - idle0) / (total1 - total0)) * (os.cpu_count() or 1)
+
+
+BUSY_WARN_CORES = 0.5  # other processes' load (in cores) above which a CPU grid is warned about
+
+
+def busy_warning(busy: float | None, cores: int) -> str | None:
+    """The warning for a CPU grid started beside other work (None when the cores are idle or unmeasured)."""
+    if busy is None or busy < BUSY_WARN_CORES:
+        return None
+    return (f"WARNING: other processes keep {busy:.1f} of {cores} CPU cores busy. nnU-Net's CPU training and "
+            "prediction take every core, and next to other work they slow down many-fold, not 2-fold (OpenMP "
+            "spin-waits at every barrier: README, 'On a CPU, set OMP_NUM_THREADS'). The ETA assumes the cores stay "
+            "as they are now; stop the other work, or give each process OMP_NUM_THREADS so that the threads add up to "
+            "the cores.")
 
 
 def _stamp(line: str) -> float | None:
