@@ -5,6 +5,7 @@ timed in the same run.
 
     python benchmarks/gpu_bk_variants.py [--configs 2d 3d_fullres 2d_256] [--profile 2d]
     python benchmarks/gpu_bk_variants.py -device cpu --threads 1 --configs 2d --variants default no-ghost
+    python benchmarks/gpu_bk_variants.py --variants default unfold     # the launch-bound kept layers on a GPU
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ VARIANTS = {  # name: (KEEP_RATIO, PER_CASE_CONV, GHOST_NORMS)
     "defer-all": (0.0, "auto", "auto"),
     "defer-all-ghost": (0.0, "auto", "ghost"),
     "loop-conv": (1.0, "loop", "auto"),
+    "unfold": (1.0, "unfold", "auto"),  # kept layers' per-case weight gradients by im2col + batched matmul
 }
 
 

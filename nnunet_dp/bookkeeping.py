@@ -55,8 +55,10 @@ CHUNK_ELEMENTS = 1 << 24  # per-case gradients materialised at once for a layer 
 # keep a conv's per-case weight gradients (B x weight) while they are at most KEEP_RATIO x its input + output gradient;
 # else keep (a, g) and take the weighted second pass. 1.0: whichever is smaller in memory.
 KEEP_RATIO = 1.0
-# per-case conv weight gradients: "grouped" (one call, cases folded into groups), "loop" (one call per case), or
-# "auto": grouped on CUDA, loop on CPU (oneDNN's grouped weight gradient is slow for many groups)
+# per-case conv weight gradients: "grouped" (one call, cases folded into groups), "loop" (one call per case),
+# "unfold" (im2col + one batched matmul per chunk of cases, for layers with the ghost form; others as "auto"), or
+# "auto": grouped on CUDA, loop on CPU (oneDNN's grouped weight gradient is slow for many groups; unfold measured
+# 1.35-6.1x slower than loop on CPU; on CUDA it is unmeasured: benchmarks/gpu_bk_variants.py --variants unfold)
 PER_CASE_CONV = "auto"
 # norms of a deferred conv's per-case weight gradients: "ghost" (Gram matrices of the unfolded input and of the output
 # gradient, no per-case weight gradient at all), "materialise" (per-case weight gradients in chunks), or "auto": ghost
@@ -146,7 +148,12 @@ def _conv_weight_grad(m: _ConvNd, a: torch.Tensor, g: torch.Tensor, *, per_case:
     if not per_case:
         return _wgrad(m, a, g, 1)
     k, shape = a.shape[0] // group, m.weight.shape
-    if PER_CASE_CONV == "loop" or (PER_CASE_CONV == "auto" and a.device.type == "cpu"):
+    mode = PER_CASE_CONV
+    if mode == "unfold":
+        if _has_ghost_form(m, a, g):
+            return unfold_per_case(m, a, g, group)
+        mode = "auto"  # groups, dilation, an overlapping transposed conv
+    if mode == "loop" or (mode == "auto" and a.device.type == "cpu"):
         out = torch.empty(k, *shape, dtype=g.dtype, device=g.device)
         for i in range(k):
             out[i] = _wgrad(m, a[i * group:(i + 1) * group], g[i * group:(i + 1) * group], 1)
@@ -190,6 +197,26 @@ def _ghost_factors(m: _ConvNd, a: torch.Tensor, g: torch.Tensor) -> tuple[torch.
     n, c = x.shape[:2]
     order = [0, 1, *range(2 + dims, 2 + 2 * dims), *range(2, 2 + dims)]
     return x.permute(order).reshape(n, c * math.prod(m.kernel_size), -1), g.flatten(2)
+
+
+def unfold_per_case(m: _ConvNd, a: torch.Tensor, g: torch.Tensor, group: int) -> torch.Tensor:
+    """Per-case weight gradients (cases, *weight.shape) of a layer with _has_ghost_form as batched matmuls of its
+    _ghost_factors, G A^T (A^T G for a transposed conv, whose weight is C_in x C_out x kernel), over the
+    group x T positions of each case: one bmm per chunk of whole cases (CHUNK_ELEMENTS elements of factors and
+    results at once), instead of one small weight-gradient launch per case. In a's dtype."""
+    d_a, d_g, t = _ghost_shapes(m, a, g)
+    cases, transposed = a.shape[0] // group, isinstance(m, _ConvTransposeNd)
+    out = torch.empty(cases, *m.weight.shape, dtype=g.dtype, device=g.device)
+    chunk = max(1, CHUNK_ELEMENTS // (group * t * (d_a + d_g) + d_a * d_g))
+    for s in range(0, cases, chunk):
+        rows = slice(s * group, min(cases, s + chunk) * group)
+        fa, fg = _ghost_factors(m, a[rows], g[rows])
+        n = fa.shape[0] // group  # a case's rows side by side: (n, D, group * T)
+        fa = fa.reshape(n, group, d_a, t).transpose(1, 2).reshape(n, d_a, group * t)
+        fg = fg.reshape(n, group, d_g, t).transpose(1, 2).reshape(n, d_g, group * t)
+        prod = torch.bmm(fa, fg.transpose(1, 2)) if transposed else torch.bmm(fg, fa.transpose(1, 2))
+        out[s:s + n] = prod.view(n, *m.weight.shape)
+    return out
 
 
 def _use_ghost(m: _ConvNd, a: torch.Tensor, g: torch.Tensor, group: int) -> bool:

@@ -109,7 +109,8 @@ def test_group_one_is_the_unchanged_per_row_path(strategy):
 @pytest.mark.parametrize("k", [2, 3])
 @pytest.mark.parametrize("keep_ratio,chunk,conv,ghost", [
     (0.0, 1, "auto", "materialise"), (1e9, 1 << 24, "auto", "auto"), (0.0, 1, "grouped", "materialise"),
-    (1e9, 1 << 24, "grouped", "auto"), (0.0, 1, "auto", "ghost"), (0.0, 1 << 24, "auto", "ghost")])
+    (1e9, 1 << 24, "grouped", "auto"), (0.0, 1, "auto", "ghost"), (0.0, 1 << 24, "auto", "ghost"),
+    (1e9, 1, "unfold", "auto"), (0.0, 1 << 24, "unfold", "materialise")])
 def test_bk_equals_loop_with_a_non_finite_case(monkeypatch, k, keep_ratio, chunk, conv, ghost):
     """Deferred convs (chunks of one whole case) and kept ones, per-case conv gradients one call per case or
     cases folded into groups, deferred norms from per-case gradients or ghost Gram matrices; case 1 has a NaN in

@@ -155,6 +155,34 @@ def test_ghost_norms_equal_per_case_weight_gradients_from_autograd(dim, group):
         torch.testing.assert_close(got, torch.stack(expected), rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("dim,group", [(2, 1), (2, 3), (3, 1), (3, 2)])
+def test_unfold_per_case_weight_gradients_equal_autograd(dim, group):
+    """PER_CASE_CONV = "unfold" (im2col + batched matmul, chunks of whole cases): each case's weight gradient equals
+    autograd's on that case alone (its `group` rows), for strided, padded, 1x1, anisotropic and transposed convs; a
+    grouped conv (no unfold form) falls back to convolution_backward and is exact too."""
+    from torch import nn
+
+    import nnunet_dp.bookkeeping as bk
+    conv, tconv = (nn.Conv2d, nn.ConvTranspose2d) if dim == 2 else (nn.Conv3d, nn.ConvTranspose3d)
+    torch.manual_seed(10 * dim + group)
+    layers = [(conv(3, 4, 3, stride=2, padding=1), 7), (conv(2, 5, 3, padding=1), 5), (conv(3, 2, 1), 4),
+              (conv(2, 3, (3, 1, 3)[:dim], padding=(1, 0, 1)[:dim]), 5), (tconv(4, 3, 2, stride=2), 3),
+              (conv(4, 4, 3, padding=1, groups=2), 4)]
+    for chunk in (1, 1 << 24):  # one case per bmm / all at once
+        for m, side in layers:
+            m = m.double()
+            a = torch.randn(3 * group, m.in_channels, *[side] * dim, dtype=torch.float64)
+            g = torch.randn_like(m(a))
+            expected = torch.stack([torch.autograd.grad((m(a[i * group:(i + 1) * group]) * g[
+                i * group:(i + 1) * group]).sum(), [m.weight])[0] for i in range(3)])
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(bk, "PER_CASE_CONV", "unfold")
+                mp.setattr(bk, "CHUNK_ELEMENTS", chunk)
+                got = bk._conv_weight_grad(m, a, g, per_case=True, group=group)
+            assert got.shape == expected.shape
+            torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("ghost", ["ghost", "materialise"])
 def test_bk_defers_large_layers_exactly(monkeypatch, ghost):
     """Layers whose per-case gradients outgrow their activations take the second, weighted pass: still exact, with
