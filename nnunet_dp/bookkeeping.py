@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -199,23 +199,34 @@ def _ghost_factors(m: _ConvNd, a: torch.Tensor, g: torch.Tensor) -> tuple[torch.
     return x.permute(order).reshape(n, c * math.prod(m.kernel_size), -1), g.flatten(2)
 
 
+def _case_factor_chunks(m: _ConvNd, a: torch.Tensor, g: torch.Tensor, group: int, per_case: int,
+                        dtype: torch.dtype | None = None) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """(s, A, G) for chunks of whole cases, s the chunk's first case, A (n, D_a, group*T) and G (n, D_g, group*T) the
+    _ghost_factors with each case's `group` rows side by side; as many cases at once as CHUNK_ELEMENTS holds at
+    `per_case` elements each. In `dtype` (as given if None)."""
+    d_a, d_g, t = _ghost_shapes(m, a, g)
+    cases = a.shape[0] // group
+    chunk = max(1, CHUNK_ELEMENTS // per_case)
+    for s in range(0, cases, chunk):
+        rows = slice(s * group, min(cases, s + chunk) * group)
+        ar, gr = (a[rows], g[rows]) if dtype is None else (a[rows].to(dtype), g[rows].to(dtype))
+        fa, fg = _ghost_factors(m, ar, gr)
+        n = fa.shape[0] // group
+        yield (s, fa.reshape(n, group, d_a, t).transpose(1, 2).reshape(n, d_a, group * t),
+               fg.reshape(n, group, d_g, t).transpose(1, 2).reshape(n, d_g, group * t))
+
+
 def unfold_per_case(m: _ConvNd, a: torch.Tensor, g: torch.Tensor, group: int) -> torch.Tensor:
     """Per-case weight gradients (cases, *weight.shape) of a layer with _has_ghost_form as batched matmuls of its
     _ghost_factors, G A^T (A^T G for a transposed conv, whose weight is C_in x C_out x kernel), over the
     group x T positions of each case: one bmm per chunk of whole cases (CHUNK_ELEMENTS elements of factors and
     results at once), instead of one small weight-gradient launch per case. In a's dtype."""
     d_a, d_g, t = _ghost_shapes(m, a, g)
-    cases, transposed = a.shape[0] // group, isinstance(m, _ConvTransposeNd)
-    out = torch.empty(cases, *m.weight.shape, dtype=g.dtype, device=g.device)
-    chunk = max(1, CHUNK_ELEMENTS // (group * t * (d_a + d_g) + d_a * d_g))
-    for s in range(0, cases, chunk):
-        rows = slice(s * group, min(cases, s + chunk) * group)
-        fa, fg = _ghost_factors(m, a[rows], g[rows])
-        n = fa.shape[0] // group  # a case's rows side by side: (n, D, group * T)
-        fa = fa.reshape(n, group, d_a, t).transpose(1, 2).reshape(n, d_a, group * t)
-        fg = fg.reshape(n, group, d_g, t).transpose(1, 2).reshape(n, d_g, group * t)
+    transposed = isinstance(m, _ConvTransposeNd)
+    out = torch.empty(a.shape[0] // group, *m.weight.shape, dtype=g.dtype, device=g.device)
+    for s, fa, fg in _case_factor_chunks(m, a, g, group, group * t * (d_a + d_g) + d_a * d_g):
         prod = torch.bmm(fa, fg.transpose(1, 2)) if transposed else torch.bmm(fg, fa.transpose(1, 2))
-        out[s:s + n] = prod.view(n, *m.weight.shape)
+        out[s:s + len(prod)] = prod.view(len(prod), *m.weight.shape)
     return out
 
 
@@ -243,20 +254,13 @@ def ghost_sq_norms(m: _ConvNd, a: torch.Tensor, g: torch.Tensor, group: int, wor
         raise ValueError(f"ghost norms: {type(m).__name__} has no ghost form here (groups, dilation, or a transposed "
                          "conv whose kernel differs from its stride)")
     d_a, d_g, t = _ghost_shapes(m, a, g)
-    cases = a.shape[0] // group
     per_case = group * t * (d_a + d_g + group * t)  # elements held per case: both factors and both Gram matrices
-    chunk = max(1, CHUNK_ELEMENTS // per_case)
-    out = torch.empty(cases, dtype=work, device=a.device)
-    for s in range(0, cases, chunk):
-        rows = slice(s * group, min(cases, s + chunk) * group)
-        fa, fg = _ghost_factors(m, a[rows].to(work), g[rows].to(work))
-        n = fa.shape[0] // group  # a case's rows side by side: (n, D, group * T)
-        fa = fa.reshape(n, group, d_a, t).transpose(1, 2).reshape(n, d_a, group * t)
-        fg = fg.reshape(n, group, d_g, t).transpose(1, 2).reshape(n, d_g, group * t)
+    out = torch.empty(a.shape[0] // group, dtype=work, device=a.device)
+    for s, fa, fg in _case_factor_chunks(m, a, g, group, per_case, work):
         with exact_convolutions():
             gram_a = torch.bmm(fa.transpose(1, 2), fa)
             gram_g = torch.bmm(fg.transpose(1, 2), fg)
-        out[s:s + n] = (gram_a * gram_g).sum(dim=(1, 2))
+        out[s:s + len(fa)] = (gram_a * gram_g).sum(dim=(1, 2))
     return out
 
 
