@@ -22,10 +22,11 @@ from nnunet_dp.nnunet.experiment.budget import Fold, format_budget, plan_runs, r
 from nnunet_dp.nnunet.experiment.data import check_public_fraction, derived_datasets, split_public
 from nnunet_dp.nnunet.experiment.errors import ExperimentError
 from nnunet_dp.nnunet.experiment.grid import execution_order
-from nnunet_dp.nnunet.experiment.levers import DEFAULT_LEVERS, Levers, check_seeds, lever_grid
+from nnunet_dp.nnunet.experiment.levers import DEFAULT_LEVERS, Levers, check_seeds, lever_grid, reference_grid
 from nnunet_dp.nnunet.experiment.plan import BUDGETS, dp_settings, run_grid, split_cases
 from nnunet_dp.nnunet.experiment.pretrain import plans_network, pretrained_problems
 from nnunet_dp.nnunet.experiment.report import write_report
+from nnunet_dp.nnunet.experiment.trainers.nnunet_dp_experiment_trainers import BUDGET_KEYS as NONPRIVATE_BUDGET_KEYS
 from nnunet_dp.nnunet.synthetic import make_dataset
 
 PLANS = Path(__file__).parent.parent / "benchmarks" / "plans" / "Dataset902_Hippocampus_nnUNetPlans.json"
@@ -156,6 +157,51 @@ def test_seeds_tables_show_mean_and_sd_and_choose_levers_on_validation(tmp_path)
     assert "an in-distribution split of the same dataset (0.3 of the non-test cases" in md
     assert "as close to the private data as public data can be" in md and "--seeds 4" in md
     assert (tmp_path / "dice_vs_epsilon.png").stat().st_size > 0
+
+
+def test_reference_trainable_adds_a_subset_reference_that_no_ratio_divides_by(tmp_path):
+    """--reference-trainable norm_bias: a second non-private reference (budget JSON with `trainable`), reported on its
+    own line with its ratio to the ordinary reference, which stays the denominator of every ratio."""
+    refs = reference_grid(["norm_bias"])
+    assert refs == [Levers(), Levers(trainable="norm_bias")]  # the ordinary reference always comes first
+    assert reference_grid(["norm_bias", "all", "norm_bias"]) == refs and reference_grid() == [Levers()]
+    specs = run_grid(["nonprivate", "flat"], [8], [], lever_grid(), check_seeds(2), refs)
+    assert [s.name for s in specs] == ["nonprivate_s1", "nonprivate_s2", "nonprivate_norm_bias_s1",
+                                       "nonprivate_norm_bias_s2", "flat_eps8_s1", "flat_eps8_s2"]
+    budget = {s.name: dp_settings(s, BUDGETS["tiny"]) for s in specs}
+    assert "trainable" not in budget["nonprivate_s1"]  # today's reference folders resume unchanged
+    assert budget["nonprivate_norm_bias_s1"] == {**budget["nonprivate_s1"], "trainable": "norm_bias"}
+    assert set(budget["nonprivate_norm_bias_s1"]) <= set(NONPRIVATE_BUDGET_KEYS)  # what the trainer accepts
+    for call, fragments in ((lambda: reference_grid(["everything"]), ["--reference-trainable = 'everything'",
+                                                                     "'all', 'norm_bias', 'decoder'"]),
+                            (lambda: reference_grid(["norm_bias"], reference=False),
+                             ["--reference-trainable", "'nonprivate' in --rules too", "Add nonprivate"])):
+        with pytest.raises(ExperimentError) as info:
+            call()
+        for fragment in fragments:
+            assert fragment in str(info.value), (fragment, str(info.value))
+    assert reference_grid(["all"], reference=False) == [Levers()]
+
+    ref, subset, flat = [0.80, 0.84], [0.60, 0.62], [0.40, 0.44]
+    results = [_result(f"nonprivate_s{k}", "nonprivate", k, "nonprivate", None, d, 0.9) for k, d in enumerate(ref, 1)]
+    results += [_result(f"nonprivate_norm_bias_s{k}", "nonprivate_norm_bias", k, "nonprivate", None, d, 0.7,
+                        "norm_bias") for k, d in enumerate(subset, 1)]
+    results += [_result(f"flat_eps8_s{k}", "flat_eps8", k, "flat", 8.0, d, 0.5) for k, d in enumerate(flat, 1)]
+    header = {"dataset": "Dataset973_Lev", "configuration": "2d", "seed": 0, "reproducible": False, "seeds": 2,
+              "budget": {"name": "minimal", "steps": 4, "batch_size": 4}, "command": "nnUNetv2_dp_experiment ...",
+              "split": {"num_test": 2, "num_train": 10, "num_val": 3}, "start": {"from": "scratch"}}
+    write_report(str(tmp_path), header, results)
+    with open(tmp_path / "results.csv") as f:
+        means = {r["run"]: r for r in csv.DictReader(f) if r["row"] == "mean ± sd"}
+    assert float(means["flat_eps8"]["ratio_to_nonprivate"]) == pytest.approx(np.mean(flat) / np.mean(ref))
+    assert float(means["nonprivate_norm_bias"]["ratio_to_nonprivate"]) == pytest.approx(np.mean(subset) / np.mean(ref))
+    assert means["nonprivate_norm_bias"]["levers"] == "norm_bias" and means["nonprivate"]["levers"] == "n/a"
+    md = (tmp_path / "results.md").read_text()
+    sd = f"{np.mean(ref):.4f} ± {np.std(ref, ddof=1):.4f}"
+    assert f"Non-private reference: mean test Dice {sd} (n = 2)" in md
+    assert (f"Non-private reference training only `trainable: norm_bias` (--reference-trainable; what that subset can "
+            f"hold without noise): mean test Dice {np.mean(subset):.4f} ± {np.std(subset, ddof=1):.4f} (n = 2), ratio "
+            f"{np.mean(subset) / np.mean(ref):.4f}") in md
 
 
 # ---- --public-fraction ----------------------------------------------------------------------------------------------
@@ -331,14 +377,14 @@ def test_second_invocation_skips_the_pretraining_and_every_run(public_run):
 def test_a_given_pretrained_file_starts_every_run_of_a_real_grid(public_run, tmp_path):
     """--pretrained FILE (here the public model above, as a user would bring one): checked, then passed to
     nnUNetv2_train -pretrained_weights of the DP run, recorded with its sha256 in privacy.json, budget.json and the
-    report."""
+    report; --reference-trainable norm_bias trains a second reference with the kernels frozen."""
     ckpt = next((public_run["out"] / "public" / "nnUNet_results").glob("*/*/fold_all/checkpoint_final.pth"))
     digest = hashlib.sha256(ckpt.read_bytes()).hexdigest()
     out = tmp_path / "out"
     budget = public_run["out"].parent / "minimal.json"
     run(["nnUNetv2_dp_experiment", "-d", str(DATASET_ID), "-c", "2d", "--rules", "nonprivate", "flat", "--epsilons", "8",
-         "--pretrained", str(ckpt), "--trainable", "norm_bias", "--refine", "none", "--budget", str(budget),
-         "-o", str(out), "-device", "cpu", "-np", "1"], public_run["env"])
+         "--pretrained", str(ckpt), "--trainable", "norm_bias", "--reference-trainable", "norm_bias", "--refine", "none",
+         "--budget", str(budget), "-o", str(out), "-device", "cpu", "-np", "1"], public_run["env"])
     result = json.loads((out / "runs" / "flat_eps8_norm_bias" / "result.json").read_text())
     assert result["pretrained"] == str(ckpt)
     privacy = json.loads((Path(result["model_folder"]) / "fold_0" / "privacy.json").read_text())
@@ -351,4 +397,19 @@ def test_a_given_pretrained_file_starts_every_run_of_a_real_grid(public_run, tmp
             out / "runs" / name / "log.txt").read_text(), name
     assert json.loads((out / "budget.json").read_text())["start"] == {"from": "file", "path": str(ckpt),
                                                                      "sha256": digest}
+    # --reference-trainable norm_bias: nnU-Net's own step trains the biases, norms and heads only; every convolution
+    # kernel (4-D weight outside the heads) stays as loaded, where the ordinary reference changes them all
+    public = torch.load(ckpt, map_location="cpu", weights_only=False)["network_weights"]
+    for name, subset in (("nonprivate", False), ("nonprivate_norm_bias", True)):
+        folder = Path(json.loads((out / "runs" / name / "result.json").read_text())["model_folder"]) / "fold_0"
+        final = torch.load(folder / "checkpoint_final.pth", map_location="cpu", weights_only=False)["network_weights"]
+        kernels = [k for k, v in public.items() if v.ndim == 4 and ".seg_layers." not in k]
+        others = [k for k in public if k not in kernels and ".seg_layers." not in k and public[k].is_floating_point()]
+        assert len(kernels) > 5 and others
+        assert all(torch.equal(final[k], public[k]) for k in kernels) is subset, name
+        assert not all(torch.equal(final[k], public[k]) for k in others), name  # the biases and norms trained
+    log = (out / "runs" / "nonprivate_norm_bias" / "log.txt").read_text()
+    assert re.search(r"non-private reference: trainable=norm_bias: \d+ of \d+ parameters trained", log)
+    md = (out / "results.md").read_text()
+    assert "Non-private reference training only `trainable: norm_bias` (--reference-trainable" in md
     assert f"**Start: fine-tuned from {ckpt}** (sha256 {digest})" in (out / "results.md").read_text()

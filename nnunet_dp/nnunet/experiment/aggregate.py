@@ -25,12 +25,18 @@ def mean_sd(values: list[float]) -> tuple[float | None, float | None]:
     return float(np.mean(finite)), (float(np.std(finite, ddof=1)) if len(finite) > 1 else None)
 
 
+def is_reference(row: dict[str, Any]) -> bool:
+    """The ordinary non-private reference (all parameters trained), the one ratios divide by; a reference that trains
+    a subset (--reference-trainable, levers e.g. 'norm_bias') is a row of its own."""
+    return row["rule"] == "nonprivate" and row.get("levers", "n/a") in ("n/a", DEFAULT_LEVERS)
+
+
 def reference_dice(table: list[dict[str, Any]]) -> dict[str, float]:
-    """Per refinement: the non-private reference's mean test Dice over its finished repeats."""
+    """Per refinement: the ordinary non-private reference's mean test Dice over its finished repeats."""
     out: dict[str, float] = {}
-    for refine in dict.fromkeys(r["refinement"] for r in table if r["rule"] == "nonprivate" and r["status"] == "ok"):
-        mean, _ = mean_sd([r["dice_mean"] for r in table if r["rule"] == "nonprivate" and r["status"] == "ok"
-                           and r["refinement"] == refine])
+    ok = [r for r in table if is_reference(r) and r["status"] == "ok"]
+    for refine in dict.fromkeys(r["refinement"] for r in ok):
+        mean, _ = mean_sd([r["dice_mean"] for r in ok if r["refinement"] == refine])
         if mean is not None:
             out[refine] = mean
     return out

@@ -16,7 +16,8 @@ Fine-tuning (issue 11; none of it costs privacy): --public-fraction F draws a se
 trains nnU-Net's ordinary trainer on it once and fine-tunes every run from it with its plans on the private rest
 (data.py, pretrain.py); --pretrained FILE fine-tunes every run from a given checkpoint; --trainable,
 --augmentations-per-case and --ema-decay add the DP runs' levers (their cross product per rule, ε and lr; levers.py);
---seeds K repeats every run K times and the tables show mean ± sd.
+--reference-trainable norm_bias adds a non-private reference that trains only that subset (the ordinary reference stays
+the one ratios divide by); --seeds K repeats every run K times and the tables show mean ± sd.
 
 Before anything is preprocessed or trained the whole grid is checked (prepare.py, budget.py): the split, the
 configuration, every run's DP settings through the trainers' own DPConfig and make_plan on fold 0's N training cases,
@@ -40,7 +41,7 @@ from nnunet_dp.config import TRAINABLE
 from nnunet_dp.errors import DPError
 from nnunet_dp.nnunet.experiment.budget import inference_voxels
 from nnunet_dp.nnunet.experiment.grid import run_all
-from nnunet_dp.nnunet.experiment.levers import check_seeds, lever_grid
+from nnunet_dp.nnunet.experiment.levers import check_seeds, lever_grid, reference_grid
 from nnunet_dp.nnunet.experiment.plan import BUDGETS, REFINEMENTS, RULES, ExperimentError, resolve_budget, run_grid
 from nnunet_dp.nnunet.experiment.prepare import plan_experiment, prepare
 from nnunet_dp.nnunet.experiment.report import write_report
@@ -85,6 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trainable", nargs="+", default=["all"], metavar="T",
                    help=f"DP setting trainable, one or more of {list(TRAINABLE)} (each value a run per rule, ε, lr). "
                         "Default: all")
+    p.add_argument("--reference-trainable", nargs="+", default=["all"], metavar="T",
+                   help=f"non-private references beside the ordinary one (trainable all, which every ratio divides "
+                        f"by): one more per other value of {list(TRAINABLE)}, trained without noise from the same "
+                        "start with only those parameters (run nonprivate_norm_bias: what the subset can hold at "
+                        "all). Needs nonprivate in --rules. Default: all")
     p.add_argument("--augmentations-per-case", nargs="+", type=int, default=[1], metavar="K",
                    help="DP setting augmentations_per_case, one or more integers in [1, 64]. Default: 1")
     p.add_argument("--ema-decay", nargs="+", default=["none"], metavar="D",
@@ -160,7 +166,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         _check(args)
         levers = lever_grid(args.trainable, args.augmentations_per_case, args.ema_decay,
                             dp_rules=any(r != "nonprivate" for r in args.rules))
-        specs = run_grid(args.rules, args.epsilons, args.lrs, levers, check_seeds(args.seeds))
+        references = reference_grid(args.reference_trainable, reference="nonprivate" in args.rules)
+        specs = run_grid(args.rules, args.epsilons, args.lrs, levers, check_seeds(args.seeds), references)
         budget_name, budget = resolve_budget(args.budget)  # before preprocessing: a bad file fails at once
         out = os.path.abspath(args.o or f"dp_experiment_{args.d}_{args.c}_{budget_name}")
         if os.path.exists(out) and not isdir(out):

@@ -113,6 +113,22 @@ def lever_grid(trainable: Sequence[str] = (_DEFAULT.trainable,), augmentations: 
     return grid
 
 
+def reference_grid(trainable: Sequence[str] = (_DEFAULT.trainable,), *, reference: bool = True) -> list[Levers]:
+    """--reference-trainable: the non-private references, always `all` first (nnU-Net's ordinary training, the
+    reference every ratio divides by), then one per other value, e.g. `norm_bias` (the DP setting's selection trained
+    without noise: what that subset can hold at all). Checked through DPConfig like --trainable; values other than
+    `all` need the reference in --rules."""
+    for value in trainable:
+        _through_dpconfig("--reference-trainable", "trainable", value, f"one or more of {list(TRAINABLE)}")
+    unique = [_DEFAULT.trainable, *(t for t in _distinct("--reference-trainable", trainable, str)
+                                    if t != _DEFAULT.trainable)]
+    if not reference and unique != [_DEFAULT.trainable]:
+        raise ExperimentError("--reference-trainable", list(trainable), "'nonprivate' in --rules too (it names the "
+                              "non-private reference's trained parameters)", "Add nonprivate to --rules, or drop the "
+                              "option.")
+    return [Levers(trainable=t) for t in unique]
+
+
 def check_seeds(seeds: Any) -> int:
     """--seeds K: an integer >= 1 (each run repeated K times)."""
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:

@@ -87,8 +87,8 @@ BUDGETS: dict[Budget, BudgetSpec] = {
 @dataclass(frozen=True)
 class RunSpec:
     """One training: a rule at a target ε (None for the non-private reference) with a learning rate (None: the DP
-    trainers' default rule, or the budget's lr for the reference), the fine-tuning levers (DP runs only) and, under
-    --seeds K > 1, its repeat k in 1..K."""
+    trainers' default rule, or the budget's lr for the reference), the fine-tuning levers (DP runs; the reference
+    only `trainable`, through --reference-trainable) and, under --seeds K > 1, its repeat k in 1..K."""
 
     rule: Rule
     epsilon: float | None
@@ -127,10 +127,12 @@ def check_lrs(lrs: Sequence[float], dp_rules: bool) -> list[float]:
 
 
 def run_grid(rules: list[str], epsilons: list[float], lrs: Sequence[float] = (),
-             levers: Sequence[Levers] = (DEFAULT_LEVERS,), seeds: int = 1) -> list[RunSpec]:
-    """The non-private reference first (if asked), then each DP rule at each ε, in the given order: first with the
-    default learning-rate rule, then once per lr of `lrs` (--lrs); within each, once per lever combination
-    (levers.lever_grid). With seeds K > 1 every run is repeated K times (repeat k in 1..K, innermost)."""
+             levers: Sequence[Levers] = (DEFAULT_LEVERS,), seeds: int = 1,
+             reference_levers: Sequence[Levers] = (DEFAULT_LEVERS,)) -> list[RunSpec]:
+    """The non-private reference first (if asked; once per `reference_levers`, levers.reference_grid), then each DP
+    rule at each ε, in the given order: first with the default learning-rate rule, then once per lr of `lrs` (--lrs);
+    within each, once per lever combination (levers.lever_grid). With seeds K > 1 every run is repeated K times
+    (repeat k in 1..K, innermost)."""
     for rule in rules:
         if rule not in RULES:
             raise ExperimentError("--rules", rule, f"one of {list(RULES)}")
@@ -143,7 +145,8 @@ def run_grid(rules: list[str], epsilons: list[float], lrs: Sequence[float] = (),
         raise ExperimentError("--epsilons", epsilons, "at least one ε for the DP rules")
     sweep = [None, *check_lrs(lrs, any(r != "nonprivate" for r in rules))]
     repeats = [None] if seeds == 1 else list(range(1, seeds + 1))
-    specs = [RunSpec("nonprivate", None, repeat=k) for k in repeats] if "nonprivate" in rules else []
+    specs = ([RunSpec("nonprivate", None, levers=lev, repeat=k) for lev in dict.fromkeys(reference_levers)
+              for k in repeats] if "nonprivate" in rules else [])
     specs += [RunSpec(r, float(e), lr, lev, k)  # type: ignore[arg-type]
               for r in dict.fromkeys(rules) if r != "nonprivate" for e in dict.fromkeys(epsilons) for lr in sweep
               for lev in dict.fromkeys(levers) for k in repeats]
@@ -175,11 +178,13 @@ def dp_settings(spec: RunSpec, budget: BudgetSpec, seed: int | None = None) -> d
     Under --seeds K each repeat k gets seed + k - 1 (repeat 1, and a grid without --seeds, get `seed` itself).
     A DP run has `initial_lr` only when spec.lr is set (--lrs); without it the trainer's default rule decides
     (nnunet_dp.optim.default_lr). Momentum is never set here: the DP default (0.9) for every DP run. The levers'
-    keys (trainable, augmentations_per_case, ema_decay) appear only with non-default values."""
+    keys (trainable, augmentations_per_case, ema_decay) appear only with non-default values; the reference's budget
+    JSON gets `trainable` the same way (--reference-trainable)."""
     common = {"num_epochs": budget.num_epochs, "num_iterations_per_epoch": budget.num_iterations_per_epoch,
               "num_val_iterations_per_epoch": budget.num_val_iterations_per_epoch, "save_every": budget.save_every}
     if spec.epsilon is None:
-        return {**common, "initial_lr": budget.nonprivate_lr, "batch_size": budget.batch_size}
+        return {**common, "initial_lr": budget.nonprivate_lr, "batch_size": budget.batch_size,
+                **spec.levers.settings()}
     if spec.lr is not None:
         common["initial_lr"] = spec.lr
     seeded = {} if seed is None else {"seed": seed + (spec.repeat or 1) - 1}

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from nnunet_dp.nnunet.experiment.aggregate import CHOSEN, is_default
+from nnunet_dp.nnunet.experiment.aggregate import CHOSEN, is_default, is_reference
 
 
 def _pyplot() -> Any:
@@ -21,7 +21,7 @@ def _pyplot() -> Any:
 def plot_dice_vs_epsilon(cells: list[dict[str, Any]], path: str) -> None:
     """Mean test Dice vs ε per refinement, one point per cell (the mean over its repeats, error bar ± sd): per rule
     the DP defaults (solid) and, with several settings, the setting chosen on validation (dashed); the non-private
-    reference as a horizontal line (its ± sd shaded)."""
+    reference as a horizontal line (its ± sd shaded), a --reference-trainable subset's as a grey dotted one."""
     cells = [row for row in cells if row["dice_mean"] is not None]
     if not cells:
         return
@@ -33,10 +33,12 @@ def plot_dice_vs_epsilon(cells: list[dict[str, Any]], path: str) -> None:
         for rule in dict.fromkeys(row["rule"] for row in panel):
             runs = sorted((row for row in panel if row["rule"] == rule), key=lambda row: row["target_epsilon"] or 0)
             if rule == "nonprivate":
-                mean, sd = runs[0]["dice_mean"], runs[0].get("dice_mean_sd")
-                ax.axhline(mean, color="k", ls="--", label="non-private")
-                if sd:
-                    ax.axhspan(mean - sd, mean + sd, color="k", alpha=0.1)
+                for row in runs:  # the ordinary reference, then any --reference-trainable subset (grey, dotted)
+                    mean, sd, ordinary = row["dice_mean"], row.get("dice_mean_sd"), is_reference(row)
+                    ax.axhline(mean, color="k" if ordinary else "0.5", ls="--" if ordinary else ":",
+                               label="non-private" if ordinary else f"non-private, {row['levers']} only")
+                    if sd:
+                        ax.axhspan(mean - sd, mean + sd, color="k" if ordinary else "0.5", alpha=0.1)
                 continue
             line = None
             for pick, style, label in (([row for row in runs if is_default(row)], "o-", f"{rule} (defaults)"),

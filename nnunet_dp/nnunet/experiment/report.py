@@ -18,6 +18,7 @@ from nnunet_dp.nnunet.experiment.aggregate import (
     DEFAULT_LEVERS,
     aggregate,
     headline_table,
+    is_reference,
     mark_choice,
     ratio,
     reference_dice,
@@ -82,7 +83,7 @@ def rows(results: list[dict[str, Any]], budget_steps: int, reproducible: bool = 
                    "steps": r["steps"] if r["steps"] is not None else budget_steps,
                    "lr": lr_label(lr, default_rule), "lr_value": lr,
                    "lr_source": "budget" if r["rule"] == "nonprivate" else DEFAULT if default_rule else "--lrs",
-                   "levers": "n/a" if r["rule"] == "nonprivate" else r.get("levers", DEFAULT_LEVERS),
+                   "levers": levers_label(r),
                    "refinement": refine, **{f"dice_{k}": v for k, v in s["dice"].items()},
                    "dice_mean": s["dice_mean"], "ratio_to_nonprivate": None, "validation_dice": val,
                    "train_minutes": r["train_seconds"] / 60, "run_minutes": r["seconds"] / 60,
@@ -91,6 +92,13 @@ def rows(results: list[dict[str, Any]], budget_steps: int, reproducible: bool = 
             out.append(row)
     reference = reference_dice(out)
     return [{**row, "ratio_to_nonprivate": ratio(row["dice_mean"], row["refinement"], reference)} for row in out]
+
+
+def levers_label(r: dict[str, Any]) -> str:
+    """A result's levers column: the DP levers' label ('defaults' for result.json files older than the levers); for
+    the non-private reference 'n/a', or its --reference-trainable subset ('norm_bias')."""
+    label = r.get("levers", DEFAULT_LEVERS)
+    return "n/a" if r["rule"] == "nonprivate" and label == DEFAULT_LEVERS else label
 
 
 def _place(r: dict[str, Any]) -> dict[str, Any]:
@@ -115,7 +123,7 @@ def failed(result: dict[str, Any]) -> bool:
 def failed_row(r: dict[str, Any], budget_steps: int) -> dict[str, Any]:
     """The row of a failed run: no scores (its Dice cells read FAILED in results.md), the reason in `status`."""
     return {"run": r["run"], **_place(r), "rule": r["rule"], "target_epsilon": r["target_epsilon"], "epsilon": None,
-            "sigma": None, "levers": "n/a" if r["rule"] == "nonprivate" else r.get("levers", DEFAULT_LEVERS),
+            "sigma": None, "levers": levers_label(r),
             "steps": budget_steps, "lr": "–", "lr_value": r.get("initial_lr"), "lr_source": "budget" if r["rule"] ==
             "nonprivate" else DEFAULT if r.get("initial_lr") is None else "--lrs", "refinement": "–",
             "dice_mean": None, "ratio_to_nonprivate": None, "validation_dice": None, "train_minutes": None,
@@ -196,12 +204,16 @@ def headline_lines(cells: list[dict[str, Any]]) -> list[str]:
             "`--lrs` (initial_lr, same momentum); the non-private run keeps the budget's lr and nnU-Net's optimizer. "
             "levers: the DP settings trainable, augmentations_per_case (K) and ema_decay (EMA) where they differ from "
             "the trainers' defaults; none of them costs privacy.")
-    reference = next((row for row in cells if row["rule"] == "nonprivate" and row["refinement"] == "none"
-                      and row["dice_mean"] is not None), None)
+    references = [row for row in cells if row["rule"] == "nonprivate" and row["refinement"] == "none"
+                  and row["dice_mean"] is not None]
     ref = []
-    if reference:
-        dice = _fmt(with_sd(reference["dice_mean"], reference["dice_mean_sd"]))
-        ref = [f"Non-private reference: mean test Dice {dice} (n = {reference['n']})", ""]
+    for row in sorted(references, key=lambda row: not is_reference(row)):
+        dice = _fmt(with_sd(row["dice_mean"], row["dice_mean_sd"]))
+        subset = (f"Non-private reference training only `trainable: {row['levers']}` (--reference-trainable; what "
+                  f"that subset can hold without noise): mean test Dice {dice} (n = {row['n']}), ratio "
+                  f"{_fmt(row['ratio_to_nonprivate'])}")
+        ref.append(f"Non-private reference: mean test Dice {dice} (n = {row['n']})" if is_reference(row) else subset)
+    ref += [""] if ref else []
     headline = headline_table(cells)
     if not headline:
         return [*ref, note, ""]

@@ -11,11 +11,13 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 BUDGET_ENV = "nnUNet_dp_experiment_budget"
 BUDGET_KEYS = ("num_epochs", "num_iterations_per_epoch", "num_val_iterations_per_epoch", "initial_lr", "batch_size",
-               "save_every")
+               "save_every", "trainable")
 
 
 class nnUNetTrainerNonPrivateBudget(nnUNetTrainer):
-    """nnU-Net's normal step (its batch sampling, batch Dice and norms as planned) with the experiment's budget."""
+    """nnU-Net's normal step (its batch sampling, batch Dice and norms as planned) with the experiment's budget; with
+    `trainable` (optional, default all) only the DP setting's selection of parameters trains (the others get no
+    gradient, so nnU-Net's SGD leaves them as loaded)."""
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):  # noqa: B008 (nnU-Net's exact signature)
@@ -39,6 +41,18 @@ class nnUNetTrainerNonPrivateBudget(nnUNetTrainer):
         self.initial_lr = float(budget["initial_lr"])
         self.save_every = int(budget.get("save_every", self.save_every))
         self.experiment_batch_size = int(budget["batch_size"])
+        self.experiment_trainable = str(budget.get("trainable", "all"))
+
+    def initialize(self):
+        super().initialize()
+        if self.experiment_trainable != "all":
+            from nnunet_dp.nnunet.finetune import freeze_, select_trainable
+
+            net = getattr(self.network, "module", self.network)
+            net = getattr(net, "_orig_mod", net)
+            selection = select_trainable(net, self.experiment_trainable)  # type: ignore[arg-type]
+            freeze_(net, selection)  # SGD skips parameters without a gradient; pretrained weights load afterwards
+            self.print_to_log_file("non-private reference: " + selection.summary().replace("DP trainable", "trainable"))
 
     def on_train_start(self):
         """A fine-tuning reference starts where the DP runs start: with -pretrained_weights the public segmentation
