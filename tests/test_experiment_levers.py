@@ -254,7 +254,11 @@ def test_options_that_cannot_go_together_stop_before_any_work(tmp_path, monkeypa
             (["--public-fraction", "0.3", "--pretrained", "x.pth"], ["--pretrained = 'x.pth'", "--public-fraction",
                                                                      "Give one of the two"]),
             (["--public-fraction", "1.5"], ["--public-fraction = 1.5", "strictly between 0 and 1"]),
-            (["--rules", "nonprivate", "--ema-decay", "0.999"], ["--ema-decay", "DP rules in --rules too"])):
+            (["--rules", "nonprivate", "--ema-decay", "0.999"], ["--ema-decay", "DP rules in --rules too"]),
+            (["--public-epochs", "32"], ["--public-epochs = 32", "together with --public-fraction"]),
+            (["--public-fraction", "0.3", "--public-epochs", "0"], ["--public-epochs = 0", "an integer >= 1"]),
+            (["--rules", "flat", "--reference-trainable", "norm_bias"], ["--reference-trainable",
+                                                                        "'nonprivate' in --rules too"])):
         with pytest.raises(SystemExit) as info:
             experiment_cli.main(["-d", "1", "-o", str(out), *argv])
         for fragment in fragments:
@@ -299,6 +303,10 @@ def test_budget_print_states_the_start_and_the_repeats():
     assert (run_["trainable"], run_["augmentations_per_case"], run_["ema_decay"], run_["repeat"]) == (
         "norm_bias", 4, 0.999, 2)
     assert summary["seeds"] == 2 and summary["start"]["from"] == "public part"
+    longer = format_budget(budget_summary(b, plans, "Dataset902_Hippocampus", "2d", {
+        "from": "public part", "public_fraction": 0.3, "num_public_cases": 14, "public_epochs": 32}, 2))
+    assert f"32 epochs of {summary['num_iterations_per_epoch']} steps (--public-epochs)" in longer
+    assert "same budget" in text and "same budget" not in longer
 
 
 # ---- end to end ---------------------------------------------------------------------------------------------------
@@ -310,7 +318,7 @@ def public_run(tmp_path_factory):
     (root / "minimal.json").write_text(json.dumps(MINIMAL))
     out = root / "out"
     cmd = ["nnUNetv2_dp_experiment", "-d", str(DATASET_ID), "-c", "2d", "--rules", "flat", "--epsilons",
-           "8", "--public-fraction", "0.3", "--seeds", "2", "--trainable", "norm_bias", "--augmentations-per-case", "2",
+           "8", "--public-fraction", "0.3", "--public-epochs", "2", "--seeds", "2", "--trainable", "norm_bias", "--augmentations-per-case", "2",
            "--ema-decay", "0.9", "--refine", "none",
            "--budget", str(root / "minimal.json"), "-o", str(out), "-device", "cpu", "-np", "1"]
     env = nnunet_env(root)
@@ -360,6 +368,11 @@ def test_public_pretraining_then_private_fine_tuning_with_two_seeds(public_run):
     assert {r["run"]: r["n"] for r in rows if r["row"] == "mean ± sd"} == {CELL: "2"}
     budget = json.loads((out / "budget.json").read_text())
     assert budget["num_training_cases"] == len(split["train"]) and budget["seeds"] == 2
+    # --public-epochs 2: the public model trained 2 epochs where the budget (MINIMAL) gives the DP runs 1
+    assert json.loads((out / "public" / "settings.json").read_text())["num_epochs"] == 2 == 2 * MINIMAL["num_epochs"]
+    public_log = next(ckpt.parent.glob("training_log_*.txt")).read_text()
+    assert re.findall(r": Epoch (\d+)\s", public_log) == ["0", "1"]
+    assert budget["start"]["public_epochs"] == 2 and "same budget but 2 epochs: --public-epochs" in md
 
 
 def test_second_invocation_skips_the_pretraining_and_every_run(public_run):
@@ -371,6 +384,10 @@ def test_second_invocation_skips_the_pretraining_and_every_run(public_run):
     assert "public pretraining: finished earlier, skipped" in again.stdout
     assert again.stdout.count("finished earlier, skipped") == 1 + len(RUNS)
     assert "nnUNetv2_train" not in again.stdout and "Preprocessing:" not in again.stdout
+    assert [c.stat().st_mtime_ns for c in ckpts] == before
+    other = [a if a != "2" or p != "--public-epochs" else "3" for p, a in zip(["", *public_run["cmd"]], public_run["cmd"])]
+    refused = run(other, public_run["env"], check=False)  # the folder's public model trained 2 epochs, not 3
+    assert refused.returncode != 0 and "num_epochs 2 -> 3" in refused.stderr and "--public-epochs" in refused.stderr
     assert [c.stat().st_mtime_ns for c in ckpts] == before
 
 

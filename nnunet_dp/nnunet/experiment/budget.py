@@ -306,7 +306,9 @@ def start_lines(summary: dict[str, Any]) -> list[str]:
     start, seeds = summary.get("start") or {"from": "scratch"}, summary.get("seeds", 1)
     lines = []
     if start["from"] == "public part":
-        lines.append(f"  start: every run fine-tunes from a public model trained once (ordinary nnU-Net, same budget "
+        length = ("same budget" if start.get("public_epochs") is None else
+                  f"{start['public_epochs']} epochs of {summary['num_iterations_per_epoch']} steps (--public-epochs)")
+        lines.append(f"  start: every run fine-tunes from a public model trained once (ordinary nnU-Net, {length} "
                      f"and network) on {start['num_public_cases']} public cases = --public-fraction "
                      f"{start['public_fraction']:g} of the non-test cases (an in-distribution split of the same "
                      "dataset); the public pretraining runs first; the ETA is measured on the first DP run after it")

@@ -108,15 +108,18 @@ def _record(args: argparse.Namespace, parts: dict[str, list[str]]) -> dict[str, 
 def _start(args: argparse.Namespace, parts: dict[str, list[str]], record: dict[str, Any]) -> dict[str, Any]:
     if args.public_fraction is not None:
         return {"from": "public part", "public_fraction": args.public_fraction, "num_public_cases":
-                len(parts["public"]), "note": IN_DISTRIBUTION.format(share=f"{args.public_fraction:g}")}
+                len(parts["public"]), "public_epochs": args.public_epochs,
+                "note": IN_DISTRIBUTION.format(share=f"{args.public_fraction:g}")}
     if args.pretrained is not None:
         return {"from": "file", **record["pretrained"]}
     return {"from": "scratch"}
 
 
-def _public_settings(budget: ResolvedBudget) -> dict[str, Any]:
-    """The public pretraining's budget JSON: the non-private reference's (same budget and network)."""
-    return dp_settings(RunSpec("nonprivate", None), budget.spec)
+def _public_settings(budget: ResolvedBudget, epochs: int | None = None) -> dict[str, Any]:
+    """The public pretraining's budget JSON: the non-private reference's (same budget and network), with
+    `num_epochs` = --public-epochs where given."""
+    settings = dp_settings(RunSpec("nonprivate", None), budget.spec)
+    return settings if epochs is None else {**settings, "num_epochs": int(epochs)}
 
 
 def _pretrained_check(args: argparse.Namespace, raw: str, plans_file: str, budget: ResolvedBudget,
@@ -191,8 +194,10 @@ def plan_experiment(args: argparse.Namespace, out: str, env: dict[str, str], spe
     runs, run_problems = plan_runs(specs, resolved, args.seed if args.reproducible else None, args.budget)
     problems += run_problems
     problems += [str(p) for r in runs if (p := settings_problem(join(out, "runs", r.spec.name), r.settings))]
-    if data is not None and (p := settings_problem(join(out, "public"), _public_settings(resolved))):
-        problems.append(str(p))
+    if data is not None and (p := settings_problem(join(out, "public"), _public_settings(resolved,
+                                                                                         args.public_epochs))):
+        problems.append(str(p) + " (The public model of this folder: --public-epochs and the budget set its "
+                        "num_epochs; another value needs another -o, or delete OUT/public to retrain it.)")
     if args.pretrained is not None:
         problems += _pretrained_check(args, raw, plans_file, resolved, specs)
     if problems:
@@ -222,7 +227,7 @@ def prepare(args: argparse.Namespace, out: str, env: dict[str, str], exp: Experi
     else:
         dataset, preprocessed, plans = exp.data.private, exp.data.preprocessed, PUBLIC_PLANS
         run_env = exp.data.env(env)
-        pretraining = PublicPretraining(exp.data, args.c, device, _public_settings(budget), env)
+        pretraining = PublicPretraining(exp.data, args.c, device, _public_settings(budget, args.public_epochs), env)
         start = pretraining.checkpoint
     link_test_cases(exp.raw, exp.split["test"], exp.file_ending, join(out, "test_data", "imagesTs"),
                     join(out, "test_data", "labelsTs"))

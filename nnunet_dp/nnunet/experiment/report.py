@@ -186,7 +186,8 @@ def start_line(header: dict[str, Any]) -> str:
         return (f"**Start: fine-tuned from public weights.** Public part: an in-distribution split of the same dataset "
                 f"({share} of the non-test cases), so the pretraining is as close to the private data as public data "
                 f"can be ({start['num_public_cases']} cases, drawn with seed {header['seed']}). Ordinary nnU-Net "
-                "training on it (same budget and network, trained once) gave the weights and the plans; every run (DP "
+                f"training on it ({_public_length(start)} and network, trained once) gave the weights and the plans; "
+                "every run (DP "
                 "and the non-private reference) fine-tuned from them on the private part. Test cases are in neither "
                 "part. Real public data (another hospital, scanner or population) will be further from the private "
                 "cases.")
@@ -194,6 +195,11 @@ def start_line(header: dict[str, Any]) -> str:
         return (f"**Start: fine-tuned from {start['path']}** (sha256 {start['sha256']}), every run (DP and the "
                 "non-private reference). Its training data must not contain the private cases.")
     return "Start: every run trained from scratch (random initialisation)."
+
+
+def _public_length(start: dict[str, Any]) -> str:
+    epochs = start.get("public_epochs")
+    return "same budget" if epochs is None else f"same budget but {epochs} epochs: --public-epochs"
 
 
 def headline_lines(cells: list[dict[str, Any]]) -> list[str]:
