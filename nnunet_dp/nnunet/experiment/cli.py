@@ -15,9 +15,10 @@ with the best validation Dice (a choice on private cases: not private).
 Fine-tuning (issue 11; none of it costs privacy): --public-fraction F draws a seeded public part of the non-test cases,
 trains nnU-Net's ordinary trainer on it once (the budget's epochs, or --public-epochs E) and fine-tunes every run from
 it with its plans on the private rest (data.py, pretrain.py); --pretrained FILE fine-tunes every run from a given
-checkpoint; --trainable, --augmentations-per-case and --ema-decay add the DP runs' levers (their cross product per rule, ε and lr; levers.py);
---reference-trainable norm_bias adds a non-private reference that trains only that subset (the ordinary reference stays
-the one ratios divide by); --seeds K repeats every run K times and the tables show mean ± sd.
+checkpoint; --trainable, --augmentations-per-case and --ema-decay add the DP runs' levers (their cross product per
+rule, ε and lr; levers.py); --reference-trainable norm_bias adds a non-private reference that trains only that subset
+(the ordinary reference stays the one ratios divide by); --seeds K repeats every run K times and the tables show
+mean ± sd.
 
 Before anything is preprocessed or trained the whole grid is checked (prepare.py, budget.py): the split, the
 configuration, every run's DP settings through the trainers' own DPConfig and make_plan on fold 0's N training cases,
