@@ -19,6 +19,7 @@ from nnunet_dp.advise import (
     LEVERS,
     NOISE_RATIO_SEVERE,
     NOISE_RATIO_WARN,
+    PUBLIC_LEVER,
     advice,
     advise_table,
     noise_summary,
@@ -82,6 +83,7 @@ def test_warning_exactly_above_the_threshold() -> None:
     assert advice(summary(at), finetuning=True) is None and "You fine-tune from public weights" in tuned
     assert "not expected to learn" not in tuned and "-pretrained_weights" not in tuned
     assert all(lever in tuned for lever in LEVERS[1:])
+    assert tuned.index(PUBLIC_LEVER) < tuned.index(LEVERS[1]) and PUBLIC_LEVER not in text  # fine-tuning only
 
 
 def test_training_advice_for_a_plan() -> None:
