@@ -215,10 +215,12 @@ def headline_lines(cells: list[dict[str, Any]]) -> list[str]:
     ref = []
     for row in sorted(references, key=lambda row: not is_reference(row)):
         dice = _fmt(with_sd(row["dice_mean"], row["dice_mean_sd"]))
-        subset = (f"Non-private reference training only `trainable: {row['levers']}` (--reference-trainable; what "
-                  f"that subset can hold without noise): mean test Dice {dice} (n = {row['n']}), ratio "
-                  f"{_fmt(row['ratio_to_nonprivate'])}")
-        ref.append(f"Non-private reference: mean test Dice {dice} (n = {row['n']})" if is_reference(row) else subset)
+        if is_reference(row):
+            ref.append(f"Non-private reference: mean test Dice {dice} (n = {row['n']})")
+        else:
+            ref.append(f"Non-private reference training only `trainable: {row['levers']}` (--reference-trainable; "
+                       f"what that subset can hold without noise): mean test Dice {dice} (n = {row['n']}), ratio "
+                       f"{_fmt(row['ratio_to_nonprivate'])}")
     ref += [""] if ref else []
     headline = headline_table(cells)
     if not headline:

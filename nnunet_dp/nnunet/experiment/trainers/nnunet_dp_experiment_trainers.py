@@ -48,8 +48,7 @@ class nnUNetTrainerNonPrivateBudget(nnUNetTrainer):
         if self.experiment_trainable != "all":
             from nnunet_dp.nnunet.finetune import freeze_, select_trainable
 
-            net = getattr(self.network, "module", self.network)
-            net = getattr(net, "_orig_mod", net)
+            net = self._plain_network()
             selection = select_trainable(net, self.experiment_trainable)  # type: ignore[arg-type]
             freeze_(net, selection)  # SGD skips parameters without a gradient; pretrained weights load afterwards
             self.print_to_log_file("non-private reference: " + selection.summary().replace("DP trainable", "trainable"))
@@ -64,9 +63,13 @@ class nnUNetTrainerNonPrivateBudget(nnUNetTrainer):
 
         path = pretrained_weights_arg(sys.argv[1:])
         if path is not None:
-            net = getattr(self.network, "module", self.network)
-            _, line = transfer_heads(path, getattr(net, "_orig_mod", net), self.dataset_json)
+            _, line = transfer_heads(path, self._plain_network(), self.dataset_json)
             self.print_to_log_file(line)
+
+    def _plain_network(self):
+        """The network without nnU-Net's DDP and torch.compile wrappers."""
+        net = getattr(self.network, "module", self.network)
+        return getattr(net, "_orig_mod", net)
 
     def _set_batch_size_and_oversample(self):
         super()._set_batch_size_and_oversample()
