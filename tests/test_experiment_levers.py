@@ -7,16 +7,20 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
 from e2e import nnunet_env, run
 
 from nnunet_dp.config import DPConfig
 from nnunet_dp.nnunet.experiment import cli as experiment_cli
+from nnunet_dp.nnunet.experiment import grid as experiment_grid
+from nnunet_dp.nnunet.experiment import public_alone
 from nnunet_dp.nnunet.experiment.aggregate import CHOSEN, DEFAULT
 from nnunet_dp.nnunet.experiment.budget import Fold, format_budget, plan_runs, read_planned, resolve_for_dataset
 from nnunet_dp.nnunet.experiment.data import check_public_fraction, derived_datasets, split_public
@@ -24,8 +28,9 @@ from nnunet_dp.nnunet.experiment.errors import ExperimentError
 from nnunet_dp.nnunet.experiment.grid import execution_order
 from nnunet_dp.nnunet.experiment.levers import DEFAULT_LEVERS, Levers, check_seeds, lever_grid, reference_grid
 from nnunet_dp.nnunet.experiment.plan import BUDGETS, dp_settings, run_grid, split_cases
-from nnunet_dp.nnunet.experiment.pretrain import plans_network, pretrained_problems
+from nnunet_dp.nnunet.experiment.pretrain import PublicPretraining, plans_network, pretrained_problems
 from nnunet_dp.nnunet.experiment.report import write_report
+from nnunet_dp.nnunet.experiment.run import Context
 from nnunet_dp.nnunet.experiment.trainers.nnunet_dp_experiment_trainers import BUDGET_KEYS as NONPRIVATE_BUDGET_KEYS
 from nnunet_dp.nnunet.synthetic import make_dataset
 
@@ -204,6 +209,68 @@ def test_reference_trainable_adds_a_subset_reference_that_no_ratio_divides_by(tm
             f"{np.mean(subset) / np.mean(ref):.4f}") in md
 
 
+def _public_result(dice, val=0.6):
+    """result.json of the public model alone (public_alone.execute's keys)."""
+    return {"run": public_alone.PUBLIC_RUN, "rule": public_alone.PUBLIC_RULE, "target_epsilon": None,
+            "cell": public_alone.PUBLIC_RUN, "repeat": None, "levers": "n/a", "epsilon": None, "noise_multiplier": None,
+            "steps": 0, "initial_lr": None, "lr_used": None,
+            "scores": {"none": {"dice": {"disk": dice, "ring": dice / 2}, "dice_mean": dice, "num_cases": 2}},
+            "validation_dice": {"none": val}, "train_seconds": 0.0, "seconds": 5.0}
+
+
+def test_public_model_alone_is_a_line_of_its_own_and_never_a_dp_row(tmp_path):
+    """The public model alone: its own line in the headline (Dice, ratio to the ordinary reference), a row in the
+    tables with no lr, steps 0 and no randomness; never in the DP headline rows nor in a choice; a failed one reads
+    FAILED and is named."""
+    ref, flat, public = [0.80, 0.84], [0.40, 0.44], 0.70
+    results = [_public_result(public)]
+    results += [_result(f"nonprivate_s{k}", "nonprivate", k, "nonprivate", None, d, 0.9) for k, d in enumerate(ref, 1)]
+    results += [_result(f"flat_eps8_s{k}", "flat_eps8", k, "flat", 8.0, d, 0.5) for k, d in enumerate(flat, 1)]
+    header = {"dataset": "Dataset973_Lev", "configuration": "2d", "seed": 0, "reproducible": True, "seeds": 2,
+              "budget": {"name": "minimal", "steps": 4, "batch_size": 4}, "command": "nnUNetv2_dp_experiment ...",
+              "split": {"num_test": 2, "num_train": 10, "num_val": 3},
+              "start": {"from": "public part", "public_fraction": 0.3, "num_public_cases": 4}}
+    write_report(str(tmp_path), header, results)
+    with open(tmp_path / "results.csv") as f:
+        table = list(csv.DictReader(f))
+    row = next(r for r in table if r["run"] == public_alone.PUBLIC_RUN)
+    assert float(row["ratio_to_nonprivate"]) == pytest.approx(public / np.mean(ref))
+    assert (row["lr"], row["lr_source"], row["steps"], row["private_randomness"], row["choice"]) == \
+        ("–", "–", "0", "n/a", "")
+    flat_mean = next(r for r in table if r["run"] == "flat_eps8" and r["row"] == "mean ± sd")
+    assert float(flat_mean["ratio_to_nonprivate"]) == pytest.approx(np.mean(flat) / np.mean(ref))  # still the reference
+    md = (tmp_path / "results.md").read_text()
+    assert (f"Public model alone (the public pretraining, no training on the private cases: ε = 0 for them): mean test "
+            f"Dice {public:.4f}, ratio {public / np.mean(ref):.4f}.") in md
+    headline = md.split("## Headline")[1].split("## All runs")[0]
+    assert "| 8 | flat |" in headline and "| public |" not in headline and "public_alone" not in headline
+    assert (tmp_path / "dice_vs_epsilon.png").stat().st_size > 0
+
+    failed = public_alone.failed_result("CommandError: no checkpoint", 2.0, "log.txt")
+    write_report(str(tmp_path), header, [failed, *results[1:]])
+    md = (tmp_path / "results.md").read_text()
+    assert "- **public_alone**: `CommandError: no checkpoint`" in md and "Public model alone (" not in md
+    assert re.search(r"\| public_alone \| – \| – \| – \| 0 \| – \| FAILED \|", md)
+
+
+def test_public_model_alone_step_reports_a_failure_and_reads_back_a_finished_one(tmp_path, monkeypatch, capsys):
+    ctx = Context("Dataset998_XPrivate", "2d", str(tmp_path), str(tmp_path / "pre"), "imgs", "labels", "cpu", 1, {},
+                  ("none",))
+
+    def boom(ctx_, step):
+        raise RuntimeError("the public checkpoint is unreadable")
+
+    monkeypatch.setattr(public_alone, "execute", boom)
+    result = experiment_grid._public_alone(ctx, None)
+    assert result["status"] == "failed" and result["error"] == "RuntimeError: the public checkpoint is unreadable"
+    assert "[0] public model alone: FAILED after" in capsys.readouterr().out
+    done = tmp_path / "runs" / public_alone.PUBLIC_RUN / "result.json"
+    done.parent.mkdir(parents=True)
+    done.write_text(json.dumps(_public_result(0.5)))
+    assert experiment_grid._public_alone(ctx, None) == _public_result(0.5)  # not executed again
+    assert "public model alone: finished earlier, skipped" in capsys.readouterr().out
+
+
 # ---- --public-fraction ----------------------------------------------------------------------------------------------
 def test_public_part_is_seeded_disjoint_case_level_and_sized():
     cases = [f"patient_{i:03d}" for i in range(60)]
@@ -365,7 +432,8 @@ def test_public_pretraining_then_private_fine_tuning_with_two_seeds(public_run):
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert {r["run"] for r in rows if r["row"] == "repeat"} == set(RUNS)
-    assert {r["run"]: r["n"] for r in rows if r["row"] == "mean ± sd"} == {CELL: "2"}
+    assert {r["run"]: r["n"] for r in rows if r["row"] == "mean ± sd"} == {CELL: "2", public_alone.PUBLIC_RUN: "1"}
+    assert [r["row"] for r in rows if r["run"] == public_alone.PUBLIC_RUN] == ["run", "mean ± sd"]
     budget = json.loads((out / "budget.json").read_text())
     assert budget["num_training_cases"] == len(split["train"]) and budget["seeds"] == 2
     # --public-epochs 2: the public model trained 2 epochs where the budget (MINIMAL) gives the DP runs 1
@@ -375,6 +443,83 @@ def test_public_pretraining_then_private_fine_tuning_with_two_seeds(public_run):
     assert budget["start"]["public_epochs"] == 2 and "same budget but 2 epochs: --public-epochs" in md
 
 
+def _numpy_dice(pred: Path, labels: Path, cases: list[str], classes: dict[str, int]) -> dict[str, float]:
+    """nnU-Net's Dice recomputed with numpy: per class and case 2|P∩G| / (|P| + |G|) (NaN where both are empty), the
+    mean over the cases that are not NaN."""
+    out = {}
+    for name, value in classes.items():
+        per_case = []
+        for case in cases:
+            p, g = (sitk.GetArrayFromImage(sitk.ReadImage(str(folder / f"{case}.nii.gz"))) == value
+                    for folder in (pred, labels))
+            per_case.append(np.nan if p.sum() + g.sum() == 0 else 2 * (p & g).sum() / (p.sum() + g.sum()))
+        out[name] = float(np.nanmean(per_case))
+    return out
+
+
+def _public_setup(public_run):
+    """(the public checkpoint, the split, the class labels, the private gt_segmentations) of the fixture's folder."""
+    out = public_run["out"]
+    ckpt = next((out / "public" / "nnUNet_results").glob("*/*/fold_all/checkpoint_final.pth"))
+    labels = json.loads((ckpt.parent.parent / "dataset.json").read_text())["labels"]
+    gt = next((out / "nnUNet_preprocessed").glob("Dataset*Private")) / "gt_segmentations"
+    return ckpt, json.loads((out / "split.json").read_text()), {k: v for k, v in labels.items() if v != 0}, gt
+
+
+def _cases(folder: Path) -> set[str]:
+    return {f.name[:-len(".nii.gz")] for f in folder.iterdir() if f.name.endswith(".nii.gz")}
+
+
+def test_the_public_model_alone_is_scored_like_a_run(public_run):
+    """With --public-fraction the public model itself, no private training, is predicted on the private validation
+    cases and the test cases and scored (Dice against numpy), right after the pretraining; results.md has its line."""
+    out, stdout = public_run["out"], public_run["first"].stdout
+    ckpt, split, classes, gt = _public_setup(public_run)
+    folder = out / "runs" / public_alone.PUBLIC_RUN
+    result = json.loads((folder / "result.json").read_text())
+    assert (result["rule"], result["steps"], result["epsilon"], result["checkpoint"]) == ("public", 0, None, str(ckpt))
+    log = (folder / "log.txt").read_text()
+    assert log.count("nnUNetv2_predict_from_modelfolder -i ") == 2 and f" -m {ckpt.parent.parent} -f all " in log
+    assert _cases(folder / "validation") == set(split["val"]) and _cases(folder / "test" / "none") == set(split["test"])
+    dice = _numpy_dice(folder / "test" / "none", out / "test_data" / "labelsTs", split["test"], classes)
+    assert result["scores"]["none"]["dice"] == pytest.approx(dice)
+    assert result["scores"]["none"]["dice_mean"] == pytest.approx(np.mean(list(dice.values())))
+    val = _numpy_dice(folder / "validation", gt, split["val"], classes)
+    assert result["validation_dice"]["none"] == pytest.approx(np.mean(list(val.values())))
+    assert stdout.index("[0] public pretraining: done") < stdout.index("[0] public model alone: done in") < \
+        stdout.index("[1/")
+    md = (out / "results.md").read_text()
+    assert f"Public model alone (the public pretraining, no training on the private cases: ε = 0 for them): mean " \
+           f"test Dice {result['scores']['none']['dice_mean']:.4f}, ratio –." in md  # no reference in this grid
+
+
+def test_the_public_model_alone_gets_dp_morph_chosen_on_validation(public_run, tmp_path):
+    """The step with DP-Morph (here global, into another folder): the choice is made on the validation predictions
+    (its dice_after is the validation score) and applied to the test predictions, scored against numpy; without
+    refinement the scores equal the grid's."""
+    out = public_run["out"]
+    ckpt, split, classes, _ = _public_setup(public_run)
+    data = derived_datasets(str(out), f"Dataset{DATASET_ID}_LevTest")
+    env = dict(public_run["env"])  # where the harness's nnU-Net commands find its non-private trainer (cli._environment)
+    env["nnUNet_extTrainer"] += os.pathsep + str(Path(experiment_cli.__file__).parent / "trainers")
+    ctx = Context(data.private, "2d", str(tmp_path), data.preprocessed, str(out / "test_data" / "imagesTs"),
+                  str(out / "test_data" / "labelsTs"), "cpu", 1, data.env(env), ("none", "global"),
+                  "nnUNetPlans_public")
+    step = public_alone.PublicAlone(PublicPretraining(data, "2d", "cpu", {}, env), tuple(split["val"]), ".nii.gz")
+    assert step.pretraining.checkpoint == str(ckpt)
+    result = public_alone.execute(ctx, step)
+    grid = json.loads((out / "runs" / public_alone.PUBLIC_RUN / "result.json").read_text())
+    assert result["scores"]["none"] == grid["scores"]["none"]  # the same model, the same cases: the same prediction
+    chosen = json.loads((tmp_path / "runs" / public_alone.PUBLIC_RUN / "test" / "dpmorph_global" /
+                         "postprocessing.json").read_text())["dp_morph"]
+    assert result["dpmorph_choice"]["global"] == chosen["choice"]
+    assert result["validation_dice"]["global"] == chosen["dice_after"]["foreground_mean"]
+    refined = tmp_path / "runs" / public_alone.PUBLIC_RUN / "test" / "global"
+    assert _cases(refined) == set(split["test"])
+    dice = _numpy_dice(refined, out / "test_data" / "labelsTs", split["test"], classes)
+    assert result["scores"]["global"]["dice"] == pytest.approx(dice)
+
+
 def test_second_invocation_skips_the_pretraining_and_every_run(public_run):
     out = public_run["out"]
     ckpts = sorted(out.glob("**/checkpoint_final.pth"))
@@ -382,7 +527,8 @@ def test_second_invocation_skips_the_pretraining_and_every_run(public_run):
     before = [c.stat().st_mtime_ns for c in ckpts]
     again = run(public_run["cmd"], public_run["env"])
     assert "public pretraining: finished earlier, skipped" in again.stdout
-    assert again.stdout.count("finished earlier, skipped") == 1 + len(RUNS)
+    assert "public model alone: finished earlier, skipped" in again.stdout
+    assert again.stdout.count("finished earlier, skipped") == 2 + len(RUNS)
     assert "nnUNetv2_train" not in again.stdout and "Preprocessing:" not in again.stdout
     assert [c.stat().st_mtime_ns for c in ckpts] == before
     other = [a if a != "2" or p != "--public-epochs" else "3" for p, a in zip(["", *public_run["cmd"]], public_run["cmd"])]

@@ -15,6 +15,12 @@ import numpy as np
 CHOSEN = "chosen on validation (not private: tuning on the private cases leaks, Papernot & Steinke 2022)"
 DEFAULT = "default rule"
 DEFAULT_LEVERS = "defaults"
+PUBLIC = "public"  # the rule of the public model alone (public_alone.py): no private training, no DP
+
+
+def is_dp(row: dict[str, Any]) -> bool:
+    """A DP run's row (not the non-private reference, not the public model alone)."""
+    return row["rule"] not in ("nonprivate", PUBLIC)
 
 
 def mean_sd(values: list[float]) -> tuple[float | None, float | None]:
@@ -99,7 +105,7 @@ def mark_choice(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = [{**row, "choice": ""} for row in table]
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for row in out:
-        if row["rule"] != "nonprivate":
+        if is_dp(row):
             groups.setdefault((row["rule"], row["target_epsilon"], row["refinement"]), []).append(row)
     for group in groups.values():
         if len(group) < 2:  # one setting per group and refinement: nothing was chosen
@@ -121,7 +127,7 @@ def with_sd(mean: float | None, sd: float | None) -> float | str | None:
 def headline_table(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per ε and DP rule, without refinement: test Dice (mean ± sd) and ratio of the DP defaults (or, where the grid
     has no run with them, of its only setting) and of the setting chosen on validation."""
-    dp = [row for row in cells if row["rule"] != "nonprivate" and row["refinement"] == "none"
+    dp = [row for row in cells if is_dp(row) and row["refinement"] == "none"
           and row["dice_mean"] is not None]
     levers = any(row.get("levers", DEFAULT_LEVERS) != DEFAULT_LEVERS for row in dp)
     repeated = any(row.get("n", 1) > 1 for row in dp)

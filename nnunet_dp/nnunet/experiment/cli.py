@@ -45,6 +45,7 @@ from nnunet_dp.nnunet.experiment.grid import run_all
 from nnunet_dp.nnunet.experiment.levers import check_seeds, lever_grid, reference_grid
 from nnunet_dp.nnunet.experiment.plan import BUDGETS, REFINEMENTS, RULES, ExperimentError, resolve_budget, run_grid
 from nnunet_dp.nnunet.experiment.prepare import plan_experiment, prepare
+from nnunet_dp.nnunet.experiment.public_alone import PublicAlone
 from nnunet_dp.nnunet.experiment.report import write_report
 
 
@@ -192,9 +193,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             return
         ctx, header, pretraining = prepare(args, out, env, exp, args.device or _default_device())
         header["command"] = "nnUNetv2_dp_experiment " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+        public = None if pretraining is None else PublicAlone(pretraining, tuple(exp.split["val"]), exp.file_ending)
         results, failed = run_all(ctx, exp.runs, exp.budget.spec, inference_voxels(
             exp.planned, exp.budget.patch_size, exp.budget.fold.num_val + exp.budget.fold.num_test),
-            exp.summary["voxels_per_step"], pretraining)
+            exp.summary["voxels_per_step"], pretraining, public)
         path = write_report(out, header, results)
     except (DPError, RuntimeError, subprocess.SubprocessError) as error:
         sys.exit(f"ERROR: {error}")

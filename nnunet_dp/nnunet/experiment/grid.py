@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from os.path import isfile, join
 from typing import TYPE_CHECKING, Any
 
+from nnunet_dp.nnunet.experiment import public_alone
 from nnunet_dp.nnunet.experiment.budget import RunPlan
 from nnunet_dp.nnunet.experiment.plan import BudgetSpec
 from nnunet_dp.nnunet.experiment.progress import (
@@ -75,11 +76,35 @@ def _pretrain(pretraining: PublicPretraining, progress: Progress) -> None:
           flush=True)
 
 
+def _public_alone(ctx: Context, step: public_alone.PublicAlone) -> dict[str, Any]:
+    """The public model alone, scored as a run (skipped when done); a failure is reported, the runs go on."""
+    done, log = join(public_alone.run_dir(ctx), RESULT_JSON), join(public_alone.run_dir(ctx), "log.txt")
+    if isfile(done):
+        print(f"[0] {public_alone.LABEL}: finished earlier, skipped ({done})", flush=True)
+        with open(done) as f:
+            return json.load(f)
+    print(f"[0] {public_alone.LABEL}: no private training; its validation and test predictions, DP-Morph and scores "
+          f"(log: {log})", flush=True)
+    t0 = time.time()
+    try:
+        result = public_alone.execute(ctx, step)
+    except Exception as error:  # noqa: BLE001 - report it, as a failed run; the runs do not need it
+        reason = failure_reason(error)
+        indented = reason.replace("\n", "\n    ")
+        print(f"[0] {public_alone.LABEL}: FAILED after {minutes(time.time() - t0)}:\n    {indented}\n    (log: {log}; "
+              "the runs go on)", flush=True)
+        return public_alone.failed_result(reason, time.time() - t0, log)
+    mean = {k: round(v["dice_mean"], 4) for k, v in result["scores"].items()}
+    print(f"[0] {public_alone.LABEL}: done in {minutes(result['seconds'])}; mean test Dice {mean}", flush=True)
+    return result
+
+
 def run_all(ctx: Context, runs: Sequence[RunPlan], budget: BudgetSpec, predicted_voxels: float,
-            voxels_per_step: float, pretraining: PublicPretraining | None = None
-            ) -> tuple[list[dict[str, Any]], list[str]]:
-    """Every run (finished ones read back), the public pretraining (if any) first, then the DP runs. Returns the
-    results in grid order and the failed runs."""
+            voxels_per_step: float, pretraining: PublicPretraining | None = None,
+            public: public_alone.PublicAlone | None = None) -> tuple[list[dict[str, Any]], list[str]]:
+    """Every run (finished ones read back), the public pretraining (if any) first and the public model alone scored
+    (`public`), then the DP runs. Returns the results (the public model alone first, then grid order) and the failed
+    runs."""
     for run in runs:  # checked before; written now that the grid starts
         check_settings(join(ctx.out, "runs", run.spec.name), run.settings)
     order = execution_order(runs)
@@ -99,8 +124,9 @@ def run_all(ctx: Context, runs: Sequence[RunPlan], budget: BudgetSpec, predicted
                         pool_seconds=pool_seconds, out=lambda line: print(line, flush=True))
     if pretraining is not None:
         _pretrain(pretraining, progress)
+    first = [] if public is None else [_public_alone(ctx, public)]
     results: dict[str, dict[str, Any]] = {}
-    failed: list[str] = []
+    failed: list[str] = [r["run"] for r in first if r.get("status") == "failed"]
     for i, run in enumerate(order, 1):
         name, run_dir, tag = run.spec.name, join(ctx.out, "runs", run.spec.name), f"[{i}/{len(order)}]"
         done = join(run_dir, RESULT_JSON)
@@ -131,4 +157,4 @@ def run_all(ctx: Context, runs: Sequence[RunPlan], budget: BudgetSpec, predicted
               flush=True)
     if todo:
         print(progress.summary(), flush=True)
-    return [results[r.spec.name] for r in runs], failed
+    return first + [results[r.spec.name] for r in runs], failed

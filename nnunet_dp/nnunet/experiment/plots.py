@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from nnunet_dp.nnunet.experiment.aggregate import CHOSEN, is_default, is_reference
+from nnunet_dp.nnunet.experiment.aggregate import CHOSEN, PUBLIC, is_default, is_reference
 
 
 def _pyplot() -> Any:
@@ -21,7 +21,8 @@ def _pyplot() -> Any:
 def plot_dice_vs_epsilon(cells: list[dict[str, Any]], path: str) -> None:
     """Mean test Dice vs ε per refinement, one point per cell (the mean over its repeats, error bar ± sd): per rule
     the DP defaults (solid) and, with several settings, the setting chosen on validation (dashed); the non-private
-    reference as a horizontal line (its ± sd shaded), a --reference-trainable subset's as a grey dotted one."""
+    reference as a horizontal line (its ± sd shaded), a --reference-trainable subset's as a grey dotted one, the public
+    model alone (--public-fraction) as a dash-dotted one."""
     cells = [row for row in cells if row["dice_mean"] is not None]
     if not cells:
         return
@@ -39,6 +40,10 @@ def plot_dice_vs_epsilon(cells: list[dict[str, Any]], path: str) -> None:
                                label="non-private" if ordinary else f"non-private, {row['levers']} only")
                     if sd:
                         ax.axhspan(mean - sd, mean + sd, color="k" if ordinary else "0.5", alpha=0.1)
+                continue
+            if rule == PUBLIC:
+                for row in runs:
+                    ax.axhline(row["dice_mean"], color="tab:green", ls="-.", label="public model alone")
                 continue
             line = None
             for pick, style, label in (([row for row in runs if is_default(row)], "o-", f"{rule} (defaults)"),

@@ -16,8 +16,10 @@ from nnunet_dp.nnunet.experiment.aggregate import (
     CHOSEN,
     DEFAULT,
     DEFAULT_LEVERS,
+    PUBLIC,
     aggregate,
     headline_table,
+    is_dp,
     is_reference,
     mark_choice,
     ratio,
@@ -50,6 +52,8 @@ def lr_used(r: dict[str, Any]) -> float | None:
     trainer recorded it: the fine-tuning rule depends on the public weights). None if those fields are missing."""
     if r.get("lr_used") is not None:
         return r["lr_used"]
+    if r["rule"] == PUBLIC:  # the public model alone: not trained on the private cases
+        return None
     if r.get("initial_lr") is not None or r["rule"] == "nonprivate":
         return r.get("initial_lr")
     fields = [r.get(k) for k in ("noise_multiplier", "clip_norm", "expected_batch_size", "planned_steps")]
@@ -75,23 +79,28 @@ def rows(results: list[dict[str, Any]], budget_steps: int, reproducible: bool = 
         if failed(r):
             out.append(failed_row(r, budget_steps))
             continue
-        lr, default_rule = lr_used(r), r["rule"] != "nonprivate" and r.get("initial_lr") is None
+        lr, default_rule = lr_used(r), is_dp(r) and r.get("initial_lr") is None
         for refine, s in r["scores"].items():
             val = r.get("validation_dice", {}).get(refine, r.get("validation_dice_mean") if refine == "none" else None)
             row = {"run": r["run"], **_place(r), "rule": r["rule"], "target_epsilon": r["target_epsilon"],
                    "epsilon": r["epsilon"], "sigma": r["noise_multiplier"],
                    "steps": r["steps"] if r["steps"] is not None else budget_steps,
                    "lr": lr_label(lr, default_rule), "lr_value": lr,
-                   "lr_source": "budget" if r["rule"] == "nonprivate" else DEFAULT if default_rule else "--lrs",
+                   "lr_source": _lr_source(r, default_rule),
                    "levers": levers_label(r),
                    "refinement": refine, **{f"dice_{k}": v for k, v in s["dice"].items()},
                    "dice_mean": s["dice_mean"], "ratio_to_nonprivate": None, "validation_dice": val,
                    "train_minutes": r["train_seconds"] / 60, "run_minutes": r["seconds"] / 60,
-                   "private_randomness": "n/a" if r["rule"] == "nonprivate" else SEEDED if reproducible else PRIVATE,
+                   "private_randomness": SEEDED if reproducible and is_dp(r) else PRIVATE if is_dp(r) else "n/a",
                    "status": "ok"}
             out.append(row)
     reference = reference_dice(out)
     return [{**row, "ratio_to_nonprivate": ratio(row["dice_mean"], row["refinement"], reference)} for row in out]
+
+
+def _lr_source(r: dict[str, Any], default_rule: bool) -> str:
+    """'budget' (the non-private reference), '–' (the public model alone: no private training), DEFAULT or '--lrs'."""
+    return {"nonprivate": "budget", PUBLIC: "–"}.get(r["rule"], DEFAULT if default_rule else "--lrs")
 
 
 def levers_label(r: dict[str, Any]) -> str:
@@ -108,12 +117,14 @@ def _place(r: dict[str, Any]) -> dict[str, Any]:
 def table_rows(results: list[dict[str, Any]], budget_steps: int,
                reproducible: bool = False) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(the cells with their `choice`, the rows of results.csv): without repeats the cells are the csv rows (`row` =
-    'run'); with them, the repeats' rows ('repeat') and then the cells ('mean ± sd')."""
+    'run'); with them, the repeats' rows ('repeat'; 'run' for a single model such as the public model alone) and then
+    the cells ('mean ± sd')."""
     table = rows(results, budget_steps, reproducible)
     cells = mark_choice(aggregate(table, reference_dice(table)))
     if not any(row["repeat"] is not None for row in table):
         return cells, [{**row, "row": "run"} for row in cells]
-    return cells, [{**row, "row": "repeat"} for row in table] + [{**row, "row": "mean ± sd"} for row in cells]
+    return cells, ([{**row, "row": "run" if row["repeat"] is None else "repeat"} for row in table] +
+                   [{**row, "row": "mean ± sd"} for row in cells])
 
 
 def failed(result: dict[str, Any]) -> bool:
@@ -124,8 +135,8 @@ def failed_row(r: dict[str, Any], budget_steps: int) -> dict[str, Any]:
     """The row of a failed run: no scores (its Dice cells read FAILED in results.md), the reason in `status`."""
     return {"run": r["run"], **_place(r), "rule": r["rule"], "target_epsilon": r["target_epsilon"], "epsilon": None,
             "sigma": None, "levers": levers_label(r),
-            "steps": budget_steps, "lr": "–", "lr_value": r.get("initial_lr"), "lr_source": "budget" if r["rule"] ==
-            "nonprivate" else DEFAULT if r.get("initial_lr") is None else "--lrs", "refinement": "–",
+            "steps": r["steps"] if r.get("steps") is not None else budget_steps, "lr": "–", "lr_value":
+            r.get("initial_lr"), "lr_source": _lr_source(r, r.get("initial_lr") is None), "refinement": "–",
             "dice_mean": None, "ratio_to_nonprivate": None, "validation_dice": None, "train_minutes": None,
             "run_minutes": r["seconds"] / 60, "private_randomness": "n/a", "status": f"FAILED: {_one_line(r['error'])}"}
 
@@ -221,6 +232,8 @@ def headline_lines(cells: list[dict[str, Any]]) -> list[str]:
             ref.append(f"Non-private reference training only `trainable: {row['levers']}` (--reference-trainable; "
                        f"what that subset can hold without noise): mean test Dice {dice} (n = {row['n']}), ratio "
                        f"{_fmt(row['ratio_to_nonprivate'])}")
+    ref += [public_line(row) for row in cells if row["rule"] == PUBLIC and row["refinement"] == "none"
+            and row["dice_mean"] is not None]
     ref += [""] if ref else []
     headline = headline_table(cells)
     if not headline:
@@ -232,6 +245,13 @@ def headline_lines(cells: list[dict[str, Any]]) -> list[str]:
              f"**{CHOSEN}.**" if sweep else "One setting per (rule, ε): nothing was chosen.")
     return ["## Headline: DP defaults vs the setting chosen on validation (mean test Dice, no refinement)", "",
             *ref, markdown_table(headline, list(headline[0])), "", intro, "", note, ""]
+
+
+def public_line(row: dict[str, Any]) -> str:
+    """The headline's line on the public model alone: what the DP runs start from."""
+    return (f"Public model alone (the public pretraining, no training on the private cases: ε = 0 for them): mean test "
+            f"Dice {_fmt(row['dice_mean'])}, ratio {_fmt(row['ratio_to_nonprivate'])}. What a run adds over it is what "
+            "it learned from the private cases.")
 
 
 def budget_detail(budget: dict[str, Any]) -> str:

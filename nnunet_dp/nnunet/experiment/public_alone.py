@@ -1,0 +1,104 @@
+"""nnUNetv2_dp_experiment, the public model alone: the model of the public pretraining (--public-fraction), with no
+training on the private cases at all, scored exactly as every run is: its predictions of the private validation cases
+(fold 0) choose DP-Morph, its predictions of the test cases are refined with that choice and scored with nnU-Net's
+evaluation. Its row says what the DP runs start from; their gain over it is what they learned from the private cases
+(with an in-distribution public part, the public model alone can already be close to the non-private reference).
+
+It spends no privacy on the private cases: ε = 0 for them. The DP-Morph choice reads the private validation cases'
+labels, like every run's choice (a tuning step on the private cases, as the results tables say). Predictions use
+nnU-Net's nnUNetv2_predict_from_modelfolder (default TTA, checkpoint_final), as nnUNetv2_predict does for the runs.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from os.path import dirname, isdir, isfile, join
+from typing import Any
+
+from nnunet_dp.nnunet.experiment.aggregate import PUBLIC
+from nnunet_dp.nnunet.experiment.plan import link_test_cases
+from nnunet_dp.nnunet.experiment.pretrain import PUBLIC_FOLD, PUBLIC_TRAINER, PublicPretraining
+from nnunet_dp.nnunet.experiment.run import RESULT_JSON, Context, choose_and_apply, evaluate, run_command
+
+PUBLIC_RULE = PUBLIC  # the `rule` of its result.json and results rows
+PUBLIC_RUN = "public_alone"  # its folder under OUT/runs and its `run`
+LABEL = "public model alone"
+
+
+@dataclass(frozen=True)
+class PublicAlone:
+    """What the step needs besides the runs' Context: the public pretraining, the private validation cases (fold 0)
+    and the dataset's file ending."""
+
+    pretraining: PublicPretraining
+    val_cases: tuple[str, ...]
+    file_ending: str
+
+    @property
+    def model(self) -> str:
+        """The public model's nnU-Net model folder (plans.json, dataset.json, fold_all)."""
+        return dirname(dirname(self.pretraining.checkpoint))
+
+
+def run_dir(ctx: Context) -> str:
+    return join(ctx.out, "runs", PUBLIC_RUN)
+
+
+def _predicted(folder: str, n: int) -> bool:
+    return isdir(folder) and len([f for f in os.listdir(folder) if not f.endswith(".json")]) >= n
+
+
+def predict(ctx: Context, model: str, images: str, out: str, log: str) -> str:
+    """nnUNetv2_predict_from_modelfolder -f all of the public model on `images` (skipped when `out` holds them)."""
+    n_images = len({f.rsplit("_", 1)[0] for f in os.listdir(images)})
+    if not _predicted(out, n_images):
+        run_command(["nnUNetv2_predict_from_modelfolder", "-i", images, "-o", out, "-m", model, "-f", PUBLIC_FOLD,
+                     "-device", ctx.device, "-npp", "1", "-nps", "1"], ctx.env, log)
+    return out
+
+
+def execute(ctx: Context, step: PublicAlone) -> dict[str, Any]:
+    """Predict the validation and test cases with the public model, choose DP-Morph on validation, apply it to test,
+    score; returns and writes result.json (its presence marks the step finished)."""
+    out_dir, model, data = run_dir(ctx), step.model, step.pretraining.data
+    os.makedirs(out_dir, exist_ok=True)
+    t0 = time.time()
+    log = join(out_dir, "log.txt")
+    images = join(out_dir, "validation_images")
+    link_test_cases(join(data.raw, data.private), list(step.val_cases), step.file_ending, images,
+                    join(out_dir, "validation_labels"))
+    validation = predict(ctx, model, images, join(out_dir, "validation"), log)
+    val_dice = {"none": evaluate(validation, ctx.gt_segmentations, model, ctx.num_processes)["dice_mean"]}
+    test_none = predict(ctx, model, ctx.test_images, join(out_dir, "test", "none"), log)
+    scores = {"none": evaluate(test_none, ctx.test_labels, model, ctx.num_processes)}
+    choices = {}
+    for mode in (m for m in ctx.refinements if m != "none"):
+        pred = join(out_dir, "test", mode)
+        choices[mode] = choose_and_apply(validation, ctx.gt_segmentations, model, test_none, pred, mode,
+                                         ctx.num_processes)
+        scores[mode] = evaluate(pred, ctx.test_labels, model, ctx.num_processes)
+        with open(join(out_dir, "test", f"dpmorph_{mode}", "postprocessing.json")) as f:
+            val_dice[mode] = float(json.load(f)["dp_morph"]["dice_after"]["foreground_mean"])
+    result = {"run": PUBLIC_RUN, "rule": PUBLIC_RULE, "target_epsilon": None, "trainer": PUBLIC_TRAINER,
+              "cell": PUBLIC_RUN, "repeat": None, "levers": "n/a", "plans": "nnUNetPlans", "pretrained": None,
+              "epsilon": None, "delta": None, "noise_multiplier": None, "steps": 0, "status": "no private training",
+              "initial_lr": None, "lr_used": None, "scores": scores, "dpmorph_choice": choices,
+              "validation_dice_mean": val_dice["none"], "validation_dice": val_dice, "train_seconds": 0.0,
+              "seconds": time.time() - t0, "model_folder": model, "checkpoint": step.pretraining.checkpoint}
+    with open(join(out_dir, RESULT_JSON), "w") as f:
+        json.dump(result, f, indent=2)
+    return result
+
+
+def done(ctx: Context) -> bool:
+    return isfile(join(run_dir(ctx), RESULT_JSON))
+
+
+def failed_result(reason: str, seconds: float, log: str) -> dict[str, Any]:
+    """The result of a failed step: no scores, its reason and log (the report marks it, a rerun retries it)."""
+    return {"run": PUBLIC_RUN, "rule": PUBLIC_RULE, "target_epsilon": None, "trainer": PUBLIC_TRAINER,
+            "cell": PUBLIC_RUN, "repeat": None, "levers": "n/a", "status": "failed", "error": reason, "log": log,
+            "epsilon": None, "noise_multiplier": None, "steps": 0, "initial_lr": None, "scores": {},
+            "train_seconds": 0.0, "seconds": seconds}
