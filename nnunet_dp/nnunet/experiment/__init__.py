@@ -9,6 +9,7 @@ budget.py     the budget resolved for the dataset; every run's settings through 
 data.py       nnU-Net's plans and preprocessing; --public-fraction's public part and derived datasets
 pretrain.py   the public pretraining (--public-fraction) and the checks of --pretrained FILE
 grid.py       every run in turn (the public pretraining first), progress and failures
+public_alone.py  the public model alone (no private training) scored like a run: what the DP runs start from
 run.py        one run: train, predict the test cases, DP-Morph chosen on validation, scores
 progress.py   the ETA and the last error of a log
 aggregate.py  mean ± sd over repeats, ratio to the non-private reference, the setting chosen on validation
