@@ -2,7 +2,8 @@
 
 With --public-fraction the public pretraining goes first (every run fine-tunes from it; it is timed and shown in the
 progress, but the ETA is measured on the first DP run after it; skipped when its checkpoint_final exists; if it fails,
-the grid stops). Then the DP runs (their steps are the slow ones, so the first ETA measures one of them; under --seeds K the first repeat of every run before the second), the
+the grid stops), and the public model alone is scored (public_alone.py; a failure is reported, the runs go on). Then
+the DP runs (their steps are the slow ones, so the first ETA measures one of them; under --seeds K the first repeat of every run before the second), the
 non-private reference last; no run depends on another, so a failed run is reported and the others go on. Results come
 back in grid order.
 """
