@@ -122,19 +122,29 @@ def _result(run, cell, repeat, rule, eps, dice, val, levers="defaults", status="
             "validation_dice": {"none": val}, "train_seconds": 6.0, "seconds": 9.0}
 
 
+def _repeats(cell, rule, eps, values, val, levers="defaults"):
+    """result.json of each repeat k = 1.. of a cell, with the test Dice `values` (and validation Dice `val`)."""
+    vals = val if isinstance(val, list) else [val] * len(values)
+    return [_result(f"{cell}_s{k}", cell, k, rule, eps, d, v, levers) for k, (d, v) in enumerate(zip(values, vals), 1)]
+
+
+PUBLIC_START = {"from": "public part", "public_fraction": 0.3, "num_public_cases": 4}
+
+
+def _header(seeds, *, reproducible=False, start=None):
+    return {"dataset": "Dataset973_Lev", "configuration": "2d", "seed": 0, "reproducible": reproducible,
+            "seeds": seeds, "budget": {"name": "minimal", "steps": 4, "batch_size": 4},
+            "command": "nnUNetv2_dp_experiment ...", "split": {"num_test": 2, "num_train": 10, "num_val": 3},
+            "start": start or {"from": "scratch"}}
+
+
 def test_seeds_tables_show_mean_and_sd_and_choose_levers_on_validation(tmp_path):
     ref, flat, bias = [0.80, 0.84, 0.86], [0.30, 0.50, 0.46], [0.62, 0.58, 0.61]
-    results = [_result(f"nonprivate_s{k}", "nonprivate", k, "nonprivate", None, d, 0.9) for k, d in enumerate(ref, 1)]
-    results += [_result(f"flat_eps8_s{k}", "flat_eps8", k, "flat", 8.0, d, 0.5) for k, d in enumerate(flat, 1)]
-    results += [_result(f"flat_eps8_norm_bias_s{k}", "flat_eps8_norm_bias", k, "flat", 8.0, d, v, "norm_bias")
-                for k, (d, v) in enumerate(zip(bias, [0.6, 0.7, 0.65]), 1)]
+    results = _repeats("nonprivate", "nonprivate", None, ref, 0.9) + _repeats("flat_eps8", "flat", 8.0, flat, 0.5)
+    results += _repeats("flat_eps8_norm_bias", "flat", 8.0, bias, [0.6, 0.7, 0.65], "norm_bias")
     results.append(_result("flat_eps8_norm_bias_s4", "flat_eps8_norm_bias", 4, "flat", 8.0, 0, 0, "norm_bias",
                            "failed"))
-    header = {"dataset": "Dataset973_Lev", "configuration": "2d", "seed": 0, "reproducible": False, "seeds": 4,
-              "budget": {"name": "minimal", "steps": 4, "batch_size": 4}, "command": "nnUNetv2_dp_experiment ...",
-              "split": {"num_test": 2, "num_train": 10, "num_val": 3},
-              "start": {"from": "public part", "public_fraction": 0.3, "num_public_cases": 4}}
-    write_report(str(tmp_path), header, results)
+    write_report(str(tmp_path), _header(4, start=PUBLIC_START), results)
     with open(tmp_path / "results.csv") as f:
         table = list(csv.DictReader(f))
     assert [r["row"] for r in table].count("repeat") == len(results)
@@ -188,14 +198,10 @@ def test_reference_trainable_adds_a_subset_reference_that_no_ratio_divides_by(tm
     assert reference_grid(["all"], reference=False) == [Levers()]
 
     ref, subset, flat = [0.80, 0.84], [0.60, 0.62], [0.40, 0.44]
-    results = [_result(f"nonprivate_s{k}", "nonprivate", k, "nonprivate", None, d, 0.9) for k, d in enumerate(ref, 1)]
-    results += [_result(f"nonprivate_norm_bias_s{k}", "nonprivate_norm_bias", k, "nonprivate", None, d, 0.7,
-                        "norm_bias") for k, d in enumerate(subset, 1)]
-    results += [_result(f"flat_eps8_s{k}", "flat_eps8", k, "flat", 8.0, d, 0.5) for k, d in enumerate(flat, 1)]
-    header = {"dataset": "Dataset973_Lev", "configuration": "2d", "seed": 0, "reproducible": False, "seeds": 2,
-              "budget": {"name": "minimal", "steps": 4, "batch_size": 4}, "command": "nnUNetv2_dp_experiment ...",
-              "split": {"num_test": 2, "num_train": 10, "num_val": 3}, "start": {"from": "scratch"}}
-    write_report(str(tmp_path), header, results)
+    results = _repeats("nonprivate", "nonprivate", None, ref, 0.9)
+    results += _repeats("nonprivate_norm_bias", "nonprivate", None, subset, 0.7, "norm_bias")
+    results += _repeats("flat_eps8", "flat", 8.0, flat, 0.5)
+    write_report(str(tmp_path), _header(2), results)
     with open(tmp_path / "results.csv") as f:
         means = {r["run"]: r for r in csv.DictReader(f) if r["row"] == "mean ± sd"}
     assert float(means["flat_eps8"]["ratio_to_nonprivate"]) == pytest.approx(np.mean(flat) / np.mean(ref))
@@ -223,13 +229,9 @@ def test_public_model_alone_is_a_line_of_its_own_and_never_a_dp_row(tmp_path):
     tables with no lr, steps 0 and no randomness; never in the DP headline rows nor in a choice; a failed one reads
     FAILED and is named."""
     ref, flat, public = [0.80, 0.84], [0.40, 0.44], 0.70
-    results = [_public_result(public)]
-    results += [_result(f"nonprivate_s{k}", "nonprivate", k, "nonprivate", None, d, 0.9) for k, d in enumerate(ref, 1)]
-    results += [_result(f"flat_eps8_s{k}", "flat_eps8", k, "flat", 8.0, d, 0.5) for k, d in enumerate(flat, 1)]
-    header = {"dataset": "Dataset973_Lev", "configuration": "2d", "seed": 0, "reproducible": True, "seeds": 2,
-              "budget": {"name": "minimal", "steps": 4, "batch_size": 4}, "command": "nnUNetv2_dp_experiment ...",
-              "split": {"num_test": 2, "num_train": 10, "num_val": 3},
-              "start": {"from": "public part", "public_fraction": 0.3, "num_public_cases": 4}}
+    results = [_public_result(public), *_repeats("nonprivate", "nonprivate", None, ref, 0.9),
+               *_repeats("flat_eps8", "flat", 8.0, flat, 0.5)]
+    header = _header(2, reproducible=True, start=PUBLIC_START)
     write_report(str(tmp_path), header, results)
     with open(tmp_path / "results.csv") as f:
         table = list(csv.DictReader(f))
