@@ -22,7 +22,7 @@ def plot_dice_vs_epsilon(cells: list[dict[str, Any]], path: str) -> None:
     """Mean test Dice vs ε per refinement, one point per cell (the mean over its repeats, error bar ± sd): per rule
     the DP defaults (solid) and, with several settings, the setting chosen on validation (dashed); the non-private
     reference as a horizontal line (its ± sd shaded), a --reference-trainable subset's as a grey dotted one, the public
-    model alone (--public-fraction) as a dash-dotted one."""
+    model alone (--public-fraction) as a purple dash-dotted one."""
     cells = [row for row in cells if row["dice_mean"] is not None]
     if not cells:
         return
@@ -43,7 +43,7 @@ def plot_dice_vs_epsilon(cells: list[dict[str, Any]], path: str) -> None:
                 continue
             if rule == PUBLIC:
                 for row in runs:
-                    ax.axhline(row["dice_mean"], color="tab:green", ls="-.", label="public model alone")
+                    ax.axhline(row["dice_mean"], color="tab:purple", ls="-.", label="public model alone")
                 continue
             line = None
             for pick, style, label in (([row for row in runs if is_default(row)], "o-", f"{rule} (defaults)"),
