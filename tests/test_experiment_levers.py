@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -496,9 +497,9 @@ def test_the_public_model_alone_is_scored_like_a_run(public_run):
 
 
 def test_the_public_model_alone_gets_dp_morph_chosen_on_validation(public_run, tmp_path):
-    """The step with DP-Morph (here global, into another folder): the choice is made on the validation predictions
-    (its dice_after is the validation score) and applied to the test predictions, scored against numpy; without
-    refinement the scores equal the grid's."""
+    """The step with DP-Morph (here global, into another folder that already holds the grid's predictions: they are
+    not predicted again): the choice is made on the validation predictions (its dice_after is the validation score)
+    and applied to the test predictions, scored against numpy; without refinement the scores equal the grid's."""
     out = public_run["out"]
     ckpt, split, classes, _ = _public_setup(public_run)
     data = derived_datasets(str(out), f"Dataset{DATASET_ID}_LevTest")
@@ -509,7 +510,11 @@ def test_the_public_model_alone_gets_dp_morph_chosen_on_validation(public_run, t
                   "nnUNetPlans_public")
     step = public_alone.PublicAlone(PublicPretraining(data, "2d", "cpu", {}, env), tuple(split["val"]), ".nii.gz")
     assert step.pretraining.checkpoint == str(ckpt)
+    done = out / "runs" / public_alone.PUBLIC_RUN  # its predictions are reused: a folder that holds them is skipped
+    for sub in ("validation", "test/none"):
+        shutil.copytree(done / sub, tmp_path / "runs" / public_alone.PUBLIC_RUN / sub)
     result = public_alone.execute(ctx, step)
+    assert not (tmp_path / "runs" / public_alone.PUBLIC_RUN / "log.txt").exists()  # no nnU-Net command ran
     grid = json.loads((out / "runs" / public_alone.PUBLIC_RUN / "result.json").read_text())
     assert result["scores"]["none"] == grid["scores"]["none"]  # the same model, the same cases: the same prediction
     chosen = json.loads((tmp_path / "runs" / public_alone.PUBLIC_RUN / "test" / "dpmorph_global" /
