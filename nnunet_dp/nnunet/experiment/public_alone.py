@@ -14,13 +14,21 @@ import json
 import os
 import time
 from dataclasses import dataclass
-from os.path import dirname, isdir, isfile, join
+from os.path import dirname, join
 from typing import Any
 
 from nnunet_dp.nnunet.experiment.aggregate import PUBLIC
 from nnunet_dp.nnunet.experiment.plan import link_test_cases
 from nnunet_dp.nnunet.experiment.pretrain import PUBLIC_FOLD, PUBLIC_TRAINER, PublicPretraining
-from nnunet_dp.nnunet.experiment.run import RESULT_JSON, Context, choose_and_apply, evaluate, run_command
+from nnunet_dp.nnunet.experiment.run import (
+    RESULT_JSON,
+    Context,
+    choose_and_apply,
+    evaluate,
+    predicted,
+    run_command,
+    validation_dice,
+)
 
 PUBLIC_RULE = PUBLIC  # the `rule` of its result.json and results rows
 PUBLIC_RUN = "public_alone"  # its folder under OUT/runs and its `run`
@@ -46,14 +54,9 @@ def run_dir(ctx: Context) -> str:
     return join(ctx.out, "runs", PUBLIC_RUN)
 
 
-def _predicted(folder: str, n: int) -> bool:
-    return isdir(folder) and len([f for f in os.listdir(folder) if not f.endswith(".json")]) >= n
-
-
 def predict(ctx: Context, model: str, images: str, out: str, log: str) -> str:
     """nnUNetv2_predict_from_modelfolder -f all of the public model on `images` (skipped when `out` holds them)."""
-    n_images = len({f.rsplit("_", 1)[0] for f in os.listdir(images)})
-    if not _predicted(out, n_images):
+    if not predicted(images, out):
         run_command(["nnUNetv2_predict_from_modelfolder", "-i", images, "-o", out, "-m", model, "-f", PUBLIC_FOLD,
                      "-device", ctx.device, "-npp", "1", "-nps", "1"], ctx.env, log)
     return out
@@ -70,7 +73,7 @@ def execute(ctx: Context, step: PublicAlone) -> dict[str, Any]:
     link_test_cases(join(data.raw, data.private), list(step.val_cases), step.file_ending, images,
                     join(out_dir, "validation_labels"))
     validation = predict(ctx, model, images, join(out_dir, "validation"), log)
-    val_dice = {"none": evaluate(validation, ctx.gt_segmentations, model, ctx.num_processes)["dice_mean"]}
+    evaluate(validation, ctx.gt_segmentations, model, ctx.num_processes)  # validation/summary.json, as a run's
     test_none = predict(ctx, model, ctx.test_images, join(out_dir, "test", "none"), log)
     scores = {"none": evaluate(test_none, ctx.test_labels, model, ctx.num_processes)}
     choices = {}
@@ -79,8 +82,7 @@ def execute(ctx: Context, step: PublicAlone) -> dict[str, Any]:
         choices[mode] = choose_and_apply(validation, ctx.gt_segmentations, model, test_none, pred, mode,
                                          ctx.num_processes)
         scores[mode] = evaluate(pred, ctx.test_labels, model, ctx.num_processes)
-        with open(join(out_dir, "test", f"dpmorph_{mode}", "postprocessing.json")) as f:
-            val_dice[mode] = float(json.load(f)["dp_morph"]["dice_after"]["foreground_mean"])
+    val_dice = validation_dice(validation, join(out_dir, "test"), tuple(scores))
     result = {"run": PUBLIC_RUN, "rule": PUBLIC_RULE, "target_epsilon": None, "trainer": PUBLIC_TRAINER,
               "cell": PUBLIC_RUN, "repeat": None, "levers": "n/a", "plans": "nnUNetPlans", "pretrained": None,
               "epsilon": None, "delta": None, "noise_multiplier": None, "steps": 0, "status": "no private training",
@@ -90,10 +92,6 @@ def execute(ctx: Context, step: PublicAlone) -> dict[str, Any]:
     with open(join(out_dir, RESULT_JSON), "w") as f:
         json.dump(result, f, indent=2)
     return result
-
-
-def done(ctx: Context) -> bool:
-    return isfile(join(run_dir(ctx), RESULT_JSON))
 
 
 def failed_result(reason: str, seconds: float, log: str) -> dict[str, Any]:

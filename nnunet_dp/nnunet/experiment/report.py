@@ -91,7 +91,7 @@ def rows(results: list[dict[str, Any]], budget_steps: int, reproducible: bool = 
                    "refinement": refine, **{f"dice_{k}": v for k, v in s["dice"].items()},
                    "dice_mean": s["dice_mean"], "ratio_to_nonprivate": None, "validation_dice": val,
                    "train_minutes": r["train_seconds"] / 60, "run_minutes": r["seconds"] / 60,
-                   "private_randomness": SEEDED if reproducible and is_dp(r) else PRIVATE if is_dp(r) else "n/a",
+                   "private_randomness": "n/a" if not is_dp(r) else SEEDED if reproducible else PRIVATE,
                    "status": "ok"}
             out.append(row)
     reference = reference_dice(out)

@@ -152,11 +152,16 @@ def _add_train_seconds(run_dir: str, seconds: float) -> float:
     return total + seconds
 
 
+def predicted(images: str, out: str) -> bool:
+    """Whether `out` holds a prediction for every case of `images` (its .json files are not predictions)."""
+    n_images = len({f.rsplit("_", 1)[0] for f in os.listdir(images)})
+    return isdir(out) and len([f for f in os.listdir(out) if not f.endswith(".json")]) >= n_images
+
+
 def predict_test(ctx: Context, run_dir: str, spec: RunSpec) -> str:
     """nnUNetv2_predict on the test images (nnU-Net's defaults: mirroring TTA, checkpoint_final)."""
     out = join(run_dir, "test", "none")
-    n_images = len({f.rsplit("_", 1)[0] for f in os.listdir(ctx.test_images)})
-    if isdir(out) and len([f for f in os.listdir(out) if not f.endswith(".json")]) >= n_images:
+    if predicted(ctx.test_images, out):
         return out
     run_command(["nnUNetv2_predict", "-i", ctx.test_images, "-o", out, "-d", ctx.dataset, "-c", ctx.configuration,
                  "-f", "0", "-tr", spec.trainer, "-device", ctx.device, "-npp", "1", "-nps", "1", *_plans_option(ctx)],
