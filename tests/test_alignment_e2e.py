@@ -97,3 +97,36 @@ def test_cli_errors_are_clear(trained, monkeypatch, capsys):
     assert "not a DP trainer" in error("-d", str(DS), "-f", "0", "-tr", "nnUNetTrainer", "-chk", "none")
     monkeypatch.delenv("nnUNet_results")
     assert "nnUNet_results is not set" in error("-d", str(DS), "-f", "0")
+
+
+def test_cli_on_another_trainers_checkpoint_with_the_dp_settings_given(trained, tmp_path):
+    """The public model a DP run fine-tunes from is another trainer's checkpoint (no dp_config): with the DP
+    settings of the fold folder (dp_config.json), of nnUNet_dp_config or of a DP checkpoint also given, it is analysed
+    exactly as the same weights inside a DP checkpoint are (same seed: same batches, same numbers); without any
+    settings it stops and says where they can come from."""
+    import torch
+
+    root, fold = trained
+    dp = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    public = {k: v for k, v in dp.items() if not k.startswith("dp_")}
+    public["trainer_name"] = "nnUNetTrainer"
+    torch.save(public, root / "public_model.pth")
+
+    def rows(out, chk, env):
+        run([*CLI, "-d", str(DS), "-c", "2d", "-f", "0", "-tr", TRAINER, "-chk", *chk, "-n", "2", "-mc", "0",
+             "-device", "cpu", "-o", str(root / out)], env)
+        return read_csv(str(root / out / "alignment.csv"))
+
+    reference = rows("align_dp", ["checkpoint_final.pth"], nnunet_env(root))
+    from_fold = rows("align_public", [str(root / "public_model.pth")], nnunet_env(root))
+    from_env = rows("align_public_env", [str(root / "public_model.pth")], nnunet_env(root, CFG))
+    mixed = rows("align_mixed", [str(root / "public_model.pth"), "checkpoint_final.pth"], nnunet_env(root))
+    numbers = ("batch_size", "dim", "noise_multiplier", "bias_alignment", "private_alignment", "snr")
+    for other in (from_fold, from_env, [r for r in mixed if r["source"] == "public_model"]):
+        assert [[r[k] for k in numbers] for r in other] == [[r[k] for k in numbers] for r in reference]
+    no_fold = tmp_path / "res"  # nnUNet_results without the fold: no dp_config.json, no nnUNet_dp_config
+    alone = run([*CLI, "-d", str(DS), "-c", "2d", "-f", "0", "-tr", TRAINER, "-chk", str(root / "public_model.pth"),
+                 "-n", "2", "-device", "cpu", "-o", str(tmp_path / "out")],
+                nnunet_env(root, nnUNet_results=str(no_fold)), check=False)
+    assert alone.returncode != 0 and "'nnUNetTrainer', not by a DP trainer" in alone.stderr
+    assert "nnUNet_dp_config=FILE" in alone.stderr and "dp_config.json" in alone.stderr

@@ -36,7 +36,7 @@ from nnunet_dp.alignment_report import (
 )
 from nnunet_dp.config import ENV_VAR
 from nnunet_dp.errors import DPError
-from nnunet_dp.nnunet.report import write_json_atomic
+from nnunet_dp.nnunet.report import CONFIG_JSON, write_json_atomic
 from nnunet_dp.plots import save_plots
 
 NONE_CHECKPOINT = "none"
@@ -63,7 +63,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("-p", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
     ap.add_argument("-chk", nargs="+", default=["checkpoint_final.pth"],
                     help="checkpoint file name(s) in the fold folder or paths; 'none' = freshly initialised network. "
-                         "Several give one curve per checkpoint (default checkpoint_final.pth)")
+                         "Several give one curve per checkpoint (default checkpoint_final.pth). Another trainer's "
+                         "checkpoint (e.g. the public model a DP run fine-tuned from: the signal at its start) is "
+                         "analysed with the DP settings of the first DP checkpoint given, or else of nnUNet_dp_config or the fold "
+                         "folder's dp_config.json")
     ap.add_argument("-n", type=int, default=20, help="Poisson batches per checkpoint (default 20)")
     ap.add_argument("-o", default=None, help="output folder (default: <fold folder>/alignment)")
     ap.add_argument("-device", choices=("cpu", "cuda"), default="cuda", help="default cuda, as nnUNetv2_train")
@@ -110,8 +113,8 @@ def locate(args: argparse.Namespace) -> Target:
 
 
 def read_checkpoint(path: str) -> dict:
-    """A DP trainer's checkpoint; a file that torch cannot read, or one without the DP settings (another trainer's),
-    stops with its path and what is wrong."""
+    """An nnU-Net checkpoint (a DP trainer's, or another trainer's such as the public model a DP run fine-tunes
+    from); a file that torch cannot read, or one without network weights, stops with its path and what is wrong."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except (OSError, RuntimeError, EOFError, ValueError, AttributeError, ImportError, pickle.UnpicklingError) as e:
@@ -120,11 +123,28 @@ def read_checkpoint(path: str) -> dict:
                                 "or not a checkpoint. Use another one (-chk) or train again") from None
     if not isinstance(ckpt, dict) or "network_weights" not in ckpt:
         raise AlignmentCLIError(f"checkpoint {path} is not an nnU-Net checkpoint (no 'network_weights')")
-    if "dp_config" not in ckpt:
-        raise AlignmentCLIError(f"checkpoint {path} was written by trainer {ckpt.get('trainer_name')!r}, not by a DP "
-                                "trainer: it holds no DP settings (dp_config) to rebuild its network, q and sigma. "
-                                "Use a checkpoint of a DP trainer, or -chk none")
     return ckpt
+
+
+def dp_settings(checkpoints: dict[str, dict], fold_folder: str) -> tuple[dict, str]:
+    """The checkpoint whose DP settings (dp_config) rebuild the network, q and sigma for every checkpoint analysed:
+    the first DP trainer's. Checkpoints of other trainers (e.g. the public model at the start of a fine-tuning) hold
+    none; alone they are analysed with the settings the DP trainer reads itself (nnUNet_dp_config, else the fold
+    folder's dp_config.json), as for -chk none. Returns it ({} then) and where the settings come from, in words."""
+    for path, ckpt in checkpoints.items():
+        if "dp_config" in ckpt:
+            return ckpt, f"DP settings: from {path}"
+    if os.environ.get(ENV_VAR):
+        return {}, f"DP settings: from {ENV_VAR}={os.environ[ENV_VAR]} (no DP trainer's checkpoint among -chk)"
+    if isfile(join(fold_folder, CONFIG_JSON)):
+        return {}, f"DP settings: from {join(fold_folder, CONFIG_JSON)} (no DP trainer's checkpoint among -chk)"
+    path, ckpt = next(iter(checkpoints.items()))
+    raise AlignmentCLIError(f"checkpoint {path} was written by trainer {ckpt.get('trainer_name')!r}, not by a DP "
+                            "trainer: it holds no DP settings (dp_config) to rebuild its network, q and sigma, and "
+                            f"there is no {CONFIG_JSON} in {fold_folder}. Point -d/-c/-f/-tr/-p at the DP run that "
+                            f"fine-tuned from it (its {CONFIG_JSON} is used), give the settings as for nnUNetv2_train "
+                            f"({ENV_VAR}=FILE), add a DP trainer's checkpoint to -chk (its settings then serve every "
+                            "checkpoint), or use -chk none")
 
 
 def checkpoint_paths(names: list[str], fold_folder: str) -> dict[str, str | None]:
@@ -302,10 +322,11 @@ def run(args: argparse.Namespace) -> dict:
     """The analysis; on any error the output folder holds no results (no partial CSV, no older summary)."""
     target = locate(args)
     checkpoints = checkpoint_paths(args.chk, target.fold_folder)
-    saved: dict = {}
-    for path in (p for p in checkpoints.values() if p is not None):  # every checkpoint checked before any output
-        ckpt = read_checkpoint(path)
-        saved = saved or ckpt  # the first one's DP settings rebuild the network
+    # every checkpoint checked before any output; the first DP trainer's settings rebuild the network
+    loaded = {path: read_checkpoint(path) for path in checkpoints.values() if path is not None}
+    saved, source = dp_settings(loaded, target.fold_folder) if loaded else ({}, "")
+    if source:
+        print(source)
     out = args.o or join(target.fold_folder, "alignment")
     os.makedirs(out, exist_ok=True)
     remove_results(out)  # a fresh analysis, never appended to an older one
