@@ -122,7 +122,8 @@ def test_cli_on_another_trainers_checkpoint_with_the_dp_settings_given(trained, 
     from_env = rows("align_public_env", [str(root / "public_model.pth")], nnunet_env(root, CFG))
     mixed = rows("align_mixed", [str(root / "public_model.pth"), "checkpoint_final.pth"], nnunet_env(root))
     numbers = ("batch_size", "dim", "noise_multiplier", "bias_alignment", "private_alignment", "snr")
-    for other in (from_fold, from_env, [r for r in mixed if r["source"] == "public_model"]):
+    assert {r["source"] for r in mixed} == {f"{root.name}/public_model", "checkpoint_final"}  # where each is from
+    for other in (from_fold, from_env, [r for r in mixed if r["source"] == f"{root.name}/public_model"]):
         assert [[r[k] for k in numbers] for r in other] == [[r[k] for k in numbers] for r in reference]
     no_fold = tmp_path / "res"  # nnUNet_results without the fold: no dp_config.json, no nnUNet_dp_config
     alone = run([*CLI, "-d", str(DS), "-c", "2d", "-f", "0", "-tr", TRAINER, "-chk", str(root / "public_model.pth"),

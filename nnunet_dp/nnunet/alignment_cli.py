@@ -161,9 +161,19 @@ def checkpoint_paths(names: list[str], fold_folder: str) -> dict[str, str | None
             where = (f"the fold folder {fold_folder} holds: {', '.join(have) or 'no checkpoints'}" if have is not None
                      else f"there is no fold folder {fold_folder} (train it first, or use -chk none)")
             raise AlignmentCLIError(f"checkpoint {name!r} not found; {where}")
-        label = os.path.basename(path).removesuffix(".pth")
+        label = checkpoint_label(path, fold_folder)
         out[path if label in out else label] = path
     return out
+
+
+def checkpoint_label(path: str, fold_folder: str) -> str:
+    """A checkpoint's name in the CSVs, summary and plots: its file name for one of the fold folder, else its folder
+    and file name (a public model's checkpoint_final.pth is then `fold_all/checkpoint_final`, not mistaken for the
+    fold's own)."""
+    name = os.path.basename(path).removesuffix(".pth")
+    if os.path.abspath(os.path.dirname(path)) == os.path.abspath(fold_folder):
+        return name
+    return f"{os.path.basename(os.path.dirname(os.path.abspath(path)))}/{name}"
 
 
 def build_trainer(args: argparse.Namespace, target: Target, dp_config: dict | None, out: str) -> Any:
