@@ -8,7 +8,8 @@ Two non-private fine-tunings from the same public model share much of their dire
 a DP run whose displacement has cosine ~0 with them (within a few 1/sqrt(d), the spread of the cosine between
 independent random directions in d dimensions) moved the weights by its noise only, and learned nothing from the
 private cases that the non-private run learned. Compared over the parameters both checkpoints hold, segmentation
-heads excluded (nnU-Net never transfers them) and frozen parameters included (Δ = 0 there). Made the displacement
+heads excluded (nnU-Net never transfers them) and frozen parameters included (Δ = 0 there). A run with `ema_decay`
+saves the averaged weights, whose Δ is smaller than the noise-alone expectation of the raw weights (not given). Made the displacement
 table of docs/results.md (issue 11).
 """
 from __future__ import annotations
@@ -101,7 +102,7 @@ def table(deltas: dict[str, torch.Tensor], w0: torch.Tensor, results: dict, budg
     for name, delta in deltas.items():
         r = results[name]
         lr, trained = r.get("lr_used"), int((delta != 0).sum())
-        alone = ("–" if r.get("noise_multiplier") is None or lr is None else
+        alone = ("–" if r.get("noise_multiplier") is None or lr is None else "– (EMA weights)" if r.get("ema_decay") else
                  f"{noise_displacement(r, budget['num_epochs'], budget['num_iterations_per_epoch'], trained):.3f}")
         lines.append(f"| {name} | {'–' if lr is None else f'{lr:.3g}'} | {trained} | {float(delta.norm()):.3f} | "
                      f"{alone} | {float(delta.norm() / w0.norm()):.4f} | "
