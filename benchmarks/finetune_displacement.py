@@ -9,8 +9,8 @@ a DP run whose displacement has cosine ~0 with them (within a few 1/sqrt(d), the
 independent random directions in d dimensions) moved the weights by its noise only, and learned nothing from the
 private cases that the non-private run learned. Compared over the parameters both checkpoints hold, segmentation
 heads excluded (nnU-Net never transfers them) and frozen parameters included (Δ = 0 there). A run with `ema_decay`
-saves the averaged weights, whose Δ is smaller than the noise-alone expectation of the raw weights (not given). Made the displacement
-table of docs/results.md (issue 11).
+saves the averaged weights, whose Δ is smaller than the noise-alone expectation of the raw weights (not given).
+Made the displacement table of docs/results.md (issue 11).
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ import sys
 import torch
 
 from nnunet_dp.config import DPConfig
+from nnunet_dp.nnunet.experiment import report
 
 
 def flat(weights: dict[str, torch.Tensor], keys: list[str]) -> torch.Tensor:
@@ -61,7 +62,7 @@ def displacements(exp: str, runs: list[str] | None = None) -> tuple[dict[str, to
     for path in sorted(glob.glob(os.path.join(exp, "runs", "*", "result.json"))):
         with open(path) as f:
             r = json.load(f)
-        if r["run"] == "public_alone" or (runs and r["run"] not in runs) or r.get("status") == "failed":
+        if r["run"] == "public_alone" or (runs and r["run"] not in runs) or report.failed(r):
             continue
         ckpts = glob.glob(os.path.join(r["model_folder"], "fold_*", "checkpoint_final.pth"))
         if len(ckpts) != 1:

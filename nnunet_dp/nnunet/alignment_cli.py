@@ -65,8 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="checkpoint file name(s) in the fold folder or paths; 'none' = freshly initialised network. "
                          "Several give one curve per checkpoint (default checkpoint_final.pth). Another trainer's "
                          "checkpoint (e.g. the public model a DP run fine-tuned from: the signal at its start) is "
-                         "analysed with the DP settings of the first DP checkpoint given, or else of nnUNet_dp_config or the fold "
-                         "folder's dp_config.json")
+                         "analysed with the DP settings of the first DP checkpoint given, or else of "
+                         "nnUNet_dp_config or the fold folder's dp_config.json")
     ap.add_argument("-n", type=int, default=20, help="Poisson batches per checkpoint (default 20)")
     ap.add_argument("-o", default=None, help="output folder (default: <fold folder>/alignment)")
     ap.add_argument("-device", choices=("cpu", "cuda"), default="cuda", help="default cuda, as nnUNetv2_train")
@@ -126,6 +126,9 @@ def read_checkpoint(path: str) -> dict:
     return ckpt
 
 
+SETTINGS_KEYS = ("dp_config", "dp_state", "trainer_name")  # what dp_settings and analyse read of a checkpoint
+
+
 def dp_settings(checkpoints: dict[str, dict], fold_folder: str) -> tuple[dict, str]:
     """The checkpoint whose DP settings (dp_config) rebuild the network, q and sigma for every checkpoint analysed:
     the first DP trainer's. Checkpoints of other trainers (e.g. the public model at the start of a fine-tuning) hold
@@ -170,10 +173,8 @@ def checkpoint_label(path: str, fold_folder: str) -> str:
     """A checkpoint's name in the CSVs, summary and plots: its file name for one of the fold folder, else its folder
     and file name (a public model's checkpoint_final.pth is then `fold_all/checkpoint_final`, not mistaken for the
     fold's own)."""
-    name = os.path.basename(path).removesuffix(".pth")
-    if os.path.abspath(os.path.dirname(path)) == os.path.abspath(fold_folder):
-        return name
-    return f"{os.path.basename(os.path.dirname(os.path.abspath(path)))}/{name}"
+    name, folder = os.path.basename(path).removesuffix(".pth"), os.path.dirname(os.path.abspath(path))
+    return name if folder == os.path.abspath(fold_folder) else f"{os.path.basename(folder)}/{name}"
 
 
 def build_trainer(args: argparse.Namespace, target: Target, dp_config: dict | None, out: str) -> Any:
@@ -332,8 +333,10 @@ def run(args: argparse.Namespace) -> dict:
     """The analysis; on any error the output folder holds no results (no partial CSV, no older summary)."""
     target = locate(args)
     checkpoints = checkpoint_paths(args.chk, target.fold_folder)
-    # every checkpoint checked before any output; the first DP trainer's settings rebuild the network
-    loaded = {path: read_checkpoint(path) for path in checkpoints.values() if path is not None}
+    # every checkpoint checked before any output (one in memory at a time: only what the settings need is kept);
+    # the first DP trainer's settings rebuild the network
+    loaded = {path: {k: v for k, v in read_checkpoint(path).items() if k in SETTINGS_KEYS}
+              for path in checkpoints.values() if path is not None}
     saved, source = dp_settings(loaded, target.fold_folder) if loaded else ({}, "")
     if source:
         print(source)
