@@ -131,15 +131,21 @@ class DPConfig:
         """Checks that need N: delta < 1/N and 0 < q <= 1."""
         if num_cases < 1:
             raise DPConfigError("num_training_cases", num_cases, "at least one training case", "dataset split")
-        if self.delta >= 1.0 / num_cases:
-            raise DPConfigError("delta", self.delta, f"0 < delta < 1/N = {1.0 / num_cases:.3g} "
-                                f"(N = {num_cases} training cases); use a smaller delta")
+        check_delta(self.delta, num_cases)
         q = self.sampling_rate_for(num_cases, plans_batch_size)
         if not 0 < q <= 1:
             key = "sampling_rate" if self.sampling_rate is not None else "expected_batch_size"
             raise DPConfigError(key, getattr(self, key) or plans_batch_size,
                                 f"a sampling rate q = expected_batch_size / N in (0, 1]; got q = {q:.4g} "
                                 f"with N = {num_cases}")
+
+
+def check_delta(delta: float, num_cases: int, *, key: str = "delta", source: str = ENV_VAR) -> None:
+    """delta < 1/N: a larger delta allows a mechanism that publishes one whole case (the trainer and
+    nnUNetv2_dp_privacy --delta give this same message)."""
+    if not delta < 1.0 / num_cases:
+        raise DPConfigError(key, delta, f"0 < delta < 1/N = {1.0 / num_cases:.3g} (N = {num_cases} training cases); "
+                            "use a smaller delta", source)
 
 
 def _positive(name: str, allow_none: bool = False, integer: bool = False):

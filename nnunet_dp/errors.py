@@ -11,9 +11,10 @@ class DPError(Exception):
 class DPConfigError(DPError, ValueError):
     """A setting (from the nnUNet_dp_config JSON, a class attribute or an argument) has a bad value."""
 
-    def __init__(self, key: str, value: Any, allowed: str, source: str = "nnUNet_dp_config") -> None:
+    def __init__(self, key: str, value: Any, allowed: str, source: str = "nnUNet_dp_config", fix: str = "") -> None:
         self.key, self.value, self.allowed = key, value, allowed
-        super().__init__(f"DP setting '{key}' = {value!r} (from {source}) is not allowed: {allowed}.")
+        super().__init__(f"DP setting '{key}' = {value!r} (from {source}) is not allowed: {allowed}."
+                         + (f" {fix}" if fix else ""))
 
 
 class DPModelError(DPError):

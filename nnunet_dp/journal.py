@@ -63,6 +63,34 @@ def read_history(path: str) -> History:
     return _merge(history)
 
 
+def session_modes(path: str) -> list[bool | None]:
+    """`private_randomness` of every session recorded in the journal at `path`, in order (None: a session line that
+    does not say, written by an older version; an `imported` record counts as None too: how those steps drew their
+    noise is unknown)."""
+    if not os.path.isfile(path):
+        return []
+    modes: list[bool | None] = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for raw in f:
+            line = raw.strip()
+            if not line.startswith("{"):
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # cut short: nothing of that session ran
+            value = record.get("private_randomness") if "imported" not in record else None
+            modes.append(value if isinstance(value, bool) else None)
+    return modes
+
+
+def ever_seeded(path: str) -> bool:
+    """Whether any session of the journal at `path` was seeded ("reproducible, not private", DESIGN.md invariant 8).
+    A folder that was ever seeded stays not private: its released weights carry that session's noise, which the
+    seed regenerates."""
+    return any(mode is False for mode in session_modes(path))
+
+
 def _merge(history: History) -> History:
     """Adjacent runs with the same (sigma, q) as one entry (the accountant's result is the same)."""
     out: History = []

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from nnunet_dp.accounting import epsilon_of
+from nnunet_dp.config import check_delta
 from nnunet_dp.errors import DPError
 
 History = tuple[tuple[float, float, int], ...]
@@ -152,6 +153,7 @@ def common_delta(folds: Sequence[FoldRun], delta: float | None) -> tuple[float, 
     if delta is not None:
         if not (0.0 < delta < 1.0):
             raise DPReleaseError("--delta", delta, "a number in (0, 1), e.g. 1e-5")
+        check_delta(delta, max(f.num_training_cases for f in folds), key="--delta", source="nnUNetv2_dp_privacy")
         return float(delta), "given with --delta"
     deltas = sorted({f.delta for f in folds})
     if len(deltas) == 1:

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from nnunet_dp.errors import DPError, DPLedgerError
-from nnunet_dp.journal import JOURNAL_FILE, read_history, total_steps
+from nnunet_dp.journal import JOURNAL_FILE, ever_seeded, read_history, total_steps
 from nnunet_dp.release import (
     DPReleaseError,
     FoldRun,
@@ -141,6 +141,14 @@ def _membership(folder: str, rep: dict[str, Any], splits: str | None,
     return cases, f"{splits}, fold {fold}"
 
 
+def _private_randomness(folder: str, rep: dict[str, Any]) -> bool | None:
+    """privacy.json's private_randomness, False when any session of the folder's journal was seeded (a resume
+    without the seed does not make a seeded folder private)."""
+    if ever_seeded(os.path.join(folder, JOURNAL_FILE)):
+        return False
+    return rep.get("private_randomness")
+
+
 def load_fold(folder: str, splits: str | None = None) -> FoldRun:
     rep = read_privacy_json(folder)
     history, source = _history(folder, rep)
@@ -149,7 +157,7 @@ def load_fold(folder: str, splits: str | None = None) -> FoldRun:
     return FoldRun(folder=folder, history=history, history_source=source, accountant=str(rep["accountant"]),
                    delta=float(rep["delta"]), epsilon_reported=float(rep["epsilon"]), dataset=dataset,
                    num_training_cases=int(rep["num_training_cases"]), training_cases=cases,
-                   membership_source=membership, private_randomness=rep.get("private_randomness"),
+                   membership_source=membership, private_randomness=_private_randomness(folder, rep),
                    status=str(rep["status"]))
 
 

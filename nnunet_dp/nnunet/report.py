@@ -7,7 +7,6 @@ import platform
 from importlib import metadata
 from typing import Any
 
-from nnunet_dp.config import DPConfig
 from nnunet_dp.journal import JOURNAL_FILE
 from nnunet_dp.run import DPRun
 
@@ -39,8 +38,17 @@ ASSUMPTIONS: tuple[str, ...] = (
      "(unless DP-Morph's private selection, -epsilon_select, is used and its epsilon added)."),
     ("Cascades: a 3d_cascade_fullres model is trained on the predictions of a 3d_lowres model of the same cases; "
      "the cascade's release composes the epsilons of both stages."),
-    ("The training-loss curve (training log, progress.png) is computed from the sampled training cases without "
-     "noise. Do not release it."),
+    ("Private files (never release them): checkpoint_latest.pth (nnU-Net's logger: per-epoch training and "
+     "validation losses, pseudo Dice, timestamps; the count of dropped cases), training_log_*.txt, progress.png, "
+     "debug.json, dataset_fingerprint.json, splits_final.json, dp_journal.txt, the validation folder and the "
+     "alignment outputs. They hold unnoised statistics of the private cases. checkpoint_final.pth and "
+     "checkpoint_best.pth carry no logger values, no timings and no counts; nnUNetv2_dp_export packs only the "
+     "releasable files."),
+    ("Dropped cases and the divergence stop: a sampled case whose gradient or loss is not finite contributes zero "
+     "(its step still adds its noise). How many were dropped is an unnoised count: it is written only to the "
+     "training log and checkpoint_latest.pth, never to this file. When most sampled cases of an epoch are dropped, "
+     "training stops early (status 'stopped: most sampled cases were not finite'); that stop, and so 'steps' and "
+     "'status', then depend on the private cases and are not covered by epsilon."),
     ("Hyperparameters (learning rate, clip norm, epochs, rule constants) are assumed to be chosen without looking at "
      "the private training cases; tuning them on these cases is not accounted for."),
     ("Gradient-alignment output (alignment.csv in the fold folder when alignment_every > 0, and everything "
@@ -70,7 +78,7 @@ def versions() -> dict[str, str]:
     return out
 
 
-def privacy_report(run: DPRun, cfg: DPConfig, *, status: str, dropped_cases: int = 0,
+def privacy_report(run: DPRun, *, status: str, private_randomness: bool,
                    extra: dict[str, Any] | None = None, extra_assumptions: list[str] | None = None,
                    plans: dict[str, Any] | None = None) -> dict[str, Any]:
     """Epsilon counts every step recorded in the fold folder's journal (crashed runs included), not only the
@@ -103,12 +111,11 @@ def privacy_report(run: DPRun, cfg: DPConfig, *, status: str, dropped_cases: int
         "privacy_unit": "one training case (image and label); Poisson sampling of cases",
         "ledger_history": run.ledger.history,
         "journal": JOURNAL_FILE,
-        "dropped_cases": dropped_cases,
-        "private_randomness": cfg.private_randomness,
+        "private_randomness": private_randomness,
         **(extra or {}),
         **({} if plans is None else {"plans": plans}),
         "versions": versions(),
-        "assumptions": assumptions + list(extra_assumptions or []) + ([] if cfg.private_randomness else [SEEDED]),
+        "assumptions": assumptions + list(extra_assumptions or []) + ([] if private_randomness else [SEEDED]),
     }
 
 

@@ -17,8 +17,8 @@ import torch
 from torch import distributed as dist
 
 from nnunet_dp.config import ENV_VAR, DPConfig
-from nnunet_dp.errors import DPCheckpointError, DPDataError, DPDivergedError
-from nnunet_dp.journal import JOURNAL_FILE, StepJournal, total_steps
+from nnunet_dp.errors import DPCheckpointError, DPConfigError, DPDataError, DPDivergedError
+from nnunet_dp.journal import JOURNAL_FILE, StepJournal, session_modes, total_steps
 
 CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_best.pth", "checkpoint_latest.pth")
 # stop when more than this fraction of an epoch's sampled cases (and at least MIN_DROPPED of them) were dropped
@@ -95,9 +95,30 @@ def remove_lost_timeline(folder: str, resumed_steps: int, log: Any) -> None:
                 "counted in epsilon (journal).")
 
 
+def check_randomness_mode(folder: str, private_randomness: bool) -> None:
+    """Refuse a session whose randomness mode (seeded or fresh OS entropy) differs from the folder's earlier
+    sessions: a folder that was ever seeded stays "reproducible, not private" (DESIGN.md invariant 8), and a seeded
+    session added to a private folder would turn it into one. Every rank checks (no rank waits for a failed one)."""
+    earlier = {m for m in session_modes(os.path.join(folder, JOURNAL_FILE)) if m is not None}
+    if not earlier or earlier == {private_randomness}:
+        return
+    if private_randomness:
+        raise DPConfigError("seed", None, "the seed this folder's earlier sessions used", ENV_VAR, fix=(
+            f"{folder} was trained with a seed (reproducible, not private; its journal {JOURNAL_FILE} says so) and "
+            "this session has none. A resume cannot make it private: the released weights carry the seeded noise. "
+            "To resume it as the reproducible run it is, set nnUNet_dp_config to the settings file with the same "
+            "'seed'; for a private model, train in a new output folder (another fold, trainer or plans name) without "
+            "a seed."))
+    raise DPConfigError("seed", "<set>", "null (no seed), as in this folder's earlier sessions", ENV_VAR, fix=(
+        f"{folder} was trained with fresh OS entropy (private) and this session sets a seed. Mixing them would make "
+        "the folder not private. Remove 'seed' from the settings to resume, or use a new output folder for a "
+        "reproducible run."))
+
+
 def attach_journal(trainer: Any) -> None:
     """Continue the fold folder's journal (rank 0), or start one; under DDP every rank gets rank 0's history."""
     run, folder = trainer.dp_run, trainer.output_folder
+    check_randomness_mode(folder, trainer.dp_config.private_randomness)
     resumed = trainer.dp_resumed_steps or 0
     journal, history = None, None
     if trainer.local_rank == 0:

@@ -26,8 +26,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from nnunet_dp.advise import training_advice
 from nnunet_dp.bookkeeping import unsupported_layers
 from nnunet_dp.ema import ParameterEMA, applied
+from nnunet_dp.journal import JOURNAL_FILE, ever_seeded
 from nnunet_dp.errors import DPCheckpointError, DPConfigError, DPDivergedError, DPModelError
-from nnunet_dp.nnunet import finetune
+from nnunet_dp.nnunet import checkpoints, finetune
 from nnunet_dp.nnunet.alignment_hook import maybe_record_alignment
 from nnunet_dp.nnunet.augmenter import make_augmenter
 from nnunet_dp.nnunet.case_loss import make_case_loss
@@ -69,7 +70,8 @@ class nnUNetTrainerDP(nnUNetTrainer):
         self.dp_run: DPRun | None = None
         self.dp_status = "initialised"
         self.dp_resumed_steps: int | None = None  # ledger steps of the checkpoint loaded by --c / --val
-        self.dp_dropped = 0  # cases dropped (non-finite gradient or loss) over the whole run
+        self.dp_dropped: int | None = 0  # cases dropped (non-finite gradient or loss); None: unknown after a resume
+        # from a release checkpoint. Unnoised: in the log and checkpoint_latest only, never in privacy.json
         self.dp_noise: dict[str, Any] | None = None  # {"noise": nnunet_dp.advise.noise_summary}, set in initialize
         self.dp_selection: finetune.Selection | None = None  # the parameters DP-SGD trains (setting trainable)
         self.dp_pretrained: dict | None = None  # privacy.json's pretrained_weights (nnunet_dp.nnunet.finetune)
@@ -230,7 +232,8 @@ class nnUNetTrainerDP(nnUNetTrainer):
         losses, sampled, dropped = stats[0], int(stats[1].sum()), int(stats[2].sum())
         self.logger.log("train_losses", float(np.nanmean(losses)) if np.isfinite(losses).any() else float("nan"),
                         self.current_epoch)
-        self.dp_dropped += dropped
+        if self.dp_dropped is not None:
+            self.dp_dropped += dropped
         if dropped:
             self.print_to_log_file(f"DP: {dropped} of {sampled} sampled cases dropped this epoch (non-finite gradient "
                                    "or loss; they contributed nothing, the steps still added their noise)")
@@ -282,6 +285,8 @@ class nnUNetTrainerDP(nnUNetTrainer):
             self._write_privacy_json()
 
     def on_epoch_end(self) -> None:
+        checkpoints.restart_ema(self.logger.get_value("ema_fg_dice", step=None),
+                                self.logger.get_value("mean_fg_dice", step=None))
         if self.num_val_iterations_per_epoch == 0:  # nnU-Net's epoch-end print needs validation values
             self.logger.log("val_losses", float("nan"), self.current_epoch)
             self.logger.log("dice_per_class_or_region", [float("nan")], self.current_epoch)
@@ -302,16 +307,32 @@ class nnUNetTrainerDP(nnUNetTrainer):
         if self.dp_run.journal is not None:
             self.dp_run.journal.close()
 
+    def _private_randomness(self) -> bool:
+        """False when this session or any earlier one in the folder was seeded (the journal records each session)."""
+        return self.dp_config.private_randomness and not ever_seeded(join(self.output_folder, JOURNAL_FILE))
+
     def _write_privacy_json(self) -> None:
         if self.local_rank == 0 and self.dp_run is not None:
             extra, assumptions = finetune.report_extra(self.dp_config, self.dp_selection, self.dp_pretrained)
             extra.update(self.dp_noise or {}, initial_lr=self.initial_lr, lr_rule=self.dp_lr_rule)
             write_json_atomic(join(self.output_folder, PRIVACY_JSON),
-                              privacy_report(self.dp_run, self.dp_config, status=self.dp_status,
-                                             dropped_cases=self.dp_dropped, extra=extra,
+                              privacy_report(self.dp_run, status=self.dp_status,
+                                             private_randomness=self._private_randomness(),
+                                             extra=extra,
                                              extra_assumptions=assumptions,
                                              plans=plans_provenance(self.plans_manager.plans,
                                                                     self.configuration_name)))
+
+    def _restore_private_counters(self, checkpoint: dict) -> None:
+        """The dropped-case count and nnU-Net's logger continue from checkpoint_latest; a release checkpoint
+        (final/best) holds neither, so the logger restarts with NaN for the epochs run and the count is unknown."""
+        if checkpoint.get(checkpoints.RELEASE_MARK):
+            self.logger.load_checkpoint(checkpoints.padded_logging(checkpoint.get("logging"), self.current_epoch))
+            self.dp_dropped = None
+            self.print_to_log_file("DP: resumed from a release checkpoint (no training curves, no dropped-case "
+                                   "count): the curves restart here and the count of dropped cases is unknown")
+        else:
+            self.dp_dropped = int(checkpoint.get("dp_dropped") or 0)
 
     # ---- checkpoints: the ledger travels in every one ------------------------------------------------------------
     def save_checkpoint(self, filename: str) -> None:
@@ -335,7 +356,10 @@ class nnUNetTrainerDP(nnUNetTrainer):
             "dp_config": self.dp_config.release_dict(),
             "dp_pretrained": self.dp_pretrained,
             "dp_initial_lr": self.initial_lr, "dp_lr_rule": self.dp_lr_rule,
+            "dp_dropped": self.dp_dropped,  # unnoised count: checkpoint_latest only (checkpoints.for_release)
         }
+        if checkpoints.is_releasable(filename):  # final/best: no logger values, no _best_ema, no counts
+            checkpoint = checkpoints.for_release(checkpoint)
         tmp = f"{filename}.tmp"
         torch.save(checkpoint, tmp)
         os.replace(tmp, filename)  # a crash while saving never leaves a checkpoint without its ledger
@@ -358,6 +382,7 @@ class nnUNetTrainerDP(nnUNetTrainer):
         # nnU-Net loaded network_weights (the average, in checkpoint_final/best): kept for --val; a resume continues
         # from the raw weights (finetune.start_finetuning)
         self.dp_raw_weights = checkpoint.get("raw_network_weights")
+        self._restore_private_counters(checkpoint)
         self.dp_pretrained = checkpoint.get("dp_pretrained")
         finetune.restore_lr(self, checkpoint)
         self.dp_ema = finetune.restore_ema(checkpoint, self._plain_network(), self.dp_config.ema_decay,
