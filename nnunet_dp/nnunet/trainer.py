@@ -26,8 +26,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from nnunet_dp.advise import training_advice
 from nnunet_dp.bookkeeping import unsupported_layers
 from nnunet_dp.ema import ParameterEMA, applied
-from nnunet_dp.journal import JOURNAL_FILE, ever_seeded
 from nnunet_dp.errors import DPCheckpointError, DPConfigError, DPDivergedError, DPModelError
+from nnunet_dp.journal import JOURNAL_FILE, ever_seeded
 from nnunet_dp.nnunet import checkpoints, finetune
 from nnunet_dp.nnunet.alignment_hook import maybe_record_alignment
 from nnunet_dp.nnunet.augmenter import make_augmenter
