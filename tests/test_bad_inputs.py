@@ -325,6 +325,29 @@ def test_nan_image_in_training_is_counted_not_named_in_the_log(tiny, env):
     assert "case_nan" not in log
 
 
+def test_dropped_count_is_private_and_survives_a_resume(tiny, env):
+    """The count of dropped cases is an unnoised function of the private cases: it stays in the log and in
+    checkpoint_latest (so a --c continues it), never in privacy.json or the release checkpoints."""
+    data = torch.randn(2, 1, 32, 32)
+    data[0, 0, 3, 3] = NAN
+    trainer, batch = _trainer_and_batch(tiny, env, data, torch.ones(2, 1, 32, 32), ["case_nan", "case_ok"])
+    trainer.on_train_start()
+    trainer.on_train_epoch_end([trainer.train_step(batch)])
+    assert trainer.dp_dropped == 1
+    trainer._write_privacy_json()
+    folder = Path(trainer.output_folder)
+    privacy = json.loads((folder / "privacy.json").read_text())
+    assert "dropped_cases" not in privacy and not any("1 of 2" in a for a in privacy["assumptions"])
+    trainer.save_checkpoint(str(folder / "checkpoint_latest.pth"))
+    trainer.save_checkpoint(str(folder / "checkpoint_final.pth"))
+    trainer.dp_run.journal.close()
+    final = torch.load(folder / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert "dp_dropped" not in final
+    resumed = make_trainer(tiny.pre, env, GOOD)
+    resumed.load_checkpoint(str(folder / "checkpoint_latest.pth"))
+    assert resumed.dp_dropped == 1
+
+
 def test_label_outside_the_classes_in_a_training_step(tiny, env):
     seg = torch.ones(2, 1, 32, 32)
     seg[0, 0, :4, :4] = 7

@@ -114,3 +114,31 @@ def test_journal_is_synced(tmp_path, monkeypatch):
     j.start_session(noise_multiplier=1.0, sampling_rate=0.1)
     j.record_step()
     assert len(synced) == n + 2
+
+
+def test_a_change_of_randomness_mode_is_refused(tmp_path):
+    """A seeded folder cannot be resumed without its seed (it would turn "private"), a private one not with a seed;
+    sessions written before the journal recorded the mode (None) do not decide."""
+    from nnunet_dp.errors import DPConfigError
+    from nnunet_dp.journal import ever_seeded, session_modes
+    from nnunet_dp.nnunet.resume import check_randomness_mode
+
+    journal = StepJournal(str(tmp_path))
+    journal.import_history([(1.0, 0.1, 3)])
+    journal.start_session(noise_multiplier=1.0, sampling_rate=0.1, private_randomness=False)
+    journal.record_step()
+    journal.close()
+    path = str(tmp_path / JOURNAL_FILE)
+    assert session_modes(path) == [None, False] and ever_seeded(path)
+    check_randomness_mode(str(tmp_path), False)
+    with pytest.raises(DPConfigError, match="new output folder"):
+        check_randomness_mode(str(tmp_path), True)
+    private = tmp_path / "private"
+    private.mkdir()
+    journal = StepJournal(str(private))
+    journal.start_session(noise_multiplier=1.0, sampling_rate=0.1, private_randomness=True)
+    journal.close()
+    assert not ever_seeded(str(private / JOURNAL_FILE))
+    check_randomness_mode(str(private), True)
+    with pytest.raises(DPConfigError, match="Remove 'seed'"):
+        check_randomness_mode(str(private), False)

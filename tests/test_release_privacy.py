@@ -240,3 +240,31 @@ def test_bad_inputs_stop_with_a_clear_message(tmp_path: Path, monkeypatch: pytes
     message = _exit_message(args, capsys)
     missing = [f for f in fragments if f.lower() not in message.lower()]
     assert not missing, f"message lacks {missing}:\n{message}"
+
+
+def test_a_journal_that_was_ever_seeded_is_not_covered(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The review's reproduction: 100 seeded + 20 unseeded steps in the journal, privacy.json rewritten by the
+    unseeded resume (private_randomness true): the release is NOT covered."""
+    fold = write_fold(tmp_path, 0, [(1.1, 0.2, 120)])
+    (fold / "dp_journal.txt").write_text(
+        '{"session": "a", "noise_multiplier": 1.1, "sampling_rate": 0.2, "private_randomness": false}\n' + "s\n" * 100
+        + '{"session": "b", "noise_multiplier": 1.1, "sampling_rate": 0.2, "private_randomness": true}\n' + "s\n" * 20)
+    rep = release(tmp_path, str(fold))
+    assert rep["covered"] is False and rep["epsilon"] is None
+    assert rep["epsilon_training"] == pytest.approx(opacus_epsilon([(1.1, 0.2, 120)]), rel=1e-9)
+    assert any("private_randomness = False" in p for p in rep["not_covered"])
+
+
+@pytest.mark.parametrize("delta", [1 / 8, 0.2])
+def test_delta_of_at_least_one_over_n_is_refused_as_the_trainer_does(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                                      monkeypatch: pytest.MonkeyPatch,
+                                                                      delta: float) -> None:
+    monkeypatch.chdir(tmp_path)
+    from nnunet_dp.config import DPConfig
+    from nnunet_dp.errors import DPConfigError
+
+    fold = write_fold(tmp_path, 0, H1, n=8)
+    with pytest.raises(DPConfigError) as trainer_error:
+        DPConfig(delta=delta).check_against_dataset(8, 2)
+    message = _exit_message([str(fold), "--delta", str(delta)], capsys)
+    assert trainer_error.value.allowed in message and "--delta" in message
