@@ -6,6 +6,7 @@ Checks that need the dataset (delta < 1/N, sampling rate <= 1) run in ``DPConfig
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import os
@@ -79,11 +80,15 @@ class DPConfig:
         values = {k: v for k, v in values.items() if k != "private_randomness"}  # written by release_dict
         for key in values:
             if key not in known:
-                raise DPConfigError(key, values[key], f"unknown key; known keys are {', '.join(sorted(known))}",
+                close = difflib.get_close_matches(str(key), sorted(known), n=1, cutoff=0.6)
+                hint = f"did you mean '{close[0]}'? " if close else ""
+                raise DPConfigError(key, values[key], f"unknown key; {hint}known keys are {', '.join(sorted(known))}",
                                     source)
         merged = {**overrides, **dict(values)}
         try:
             return cls(**merged)
+        except DPConfigError as e:  # a bad value: name the file it came from
+            raise DPConfigError(e.key, e.value, e.allowed, source, e.fix) from None
         except TypeError as e:  # pragma: no cover - dataclass signature errors are programming errors
             raise DPConfigError("?", merged, str(e), source) from e
 

@@ -12,7 +12,7 @@ class DPConfigError(DPError, ValueError):
     """A setting (from the nnUNet_dp_config JSON, a class attribute or an argument) has a bad value."""
 
     def __init__(self, key: str, value: Any, allowed: str, source: str = "nnUNet_dp_config", fix: str = "") -> None:
-        self.key, self.value, self.allowed = key, value, allowed
+        self.key, self.value, self.allowed, self.source, self.fix = key, value, allowed, source, fix
         super().__init__(f"DP setting '{key}' = {value!r} (from {source}) is not allowed: {allowed}."
                          + (f" {fix}" if fix else ""))
 

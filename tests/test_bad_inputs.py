@@ -375,7 +375,7 @@ def test_val_without_the_original_settings(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("content,fragments", [
-    pytest.param(None, ["No privacy.json", "fold_0"], id="privacy-missing-folder"),
+    pytest.param(None, ["does not exist", "fold_0"], id="privacy-missing-folder"),
     pytest.param("", ["No privacy.json", "fold_0"], id="privacy-folder-without-privacy.json"),
     pytest.param('{"epsilon": 1.2, "del', ["privacy.json", "JSON"], id="privacy-json-truncated",
                  ),

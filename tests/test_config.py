@@ -24,7 +24,7 @@ def test_bad_values_name_key_value_and_allowed(key, value, allowed):
 
 
 def test_unknown_key_lists_known_keys():
-    with pytest.raises(DPConfigError, match="unknown key; known keys are .*target_epsilon"):
+    with pytest.raises(DPConfigError, match="unknown key; did you mean .target_epsilon.. known keys are .*target_epsilon"):
         DPConfig.from_mapping({"target_epsilion": 3})
 
 
@@ -72,3 +72,20 @@ def test_seed_never_in_repr_or_release_dict():
     assert DPConfig(seed=2**63 - 1).seed == 2**63 - 1
     # dp_config.json read back (e.g. by --val) is accepted and carries no seed
     assert DPConfig.from_mapping(seeded.release_dict()).seed is None
+
+
+def test_errors_name_the_settings_file_and_suggest_the_key(tmp_path, monkeypatch):
+    path = tmp_path / "my_dp.json"
+    path.write_text(json.dumps({"target_epsilom": 8}))
+    monkeypatch.setenv("nnUNet_dp_config", str(path))
+    with pytest.raises(DPConfigError, match="did you mean 'target_epsilon'") as e:
+        DPConfig.from_env()
+    assert str(path) in str(e.value)
+    path.write_text(json.dumps({"clip_norm": -1}))
+    with pytest.raises(DPConfigError, match="clip_norm") as e:
+        DPConfig.from_env()
+    assert str(path) in str(e.value) and "> 0" in str(e.value)
+    path.write_text(json.dumps({"zzzz": 1}))
+    with pytest.raises(DPConfigError) as e:
+        DPConfig.from_env()
+    assert "did you mean" not in str(e.value)

@@ -208,7 +208,7 @@ def _exit_message(args: list[str], capsys: pytest.CaptureFixture) -> str:
 
 def _bad(tmp_path: Path, case: str) -> tuple[list[str], list[str]]:
     if case == "missing-folder":
-        return [str(tmp_path / "nowhere" / "fold_0")], ["No privacy.json", "nowhere/fold_0"]
+        return [str(tmp_path / "nowhere" / "fold_0")], ["does not exist", "nowhere/fold_0"]
     if case == "non-dp-folder":
         (tmp_path / "plain" / "fold_0").mkdir(parents=True)
         return [str(tmp_path / "plain" / "fold_0")], ["plain/fold_0", "DP trainer"]
@@ -268,3 +268,18 @@ def test_delta_of_at_least_one_over_n_is_refused_as_the_trainer_does(tmp_path: P
         DPConfig(delta=delta).check_against_dataset(8, 2)
     message = _exit_message([str(fold), "--delta", str(delta)], capsys)
     assert trainer_error.value.allowed in message and "--delta" in message
+
+
+def test_model_folder_names_its_folds_and_output_is_not_overwritten(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                    capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.chdir(tmp_path)
+    folds = [write_fold(tmp_path, f, H1) for f in range(2)]
+    message = _exit_message([str(folds[0].parent)], capsys)
+    assert "pick one or more of" in message and str(folds[0]) in message and str(folds[1]) in message
+    assert "does not exist" in _exit_message([str(tmp_path / "nowhere")], capsys)
+    privacy_main([str(folds[0])])
+    first = (tmp_path / "release_privacy.json").read_text()
+    message = _exit_message([str(folds[1])], capsys)
+    assert "--overwrite" in message and (tmp_path / "release_privacy.json").read_text() == first
+    privacy_main([str(folds[1]), "--overwrite"])
+    assert (tmp_path / "release_privacy.json").read_text() != first

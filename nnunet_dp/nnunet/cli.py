@@ -56,7 +56,7 @@ def read_privacy_json(folder: str) -> dict[str, Any]:
     path = os.path.join(folder, "privacy.json")
     if not os.path.isfile(path):
         raise DPReleaseError("FOLD_DIR", folder, "the fold folder of a DP trainer run (with privacy.json)",
-                             f"No privacy.json in {folder!r}: is this the fold folder of a DP trainer run?")
+                             _no_privacy_json(folder))
     try:
         with open(path) as f:
             rep = json.load(f)
@@ -68,6 +68,19 @@ def read_privacy_json(folder: str) -> dict[str, Any]:
         raise DPReleaseError(path, f"lacks {', '.join(missing)}", "a privacy.json written by an nnunet-dp trainer",
                              "Give the fold folders of DP trainer runs only.")
     return rep
+
+
+def _no_privacy_json(folder: str) -> str:
+    """What to do when `folder` has no privacy.json: it does not exist, it is the model folder (pick its folds), or
+    it is not a DP run."""
+    if not os.path.isdir(folder):
+        return f"{folder!r} does not exist."
+    folds = sorted(f for f in os.listdir(folder) if re.fullmatch(r"fold_(\d+|all)", f)
+                   and os.path.isfile(os.path.join(folder, f, "privacy.json")))
+    if folds:
+        return (f"{folder!r} is a trained model folder; give its fold folders: pick one or more of "
+                + ", ".join(os.path.join(folder, f) for f in folds) + ".")
+    return f"No privacy.json in {folder!r}: is this the fold folder of a DP trainer run?"
 
 
 def _summary(folder: str, rep: dict[str, Any]) -> str:
@@ -187,6 +200,7 @@ def _parser() -> argparse.ArgumentParser:
                                                    "the fold's debug.json or $nnUNet_preprocessed/<dataset>")
     ap.add_argument("--delta", type=float, default=None, help="delta of the release. Default: the runs' delta")
     ap.add_argument("-o", default=RELEASE_JSON, help=f"output file. Default: ./{RELEASE_JSON}")
+    ap.add_argument("--overwrite", action="store_true", help="replace the output file if it exists (default: stop)")
     return ap
 
 
@@ -195,6 +209,9 @@ def privacy_main(argv: Sequence[str] | None = None) -> None:
     from nnunet_dp.nnunet.report import versions, write_json_atomic
 
     args = _parser().parse_args(argv)
+    if os.path.exists(args.o) and not args.overwrite:
+        sys.exit(f"ERROR: -o {args.o} exists (an earlier release report?). Give another -o, or --overwrite to "
+                 "replace it.")
     try:
         reports = [read_privacy_json(f) for f in args.folders]
         folds = [load_fold(f, args.splits) for f in args.folders]
