@@ -28,8 +28,8 @@ REFUSED_ACCOUNTANTS = {"gdp": "opacus' Gaussian-DP accountant is a central-limit
 SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed takes seeds below 2**63 (unsigned 64-bit wraps into negatives)
 NORM_CONVERSIONS: tuple[str, ...] = ("batchnorm", "all")
 STRATEGIES: tuple[str, ...] = ("auto", "loop", "bk")
-Trainable = Literal["all", "norm_bias", "decoder"]
-TRAINABLE: tuple[str, ...] = ("all", "norm_bias", "decoder")
+Trainable = Literal["all", "norm_bias", "decoder", "heads", "lora"]
+TRAINABLE: tuple[str, ...] = ("all", "norm_bias", "decoder", "heads", "lora")
 MAX_AUGMENTATIONS_PER_CASE = 64  # De et al. 2022 saw diminishing returns after 8-16; more only multiplies the cost
 
 
@@ -63,6 +63,7 @@ class DPConfig:
     save_every: int = 10
     # fine-tuning levers (issue 11); none of them costs privacy: the unit stays the case, the sensitivity C
     trainable: Trainable = "all"  # which parameters DP-SGD trains; the others stay frozen (no gradient, noise, update)
+    lora_rank: int = 4  # trainable lora: rank r of the adapters on every convolution (nnunet_dp.lora)
     augmentations_per_case: int = 1  # K patches per sampled case, their gradients averaged before the rule scales it
     ema_decay: float | None = None  # exponential moving average of the weights (post-processing); null = off
     # -pretrained_weights: also copy the public segmentation heads (nnU-Net never does) when the checkpoint's labels
@@ -234,6 +235,13 @@ def _accountant(cfg: DPConfig) -> None:
     _choice("accountant", ACCOUNTANTS)(cfg)
 
 
+def _lora_combination(cfg: DPConfig) -> None:
+    if cfg.trainable == "lora" and cfg.ema_decay is not None:
+        raise DPConfigError("ema_decay", cfg.ema_decay, "null with trainable 'lora' (the average of two factors is not "
+                            "the factor of the averaged product; average a merged network instead, or use another "
+                            "trainable)")
+
+
 def _privacy_target(cfg: DPConfig) -> None:
     if cfg.target_epsilon is None and cfg.noise_multiplier is None:
         raise DPConfigError("target_epsilon", None, "a number > 0 unless noise_multiplier is given "
@@ -257,5 +265,5 @@ _CHECKS = (
     _choice("per_sample_strategy", STRATEGIES), _unit_interval("oversample_foreground_percent", False, False),
     _nonneg_int("alignment_every"), _seed, _positive("save_every", integer=True),
     _choice("trainable", TRAINABLE), _augmentations, _unit_interval("ema_decay", True, True, allow_none=True),
-    _transfer_heads, _privacy_target, _one_rate,
+    _transfer_heads, _privacy_target, _one_rate, _positive("lora_rank", integer=True), _lora_combination,
 )

@@ -43,8 +43,9 @@ def public(tmp_path_factory):
 def plans_net(folder):
     """The network nnU-Net builds from the DP run's plans."""
     arch = json.loads((folder.parent / "plans.json").read_text())["configurations"]["2d"]["architecture"]
-    return get_network_from_plans(arch["network_class_name"], arch["arch_kwargs"], arch["_kw_requires_import"], 1, 2,
-                                  allow_init=True, deep_supervision=True)
+    classes = len(json.loads((folder.parent / "dataset.json").read_text())["labels"])
+    return get_network_from_plans(arch["network_class_name"], arch["arch_kwargs"], arch["_kw_requires_import"], 1,
+                                  classes, allow_init=True, deep_supervision=True)
 
 
 def trained_keys(folder) -> set[str]:
@@ -116,6 +117,49 @@ def test_finetune_from_public_weights_with_ema_interrupted_and_resumed(public):
     run(["nnUNetv2_predict", "-i", str(root / "raw" / f"Dataset{DS}_Test{DS}" / "imagesTs"), "-o", str(out),
          "-d", str(DS), "-c", "2d", "-f", "0", "-tr", trainer, "-chk", "checkpoint_final.pth", "-device", "cpu",
          "-npp", "1", "-nps", "1"], nnunet_env(root))
+    assert len(list(out.glob("*.nii.gz"))) == 2
+
+
+def test_lora_from_public_weights_resumed_then_predicted_by_stock_nnunet(public):
+    """trainable lora: the adapters train from the public kernels (which stay exactly as loaded), --c continues the
+    factors, checkpoint_final holds the plain network (merged kernels) that nnUNetv2_predict loads unchanged."""
+    from nnunet_dp import lora
+
+    root, public_file = public
+    file_weights = torch.load(public_file, map_location="cpu", weights_only=False)["network_weights"]
+    cfg = {**{k: v for k, v in CFG.items() if k not in ("ema_decay", "augmentations_per_case")},
+           "trainable": "lora", "lora_rank": 2}
+    trainer = "nnUNetTrainerDP_TestCrash"
+    folder = fold(root, trainer)
+    if folder.exists():
+        import shutil
+        shutil.rmtree(folder)
+    crashed = train(root, trainer, cfg, "-pretrained_weights", str(public_file), check=False,
+                    NNUNET_DP_TEST_CRASH_AT="1")
+    assert crashed.returncode != 0 and "simulated crash" in crashed.stderr, crashed.stderr[-3000:]
+    latest = torch.load(folder / "checkpoint_latest.pth", map_location="cpu", weights_only=False)
+    train(root, trainer, cfg, "--c")
+    final = torch.load(folder / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    net = plans_net(folder)
+    assert set(final["network_weights"]) == set(net.state_dict())  # the plain network's keys only
+    factors, before = final["dp_lora_factors"], latest["dp_lora_factors"]
+    bases = [k for k in factors if k.endswith(".base.weight")]
+    assert bases and all(torch.equal(factors[k], file_weights[k.replace(".base.weight", ".weight")]) for k in bases)
+    moved = [k for k in factors if ".lora_b." in k and not torch.equal(factors[k], before[k])]
+    assert moved and all(before[k].abs().max() > 0 for k in moved)  # continued from the crashed run's factors
+    adapted = net
+    lora.add_adapters_(adapted, 2, skip=list(adapted.decoder.seg_layers.modules()))
+    lora.load_factors(adapted, factors)
+    merged = adapted.state_dict()
+    for k in (b.replace(".base.weight", ".weight") for b in bases):
+        torch.testing.assert_close(final["network_weights"][k], merged[k], rtol=0, atol=1e-6)
+    rep = json.loads((folder / "privacy.json").read_text())
+    assert rep["trainable"] == "lora" and rep["lora_rank"] == 2 and rep["steps"] == 4
+    assert rep["num_trained_parameters"] == sum(p.numel() for p in select_trainable(adapted, "lora").trained)
+    out = root / "pred_lora"
+    run(["nnUNetv2_predict", "-i", str(root / "raw" / f"Dataset{DS}_Test{DS}" / "imagesTs"), "-o", str(out),
+         "-d", str(DS), "-c", "2d", "-f", "0", "-tr", trainer, "-device", "cpu", "-npp", "1", "-nps", "1"],
+        nnunet_env(root))
     assert len(list(out.glob("*.nii.gz"))) == 2
 
 

@@ -26,6 +26,7 @@ from typing import Any, NoReturn
 import torch
 from torch import nn
 
+from nnunet_dp import lora
 from nnunet_dp.config import DPConfig, Trainable
 from nnunet_dp.ema import ParameterEMA
 from nnunet_dp.errors import DPConfigError
@@ -85,8 +86,32 @@ def _decoder(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in decoder.parameters() if id(p) not in in_encoder]
 
 
+def _heads(model: nn.Module) -> list[nn.Parameter]:
+    """The segmentation heads only (DP linear probing on the public network's features: Tramèr & Boneh 2021)."""
+    return _seg_heads(model, "heads")
+
+
+def _lora(model: nn.Module) -> list[nn.Parameter]:
+    """The low-rank adapters' factors (nnunet_dp.lora) with the norm_bias set: norms, biases and heads."""
+    factors = lora.factor_parameters(model)
+    if not factors:
+        raise _layout_error("lora", model, "convolutions to adapt (the adapters are added by "
+                            "finetune.add_lora_ before the selection)")
+    return factors + _norm_bias(model)
+
+
 _SELECTORS: dict[str, Callable[[nn.Module], list[nn.Parameter]]] = {
-    "all": lambda model: list(model.parameters()), "norm_bias": _norm_bias, "decoder": _decoder}
+    "all": lambda model: list(model.parameters()), "norm_bias": _norm_bias, "decoder": _decoder, "heads": _heads,
+    "lora": _lora}
+
+
+def add_lora_(model: nn.Module, cfg: DPConfig) -> int:
+    """trainable lora: adapters of rank lora_rank on every convolution but the segmentation heads (which train
+    whole). Returns the number of adapted convolutions (0 for any other setting: nothing changes)."""
+    if cfg.trainable != "lora":
+        return 0
+    _seg_heads(model, "lora")  # stops, naming the setting, when the network has no nnU-Net heads
+    return len(lora.add_adapters_(model, cfg.lora_rank, skip=list(model.decoder.seg_layers.modules())))
 
 
 def select_trainable(model: nn.Module, mode: Trainable) -> Selection:
@@ -270,7 +295,7 @@ def report_extra(cfg: DPConfig, selection: Selection | None,
              "num_trained_parameters": None if selection is None else selection.num_trained,
              "num_parameters": None if selection is None else selection.num_parameters,
              "pretrained_weights": pretrained, "augmentations_per_case": cfg.augmentations_per_case,
-             "ema_decay": cfg.ema_decay}
+             "ema_decay": cfg.ema_decay, **({"lora_rank": cfg.lora_rank} if cfg.trainable == "lora" else {})}
     return extra, [PRETRAINED_ASSUMPTION] if pretrained is not None else []
 
 
@@ -291,6 +316,20 @@ def checkpoint_weights(model: nn.Module, ema: ParameterEMA | None, filename: str
         return {"network_weights": raw, "ema_network_weights": averaged, "ema_updates": ema.updates}
     return {"network_weights": averaged, "raw_network_weights": raw, "ema_network_weights": averaged,
             "ema_updates": ema.updates}
+
+
+def lora_entries(model: nn.Module) -> dict[str, Any]:
+    """A checkpoint's entry for the adapters (none without them): network_weights hold the merged plain network
+    (what nnUNetv2_predict loads); the factors let --c continue the adapters themselves."""
+    saved = lora.factors(model)
+    return {"dp_lora_factors": saved} if saved else {}
+
+
+def restore_lora(checkpoint: dict, model: nn.Module) -> None:
+    """After nnU-Net loaded network_weights (the merged function) into the adapted network: the exact factors."""
+    saved = checkpoint.get("dp_lora_factors")
+    if saved is not None and lora.factor_parameters(model):
+        lora.load_factors(model, saved)
 
 
 def check_resume(checkpoint: dict, cfg: DPConfig) -> None:

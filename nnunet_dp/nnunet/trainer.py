@@ -128,6 +128,9 @@ class nnUNetTrainerDP(nnUNetTrainer):
             f"DP optimizer: SGD lr={self.initial_lr:.4g} ({source}; rule: {rule_lr:.4g}), momentum={cfg.momentum}, "
             f"nesterov={cfg.nesterov}, effective step lr/(1-momentum)={self.initial_lr / (1 - cfg.momentum):.4g}, "
             f"noise per coordinate sigma*C/(qN)={noise:.4g}")
+        if finetune.add_lora_(self._plain_network(), cfg):  # adapters before the selection (and before DDP)
+            self.print_to_log_file(f"DP trainable=lora: rank-{cfg.lora_rank} adapters on every convolution but the "
+                                   "segmentation heads; checkpoints hold the merged plain network")
         self.dp_selection = finetune.select_trainable(self._plain_network(), cfg.trainable)  # frozen in initialize
         optimizer = torch.optim.SGD(self.dp_selection.trained, self.initial_lr, weight_decay=self.weight_decay,
                                     momentum=cfg.momentum, nesterov=cfg.nesterov)
@@ -357,6 +360,7 @@ class nnUNetTrainerDP(nnUNetTrainer):
             "dp_pretrained": self.dp_pretrained,
             "dp_initial_lr": self.initial_lr, "dp_lr_rule": self.dp_lr_rule,
             "dp_dropped": self.dp_dropped,  # unnoised count: checkpoint_latest only (checkpoints.for_release)
+            **finetune.lora_entries(self._plain_network()),  # the adapters' factors (trainable lora), for --c
         }
         if checkpoints.is_releasable(filename):  # final/best: no logger values, no _best_ema, no counts
             checkpoint = checkpoints.for_release(checkpoint)
@@ -382,6 +386,7 @@ class nnUNetTrainerDP(nnUNetTrainer):
         # nnU-Net loaded network_weights (the average, in checkpoint_final/best): kept for --val; a resume continues
         # from the raw weights (finetune.start_finetuning)
         self.dp_raw_weights = checkpoint.get("raw_network_weights")
+        finetune.restore_lora(checkpoint, self._plain_network())
         self._restore_private_counters(checkpoint)
         self.dp_pretrained = checkpoint.get("dp_pretrained")
         finetune.restore_lr(self, checkpoint)
