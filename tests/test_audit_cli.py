@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
+from scipy.optimize import brentq
 
 from nnunet_dp.accounting import epsilon_for
 from nnunet_dp.nnunet.audit.cli import main
@@ -55,6 +56,32 @@ def test_one_run_writes_the_bound_next_to_the_accountants_epsilon(results: Path,
     assert r["privacy_json"] == f"{NAME}/nnUNetTrainerDP_PSAC__nnUNetPlans__2d/fold_0/privacy.json"  # no local path
     out = capsys.readouterr().out
     assert "epsilon_lower_bound" in out and "NOT covered" in out and "nnU-Net's data path" in out
+    # canaries at the fold's rule and constant (PSAC, r = 0.2, C = 0.5) reach the sensitivity after its scaling
+    assert r["sensitivity"] == 0.5 and 0.999 * 0.5 <= r["canary_scaled_norm"] <= 0.5
+    assert r["canary_norm"] == pytest.approx(brentq(lambda n: 0.5 * n / (n + 0.2 / (n + 0.2)) - (1 - 1e-6) * 0.5,
+                                                    0.5, 1e6, xtol=1e-12), rel=1e-7)
+    assert f"canaries of norm {r['canary_norm']:.6g}: scaled norm" in out
+
+
+@pytest.mark.parametrize("config,expected", [({"psac_r": 0.3, "nsgd_r": 0.7}, 0.3), ({"nsgd_r": 0.7}, None),
+                                             (None, None)])
+def test_rule_constant_from_dp_config_when_privacy_json_lacks_it(results: Path, capsys: pytest.CaptureFixture,
+                                                                  config: dict | None, expected: float | None) -> None:
+    """An older privacy.json without rule_constant: the fold's dp_config.json gives the rule's constant; without it
+    the audit stops (never the rule's default, which need not be what the run used)."""
+    folder = fold_folder(results, "nnUNetTrainerDP_PSAC")
+    rep = {k: v for k, v in json.loads((folder / "privacy.json").read_text()).items() if k != "rule_constant"}
+    (folder / "privacy.json").write_text(json.dumps(rep))
+    if config is not None:
+        (folder / "dp_config.json").write_text(json.dumps(config))
+    if expected is None:
+        with pytest.raises(SystemExit) as e:
+            audit("-tr", "nnUNetTrainerDP_PSAC", "--canaries", "20")
+        assert "has rule psac but no rule_constant, and dp_config.json there has no psac_r" in str(e.value)
+        return
+    audit("-tr", "nnUNetTrainerDP_PSAC", "--canaries", "20")
+    r = json.loads((folder / "audit_one_run.json").read_text())
+    assert r["rule_constant"] == expected and 0.999 * 0.5 <= r["canary_scaled_norm"] <= 0.5
 
 
 def test_one_run_accepts_nnunets_device_option(results: Path, capsys: pytest.CaptureFixture) -> None:

@@ -139,6 +139,29 @@ def test_metrics_are_core_code() -> None:
             "assert not bad, bad\n")
     subprocess.run([sys.executable, "-c", code], check=True)
 
+def test_roc_plot_says_it_is_private(tmp_path: Path) -> None:
+    from nnunet_dp.nnunet.audit.outputs import roc_figure, roc_plot
+
+    s, m = _sample(0, 40, None)
+    curves = {"loss": attack_metrics(s, m, calibration_split([str(i) for i in range(40)], m, seed=0))}
+    fig = roc_figure(curves, title="fold 0", caption="private: statistics of the training cases")
+    assert [t.get_text() for t in fig.texts] == ["private: statistics of the training cases"]
+    roc_plot(str(tmp_path / "roc.png"), curves, title="fold 0", caption="private")
+    assert (tmp_path / "roc.png").stat().st_size > 1000
+
+
+def test_readme_lists_the_mia_json_and_plot_as_private() -> None:
+    """The README's audit section says that audit_mia.json and its plot, not only the CSV, are private."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    start = readme.index("### Audits: `nnUNetv2_dp_audit`")
+    section = " ".join(readme[start:readme.index("\n### ", start + 1)].split())
+    at = section.index("`audit_mia.json` (")
+    near = section[at:at + 900]
+    assert "**All three are private: never release them.**" in near
+    assert '`audit_mia.json` and `audit_mia_roc.png` hold no case id but are unnoised statistics' in near
+    assert '`"release": "private: statistics of the training cases"`' in near
+
+
 # ---- the command on a tiny trained DP model -----------------------------------------------------------------------
 DS = 979
 TRAINER = "nnUNetTrainerDP"
@@ -160,6 +183,9 @@ def test_mia_command_end_to_end(trained: Path) -> None:
                nnunet_env(trained))
     assert "AUC" in proc.stdout and "do not release" in proc.stdout.lower()
     r = json.loads((fold / "audit_mia.json").read_text())
+    assert r["release"] == "private: statistics of the training cases"  # unnoised statistics of member losses
+    assert "audit_mia.json, audit_mia_cases.csv, audit_mia_roc.png: all three private: statistics of the training " \
+           "cases" in proc.stdout
     splits = json.loads((trained / "pre" / f"Dataset{DS}_Test{DS}" / "splits_final.json").read_text())[0]
     assert r["num_members"] == len(splits["train"]) == 9 and r["num_nonmembers"] == len(splits["val"]) == 3
     for key in ("auc", "tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr"):

@@ -1,10 +1,11 @@
 """One-run privacy audit (Steinke, Nasr, Jagielski, NeurIPS 2023): the estimator against independent references, the
 canaries through the product's own private step, and audits that pass on correct mechanisms and fail on planted bugs.
 
-Audit setting used below (numbers seen on CPU, seed 0, RDP, delta 1e-5): m = 1000 canaries, q = 0.05, 80 steps,
-sigma = 1.5 -> accountant epsilon 1.70. Correct mechanism ('per_step' score): epsilon_lower 0.13 (flat), 0.14 (autos),
-0.07 (nsgd, psac). Planted bugs (flat): noise std x0.1 -> 3.49; noise skipped on odd batch sizes -> 3.44. The
-final-update score alone ('final') sees the first bug (3.44) but not the second (0.33).
+Audit setting used below (numbers seen on CPU, seed 0, RDP, delta 1e-5): m = 1000 canaries, q = 0.05, 80 steps, sigma =
+1.5 -> accountant epsilon 1.70. Correct mechanism ('per_step' score): epsilon_lower 0.13 for each rule (canaries reach
+the sensitivity after each rule's scaling; with canaries of norm C, nsgd and psac gave 0.07). Planted bugs (flat): noise
+std x0.1 -> 3.49; noise skipped on odd batch sizes -> 3.44. The final-update score alone ('final') sees the first bug
+(3.44) but not the second (0.33).
 """
 import ast
 import contextlib
@@ -15,9 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy.optimize import brentq
 from scipy.stats import binom
 
 import nnunet_dp.audit
+import nnunet_dp.audit.canaries as canaries_mod
 import nnunet_dp.run as run_mod
 import nnunet_dp.step as step_mod
 from nnunet_dp.audit import (
@@ -28,8 +33,9 @@ from nnunet_dp.audit import (
     p_value,
     run_one_run_audit,
 )
-from nnunet_dp.audit.canaries import _carrier_loss, _make_run
+from nnunet_dp.audit.canaries import CANARY_FRACTION, _carrier_loss, _make_run, canary_norm
 from nnunet_dp.errors import DPConfigError
+from nnunet_dp.rules import autos_scale, flat_scale, make_rule, nsgd_scale, psac_scale
 
 M, Q, STEPS, SIGMA, DELTA = 1000, 0.05, 80, 1.5, 1e-5
 pytestmark = pytest.mark.filterwarnings("ignore:Optimal order is the")  # opacus RDP order-range notice
@@ -152,6 +158,65 @@ def test_canary_cases_go_through_the_training_step(rule):
     scale = float(run.rule.scale(torch.tensor(0.7, dtype=torch.float64)))
     torch.testing.assert_close(model.weight.grad.flatten(), c.gradients(idx).sum(0) * scale / 4.0)
     assert run.steps == 1 and (rule == "flat") == (scale == 1.0)
+
+
+def _scaled_norm(rule: str, norm: float, clip_norm: float, constant: float) -> float:
+    """s(n) * n from the rule functions themselves (nnunet_dp.rules), in float64."""
+    n = torch.tensor(norm, dtype=torch.float64)
+    scale = {"flat": lambda: flat_scale(n, clip_norm=clip_norm),
+             "autos": lambda: autos_scale(n, clip_norm=clip_norm, gamma=constant),
+             "nsgd": lambda: nsgd_scale(n, clip_norm=clip_norm, r=constant),
+             "psac": lambda: psac_scale(n, clip_norm=clip_norm, r=constant)}[rule]()
+    return float(scale * n)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(["flat", "autos", "nsgd", "psac"]), st.floats(1e-3, 1e3), st.floats(1e-4, 1e2),
+       st.sampled_from([0.9, 0.999, 1 - 1e-6, CANARY_FRACTION]))
+def test_canary_norm_reaches_the_sensitivity_under_each_rule(rule, clip_norm, constant, fraction):
+    """The scaled canary norm s(n) * n (the rule functions' own) is >= 0.999 Delta at the default fraction, equals
+    fraction * Delta (exactly Delta for flat), matches a numerical root of s(n) * n = f C (scipy brentq), and a larger
+    norm reaches no less (s(n) * n increases with n, so 'at least the fraction' holds beyond n). Mathematically
+    exact for flat (any n >= C)."""
+    bound = make_rule(rule, clip_norm=clip_norm, autos_gamma=constant, nsgd_r=constant, psac_r=constant)
+    n = canary_norm(bound, fraction=fraction)
+    got = _scaled_norm(rule, n, clip_norm, constant)
+    assert bound.sensitivity == clip_norm
+    if rule == "flat":
+        assert n == clip_norm and got == pytest.approx(clip_norm, rel=1e-15)  # 1 ulp: torch's C / n is C * (1 / n)
+        return
+    assert got == pytest.approx(fraction * clip_norm, rel=1e-9) and got <= clip_norm
+    root = brentq(lambda x: _scaled_norm(rule, x, clip_norm, constant) - fraction * clip_norm, 1e-12, 1e15,
+                  xtol=1e-14, rtol=1e-13, maxiter=500)
+    assert n == pytest.approx(root, rel=1e-7)
+    assert _scaled_norm(rule, 2 * n, clip_norm, constant) >= got
+    assert _scaled_norm(rule, canary_norm(bound), clip_norm, constant) >= 0.999 * clip_norm
+
+
+@pytest.mark.parametrize("rule,clip_norm,constant", [("flat", 1.0, None), ("autos", 1.0, None), ("nsgd", 1.0, None),
+                                                     ("psac", 1.0, None), ("nsgd", 0.5, 0.3), ("psac", 2.0, 0.05),
+                                                     ("autos", 0.3, 0.2), ("psac", 0.5, 1.0)])
+def test_audit_canaries_reach_the_sensitivity_through_the_step(rule, clip_norm, constant, monkeypatch):
+    """The audit's canaries, at the run's rule and constant (defaults: gamma 0.01, r 0.1), reach >= 0.999 Delta
+    after the product's own scaling: one noiseless DPRun.private_step with one canary gives .grad of norm
+    s(n) * n / qN. Before, canaries of norm C reached only C / (C + r) = 0.909 (NSGD) and 0.917 (PSAC) of Delta."""
+    built = []
+
+    def recording(**kwargs):
+        built.append(make_canaries(**kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(canaries_mod, "make_canaries", recording)
+    result = _audit(rule, num_canaries=20, steps=2, clip_norm=clip_norm, rule_constant=constant)
+    c = built[0]
+    run = _make_run(rule=rule, sigma=0.0, sampling_rate=0.5, steps=1, num_canaries=2, clip_norm=clip_norm, delta=1e-5,
+                    accountant="rdp", seed=0, rule_constant=constant)
+    model = torch.nn.Linear(c.num_params, 1, bias=False).double()
+    run.private_step(model, _carrier_loss, c.gradients(torch.tensor([0])), torch.zeros(1))
+    through_step = float(model.weight.grad.norm()) * run.plan.expected_batch_size
+    assert through_step >= 0.999 * clip_norm and through_step <= clip_norm * (1 + 1e-12)
+    assert result["canary_norm"] == c.norm and result["sensitivity"] == clip_norm
+    assert result["canary_scaled_norm"] == pytest.approx(through_step, rel=1e-12)
 
 
 # ---------------------------------------------------------------- audits that pass, and audits that fail

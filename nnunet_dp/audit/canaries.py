@@ -1,11 +1,13 @@
 """White-box "Dirac" gradient canaries run through the training step itself, and a complete one-run audit.
 
 Steinke, Nasr, Jagielski (NeurIPS 2023), Algorithm 1 with gradient canaries (their white-box DP-SGD audit): m canaries,
-each a fixed vector of norm Delta (the rule's sensitivity, C) supported on its own random set of coordinates of the
-flattened trained parameters (disjoint sets, so canaries do not see each other), included independently with
-probability 1/2. An included canary is a training case like any other: Poisson-sampled with rate q at every step,
-and its per-case gradient goes through the product's own path, `DPRun.private_step` (per-case engine -> rule scale ->
-sum -> one noise draw -> / qN -> .grad) and the accountant; nothing of it is re-implemented here.
+each a fixed vector supported on its own random set of coordinates of the flattened trained parameters (disjoint sets,
+so canaries do not see each other), included independently with probability 1/2. A canary's norm n is chosen so that the rule's
+scaled norm s(n) * n reaches the sensitivity Delta (= C) as closely as the rule allows (`canary_norm`): n = C for flat;
+the others reach C only as n -> infinity, so n is the closed-form norm that reaches CANARY_FRACTION * C. An included
+canary is a training case like any other: Poisson-sampled with rate q at every step, and its per-case gradient goes
+through the product's own path, `DPRun.private_step` (per-case engine -> rule scale -> sum -> one noise draw -> / qN ->
+.grad) and the accountant; nothing of it is re-implemented here.
 
 The audit run is a pure-gradient-canary run (no real data): the trained "model" is a parameter vector theta of
 `num_params` entries (a bias-free nn.Linear(num_params, 1)), a canary case is the input row x = its canary vector and
@@ -14,11 +16,11 @@ q * m (population: the m potential canaries; a public constant, as qN in trainin
 privatised gradient, so theta_T - theta_0 = -(sum of privatised gradients).
 
 Scores (higher = "in"): 'final' is <-(theta_T - theta_0), u_c> with u_c the canary's unit direction (the final model
-update alone). 'per_step' (default) is the white-box attack on every intermediate update g_t: the sum over steps of
-the log-likelihood ratio of the projection <g_t, u_c> under "canary in" (Poisson-subsampled, size a = s(Delta) Delta /
-qN) vs "out", with each step's noise level read from the update itself (a robust MAD estimate over all coordinates,
-so the auditor assumes nothing about the noise the code adds). DP-SGD's accountant covers the release of every
-intermediate update, so any function of them is a valid attack. 'per_step' is much stronger than 'final' and also
+update alone). 'per_step' (default) is the white-box attack on every intermediate update g_t: the sum over steps of the
+log-likelihood ratio of the projection <g_t, u_c> under "canary in" (Poisson-subsampled, size a = s(n) n / qN with n the
+canary norm) vs "out", with each step's noise level read from the update itself (a robust MAD estimate over all
+coordinates, so the auditor assumes nothing about the noise the code adds). DP-SGD's accountant covers the release of
+every intermediate update, so any function of them is a valid attack. 'per_step' is much stronger than 'final' and also
 sees steps whose noise is missing (e.g. skipped on some batches), which the final update alone averages away.
 """
 from __future__ import annotations
@@ -39,7 +41,7 @@ from nnunet_dp.config import ACCOUNTANTS, AccountantName
 from nnunet_dp.errors import DPConfigError
 from nnunet_dp.noise import stream_seed
 from nnunet_dp.per_sample import trainable_parameters
-from nnunet_dp.rules import RULE_NAMES, RuleName, make_rule
+from nnunet_dp.rules import RULE_NAMES, RuleName, ScalingRule, make_rule
 from nnunet_dp.run import DPPlan, DPRun
 from nnunet_dp.sampling import poisson_sample
 
@@ -48,6 +50,7 @@ SCORES: tuple[str, ...] = ("per_step", "final")
 _SOURCE = "the one-run audit's arguments"
 MAD_TO_STD = 1.4826  # std of a normal distribution = 1.4826 * its median absolute deviation
 NOISE_FLOOR = 1e-3  # a step's noise scale counts as at least this fraction of the median step's
+CANARY_FRACTION = 1 - 1e-6  # a canary's scaled norm s(n) * n reaches this fraction of Delta (canary_norm)
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,26 @@ class DiracCanaries:
         """(len(index), num_params): the dense canary vectors of the canaries `index`, one row each."""
         rows = torch.zeros(len(index), self.num_params, dtype=dtype)
         return rows.scatter_(1, self.coords[index], self.values[index].to(dtype))
+
+
+def canary_norm(rule: ScalingRule, *, fraction: float = CANARY_FRACTION) -> float:
+    """The canary gradient norm n whose scaled norm s(n) * n is `fraction` * Delta under `rule` (Delta = C; every
+    s(n) * n here increases with n, so any larger norm reaches at least as much). Solving s(n) * n = f C:
+      flat   min(1, C/n) n = C for every n >= C                          -> n = C (exactly Delta, any f)
+      autos  C n / (n + gamma) = f C                                     -> n = f gamma / (1 - f)
+      nsgd   C n / (n + r) = f C                                         -> n = f r / (1 - f)
+      psac   C n / (n + r / (n + r)) = f C  <=>  (1 - f) n^2 + (1 - f) r n - f r = 0
+             -> its positive root n = 2 f r / ((1 - f) r + sqrt((1 - f)^2 r^2 + 4 (1 - f) f r)) (written without the
+                cancellation of (-b + sqrt(b^2 - 4ac)) / 2a for f near 1)
+    (rules: nnunet_dp/rules.py and DESIGN.md "Rules"; the rules other than flat reach C only as n -> infinity)."""
+    if not 0 < fraction < 1:
+        raise DPConfigError("fraction", fraction, "a number in (0, 1), e.g. 0.999", source=_SOURCE)
+    c, f, k = float(rule.clip_norm), float(fraction), float(rule.constant or 0.0)
+    if rule.name == "flat":
+        return c
+    if rule.name in ("autos", "nsgd"):
+        return f * k / (1 - f)
+    return 2 * f * k / ((1 - f) * k + math.sqrt((1 - f) ** 2 * k**2 + 4 * (1 - f) * f * k))
 
 
 def make_canaries(*, num_canaries: int, num_params: int, norm: float, generator: torch.Generator,
@@ -218,13 +241,14 @@ def run_one_run_audit(*, rule: RuleName, sampling_rate: float, steps: int, num_c
                     clip_norm=clip_norm, delta=delta, accountant=accountant, seed=seed, rule_constant=rule_constant)
     gen = torch.Generator().manual_seed(stream_seed(base, 1))
     canaries = make_canaries(num_canaries=num_canaries, num_params=num_params or num_canaries * coords_per_canary,
-                             norm=run.rule.sensitivity, generator=gen, coords_per_canary=coords_per_canary)
+                             norm=canary_norm(run.rule), generator=gen, coords_per_canary=coords_per_canary)
     projections, scales, change = train_with_canaries(run, canaries, steps=steps,
                                                       rng=np.random.default_rng(stream_seed(base, 2)), on_step=on_step)
+    scaled_norm = float(run.rule.scale(torch.tensor(canaries.norm, dtype=torch.float64))) * canaries.norm
     if score == "final":
         scores = canary_scores(canaries, -change).numpy()
     else:
-        signal = float(run.rule.scale(torch.tensor(canaries.norm))) * canaries.norm / run.plan.expected_batch_size
+        signal = scaled_norm / run.plan.expected_batch_size
         scores = likelihood_scores(projections, scales, signal=signal, sampling_rate=sampling_rate).numpy()
     result = audit_from_scores(scores, canaries.included.numpy(), delta=delta, confidence=confidence,
                                candidates=candidates)
@@ -233,5 +257,6 @@ def run_one_run_audit(*, rule: RuleName, sampling_rate: float, steps: int, num_c
     return {**result, "epsilon": epsilon, "noise_multiplier": sigma, "sampling_rate": sampling_rate, "steps": steps,
             "rule": rule, "clip_norm": clip_norm, "score": score, "accountant": accountant,
             "num_included": int(canaries.included.sum()), "coords_per_canary": coords_per_canary,
-            "rule_constant": run.plan.rule_constant,
+            "rule_constant": run.plan.rule_constant, "canary_norm": canaries.norm,
+            "canary_scaled_norm": scaled_norm, "sensitivity": run.rule.sensitivity,
             **({"scores": scores.tolist(), "included": canaries.included.tolist()} if return_scores else {})}

@@ -1,7 +1,8 @@
 """nnUNetv2_dp_audit: evidence for a trained fold's privacy. Two subcommands:
 
   mia      membership inference on any trained nnU-Net fold (DP or not): the seed paper's loss-threshold attack and a
-           per-case Dice attack, training cases (members) against held-out cases (non-members).
+           per-case Dice attack, training cases (members) against held-out cases (non-members). Its files (JSON,
+           CSV, plot) are private: unnoised statistics of the training cases.
   one-run  the one-run canary audit (Steinke, Nasr, Jagielski, NeurIPS 2023) of a DP fold's mechanism at the
            settings in its privacy.json: a lower bound on epsilon to hold against the accountant's epsilon.
 """
@@ -25,8 +26,11 @@ from nnunet_dp.nnunet.cli import fold_arg
 from nnunet_dp.nnunet.report import write_json_atomic
 
 MIA_JSON, MIA_CSV, MIA_PNG = "audit_mia.json", "audit_mia_cases.csv", "audit_mia_roc.png"
-CSV_NOTE = (f"{MIA_CSV} names the training cases (members) of this fold and their losses: it is private (it reveals "
-            "membership outright). Do not release it; the JSON and the plot hold no case ids.")
+RELEASE = "private: statistics of the training cases"  # the JSON's "release" field, the plot's caption
+PRIVACY_NOTE = (f"{MIA_CSV} names the training cases (members) of this fold and their losses: it is private (it "
+                f"reveals membership outright). Do not release it. {MIA_JSON} and {MIA_PNG} hold no case id but are "
+                "unnoised statistics of the members' losses and Dice (ROC curves, AUC, mean losses, thresholds): "
+                "private too, not covered by the run's epsilon. Do not release them either.")
 
 
 def _positive_int(text: str) -> int:
@@ -109,7 +113,8 @@ def mia_report(args: argparse.Namespace, fold: Any, rows: list[dict[str, Any]], 
               "dice": attack_metrics([r["dice"] for r in rows], member, calibration)}
     top = {k: scores["loss"][k] for k in ("auc", "tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr", "fpr_resolution",
                                           "threshold_attack")}
-    return {"attack": "membership inference: loss threshold (score -loss, the seed paper's attack) and per-case Dice "
+    return {"release": RELEASE,
+            "attack": "membership inference: loss threshold (score -loss, the seed paper's attack) and per-case Dice "
                       "(score dice); higher score = guessed member",
             "num_members": int(member.sum()), "num_nonmembers": int((~member).sum()), **top,
             "scores": scores, "members_source": cases.members_source, "nonmembers_source": cases.nonmembers_source,
@@ -118,7 +123,7 @@ def mia_report(args: argparse.Namespace, fold: Any, rows: list[dict[str, Any]], 
             "calibration_seed": args.seed, "loss_definition": LOSS_DEFINITION, "dice_definition": DICE_DEFINITION,
             "mean_loss": {"members": float(np.mean([r["loss"] for r in rows if r["member"]])),
                           "nonmembers": float(np.mean([r["loss"] for r in rows if not r["member"]]))},
-            "privacy_note": CSV_NOTE, "files": [MIA_JSON, MIA_CSV, MIA_PNG]}
+            "privacy_note": PRIVACY_NOTE, "files": [MIA_JSON, MIA_CSV, MIA_PNG]}
 
 
 def render_mia(r: dict[str, Any]) -> str:
@@ -133,7 +138,7 @@ def render_mia(r: dict[str, Any]) -> str:
     if r["fpr_resolution"] > 0.001:
         lines.append(f"  (with {r['num_nonmembers']} non-members the smallest non-zero FPR is "
                      f"{r['fpr_resolution']:.3g}: TPR at a lower FPR is the TPR at FPR 0)")
-    lines.append(f"  AUC 0.5 = no evidence of membership. {CSV_NOTE}")
+    lines.append(f"  AUC 0.5 = no evidence of membership. {PRIVACY_NOTE}")
     return "\n".join(lines)
 
 
@@ -147,10 +152,11 @@ def run_mia(args: argparse.Namespace) -> dict[str, Any]:
     rows, cases = score_all(args, fold, join(preprocessed, fold.dataset))
     report = mia_report(args, fold, rows, cases)
     write_cases_csv(join(out, MIA_CSV), rows)
-    roc_plot(join(out, MIA_PNG), report["scores"], title=f"{fold.trainer} fold {fold.fold}")
+    roc_plot(join(out, MIA_PNG), report["scores"], title=f"{fold.trainer} fold {fold.fold}",
+             caption=f"{RELEASE} (unnoised member losses; not covered by epsilon): do not release")
     write_json_atomic(join(out, MIA_JSON), report)
     print(render_mia(report))
-    print(f"Written to {out}: {MIA_JSON}, {MIA_CSV} (private), {MIA_PNG}")
+    print(f"Written to {out}: {MIA_JSON}, {MIA_CSV}, {MIA_PNG}: all three {RELEASE}, do not release them")
     return report
 
 

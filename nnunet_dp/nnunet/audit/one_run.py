@@ -1,7 +1,9 @@
 """nnUNetv2_dp_audit one-run: the one-run canary audit (nnunet_dp.audit) at the mechanism settings of a DP fold.
 
 The rule, clip norm, rule constant, sigma, q, steps, delta and accountant come from the fold's privacy.json (what the
-run actually used and spent); m Dirac gradient canaries go through DPRun.private_step with them. The audit runs no
+run actually used and spent; the rule constant from the fold's dp_config.json where an older privacy.json lacks it);
+m Dirac gradient canaries go through DPRun.private_step with them, each of the norm whose scaled norm reaches the
+sensitivity under that rule and constant (nnunet_dp.audit.canaries.canary_norm). The audit runs no
 nnU-Net code and reads no image: it checks the mechanism, not nnU-Net's data path (see COVERS / NOT_COVERED).
 """
 from __future__ import annotations
@@ -19,7 +21,7 @@ from nnunet_dp.audit import run_one_run_audit
 from nnunet_dp.errors import DPConfigError
 from nnunet_dp.nnunet.audit.locate import AuditInputError, load_json, locate_fold, output_folder
 from nnunet_dp.nnunet.audit.outputs import canary_histogram
-from nnunet_dp.nnunet.report import write_json_atomic
+from nnunet_dp.nnunet.report import CONFIG_JSON, write_json_atomic
 
 AUDIT_JSON = "audit_one_run.json"
 AUDIT_PNG = "audit_one_run.png"
@@ -33,6 +35,7 @@ NOT_COVERED = ("nnU-Net's data path is NOT audited: how a case becomes a gradien
                "not broken, not a proof of privacy; epsilon_lower_bound is a lower bound at the stated confidence "
                "and is expected to be far below epsilon (the audit is one run with m canaries).")
 _FIELDS = ("rule", "clip_norm", "noise_multiplier", "sampling_rate", "steps", "delta", "accountant", "epsilon")
+CONSTANT_KEYS = {"autos": "autos_gamma", "nsgd": "nsgd_r", "psac": "psac_r"}  # the settings' names (config.py)
 
 
 def read_mechanism(fold_folder: str) -> tuple[str, dict[str, Any]]:
@@ -50,7 +53,22 @@ def read_mechanism(fold_folder: str) -> tuple[str, dict[str, Any]]:
     if not isinstance(rep["steps"], int) or rep["steps"] < 1:
         raise AuditInputError(f"{path}: steps = {rep['steps']!r}; the run took no private step, nothing to audit "
                               "(train first)")
-    return path, rep
+    return path, {**rep, "rule_constant": rule_constant(rep, fold_folder)}
+
+
+def rule_constant(rep: dict[str, Any], fold_folder: str) -> Any:
+    """The constant the fold's rule ran with: privacy.json's rule_constant, else (an older privacy.json) the fold's
+    dp_config.json setting of that rule (autos_gamma, nsgd_r, psac_r); never the rule's default, which may differ
+    from what the run used. flat has none (a value there is refused later by the audit's own check)."""
+    if rep.get("rule_constant") is not None or rep["rule"] not in CONSTANT_KEYS:
+        return rep.get("rule_constant")
+    key, config = CONSTANT_KEYS[rep["rule"]], join(fold_folder, CONFIG_JSON)
+    settings = load_json(config, CONFIG_JSON) if os.path.isfile(config) else {}
+    if settings.get(key) is None:
+        raise AuditInputError(f"privacy.json in {fold_folder} has rule {rep['rule']} but no rule_constant, and "
+                              f"{CONFIG_JSON} there has no {key}: the audit needs the constant the run used. Add "
+                              f'"rule_constant": <the {key} of the training> to privacy.json')
+    return settings[key]
 
 
 def audit_fold(rep: dict[str, Any], *, num_canaries: int, confidence: float) -> dict[str, Any]:
@@ -89,6 +107,8 @@ def summarise(result: dict[str, Any], rep: dict[str, Any], privacy_path: str) ->
 def render(s: dict[str, Any]) -> str:
     lines = [(f"one-run audit of {s['rule']} (C = {s['clip_norm']:g}), sigma = {s['noise_multiplier']:.4g}, "
              f"q = {s['sampling_rate']:.4g}, {s['steps']} steps, delta = {s['delta']:g} ({s['accountant']})"),
+             (f"  canaries of norm {s['canary_norm']:.6g}: scaled norm {s['canary_scaled_norm']:.6g} of the "
+              f"sensitivity {s['sensitivity']:g} under {s['rule']} (rule constant {s['rule_constant']})"),
              (f"  epsilon (accountant) = {s['epsilon']:.4f}   epsilon_lower_bound ({s['confidence']:.0%}) = "
              f"{s['epsilon_lower_bound']:.4f}   ({s['num_correct']} of {s['num_guesses']} guesses correct, "
              f"{s['num_canaries']} canaries)")]

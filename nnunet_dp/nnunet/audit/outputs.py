@@ -27,14 +27,19 @@ def write_cases_csv(path: str, rows: Sequence[Mapping[str, Any]]) -> None:
 
 def _save(fig: Figure, path: str) -> None:
     FigureCanvasAgg(fig)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.05 if fig.texts else 0, 1, 1))  # room for a caption (fig.text) at the bottom
     fig.savefig(path, dpi=110)
 
 
-def roc_plot(path: str, curves: Mapping[str, Mapping[str, Any]], *, title: str) -> None:
+def roc_plot(path: str, curves: Mapping[str, Mapping[str, Any]], *, title: str, caption: str) -> None:
+    """`roc_figure` written to `path`."""
+    _save(roc_figure(curves, title=title, caption=caption), path)
+
+
+def roc_figure(curves: Mapping[str, Mapping[str, Any]], *, title: str, caption: str) -> Figure:
     """ROC curves of the score attacks (name -> {'roc': {'fpr', 'tpr'}, 'auc'}): linear axes and log-log axes (the
-    low-FPR regime), with the chance diagonal."""
-    fig = Figure(figsize=(10, 4.6))
+    low-FPR regime), with the chance diagonal; `caption` (e.g. that the plot is private) below both."""
+    fig = Figure(figsize=(10, 4.9))
     for i, log in enumerate((False, True)):
         ax = fig.add_subplot(1, 2, i + 1)
         for name, c in curves.items():
@@ -52,7 +57,8 @@ def roc_plot(path: str, curves: Mapping[str, Mapping[str, Any]], *, title: str) 
         ax.set_ylabel("true positive rate (members found)")
         ax.set_title(("log-log: low FPR" if log else "ROC") + f" - {title}", fontsize=9)
         ax.legend(fontsize=8, loc="lower right")
-    _save(fig, path)
+    fig.text(0.5, 0.01, caption, ha="center", va="bottom", fontsize=9, color="tab:red")
+    return fig
 
 
 def canary_histogram(path: str, scores: Sequence[float], included: Sequence[bool], *, title: str) -> None:
