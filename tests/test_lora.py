@@ -74,7 +74,7 @@ def test_the_merged_plain_state_is_the_adapted_function(name):
 def test_loading_a_plain_state_keeps_its_function_and_the_factors(name):
     """nnU-Net loads plain states into the adapted network (-pretrained_weights, --c, --val): the network then
     computes the loaded state's function, whatever the factors are; factors() / load_factors restore them exactly."""
-    plain, net, _ = adapted(MAKERS[name])
+    _, net, _ = adapted(MAKERS[name])
     other = MAKERS[name]().double().eval()
     with torch.no_grad():
         for p in other.parameters():
