@@ -18,6 +18,7 @@ from nnunet_dp.errors import DPLedgerError
 from nnunet_dp.journal import History, StepJournal, total_steps
 from nnunet_dp.noise import make_generator, stream_seed
 from nnunet_dp.per_sample import LossFn, ScaledSum, Target, choose_strategy, scaled_sum, trainable_parameters
+from nnunet_dp.projection import Projection
 from nnunet_dp.rules import RuleName, make_rule
 from nnunet_dp.step import privatize_, write_grads_
 
@@ -87,6 +88,7 @@ class DPRun:
         self.strategy = choose_strategy(strategy, device=device)
         self.last: ScaledSum | None = None
         self.journal: StepJournal | None = None
+        self.projection: Projection | None = None  # setting projection: public (set before the first step)
         self._step_limit = plan.max_steps  # total steps allowed (None: no target epsilon)
 
     @property
@@ -138,7 +140,8 @@ class DPRun:
             self.journal.record_step()  # write-ahead: synced before the noise is drawn
         summed = [g.float() if g.dtype in (torch.float16, torch.bfloat16) else g for g in result.grads]
         privatize_(summed, noise_multiplier=self.plan.noise_multiplier, sensitivity=self.rule.sensitivity,
-                   expected_batch_size=self.plan.expected_batch_size, generator=self.generator)
+                   expected_batch_size=self.plan.expected_batch_size, generator=self.generator,
+                   projection=self.projection)
         write_grads_(trainable_parameters(model), summed)
         self.ledger.step(noise_multiplier=self.plan.noise_multiplier, sampling_rate=self.plan.sampling_rate)
         self.last = result

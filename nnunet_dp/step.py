@@ -12,17 +12,26 @@ import torch
 import torch.distributed as dist
 
 from nnunet_dp.noise import add_gaussian_noise_
+from nnunet_dp.projection import Projection, add_projected_noise_, project_
 
 
 def privatize_(summed: list[torch.Tensor], *, noise_multiplier: float, sensitivity: float,
-               expected_batch_size: float, generator: torch.Generator) -> list[torch.Tensor]:
+               expected_batch_size: float, generator: torch.Generator,
+               projection: Projection | None = None) -> list[torch.Tensor]:
     """In place: (sum + N(0, (sigma Delta)^2)) / (qN). The noise never depends on the batch; an empty batch
-    (sum of zeros) still gets it."""
+    (sum of zeros) still gets it. With a public `projection` (nnunet_dp.projection) the projected part is
+    V (V^T sum + noise in k dimensions); each rank projects its own sum (the map is linear)."""
     if expected_batch_size <= 0:
         raise ValueError(f"expected_batch_size (q*N) must be > 0, got {expected_batch_size}")
+    if projection is not None:
+        project_(summed, projection)
     distributed = dist.is_available() and dist.is_initialized()
     if not distributed or dist.get_rank() == 0:
-        add_gaussian_noise_(summed, std=noise_multiplier * sensitivity, generator=generator)
+        std = noise_multiplier * sensitivity
+        if projection is None:
+            add_gaussian_noise_(summed, std=std, generator=generator)
+        else:
+            add_projected_noise_(summed, projection, std=std, generator=generator)
     if distributed:
         for t in summed:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
