@@ -40,6 +40,7 @@ setup(
             "nnUNetv2_dp_demo=nnunet_dp.nnunet.demo:main",
             "nnUNetv2_dp_env=nnunet_dp.nnunet.cli:env_main",
             "nnUNetv2_dp_privacy=nnunet_dp.nnunet.cli:privacy_main",
+            "nnUNetv2_dp_export=nnunet_dp.nnunet.export:main",
             "nnUNetv2_dp_determine_postprocessing=nnunet_dp.postprocessing.cli:main",
             "nnUNetv2_dp_alignment=nnunet_dp.nnunet.alignment_cli:main",
             "nnUNetv2_dp_benchmark=nnunet_dp.nnunet.benchmark_cli:main",
