@@ -31,7 +31,7 @@ def test_top_subspace_is_numpys_top_eigenspace_of_the_second_moment():
     g = torch.randn(40, 30, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     g[:, :5] *= 10  # a dominant 5-dim direction set
     v = top_subspace(g, 5)
-    w, u = np.linalg.eigh(g.numpy().T @ g.numpy())  # ascending eigenvalues of G^T G
+    _, u = np.linalg.eigh(g.numpy().T @ g.numpy())  # ascending eigenvalues of G^T G
     reference = u[:, -5:]
     np.testing.assert_allclose(v.numpy() @ v.numpy().T, reference @ reference.T, atol=1e-10)
     np.testing.assert_allclose(v.T @ v, np.eye(5), atol=1e-12)
