@@ -29,6 +29,8 @@ SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed takes seeds below 2**63 (uns
 NORM_CONVERSIONS: tuple[str, ...] = ("batchnorm", "all")
 STRATEGIES: tuple[str, ...] = ("auto", "loop", "bk")
 Trainable = Literal["all", "norm_bias", "decoder", "heads", "lora"]
+Projection = Literal["none", "public"]
+PROJECTIONS: tuple[str, ...] = ("none", "public")
 TRAINABLE: tuple[str, ...] = ("all", "norm_bias", "decoder", "heads", "lora")
 MAX_AUGMENTATIONS_PER_CASE = 64  # De et al. 2022 saw diminishing returns after 8-16; more only multiplies the cost
 
@@ -64,6 +66,12 @@ class DPConfig:
     # fine-tuning levers (issue 11); none of them costs privacy: the unit stays the case, the sensitivity C
     trainable: Trainable = "all"  # which parameters DP-SGD trains; the others stay frozen (no gradient, noise, update)
     lora_rank: int = 4  # trainable lora: rank r of the adapters on every convolution (nnunet_dp.lora)
+    # projection public: case gradients projected on the top-projection_dim subspace of public-case gradients at the
+    # public model (nnunet_dp.projection); needs -pretrained_weights; projection_samples public patches estimate it
+    projection: Projection = "none"
+    projection_dim: int = 64
+    projection_samples: int = 256
+    projection_data: str | None = None  # preprocessed public cases; null: the public checkpoint's dataset
     augmentations_per_case: int = 1  # K patches per sampled case, their gradients averaged before the rule scales it
     ema_decay: float | None = None  # exponential moving average of the weights (post-processing); null = off
     # -pretrained_weights: also copy the public segmentation heads (nnU-Net never does) when the checkpoint's labels
@@ -242,6 +250,18 @@ def _lora_combination(cfg: DPConfig) -> None:
                             "trainable)")
 
 
+def _projection(cfg: DPConfig) -> None:
+    _choice("projection", PROJECTIONS)(cfg)
+    if cfg.projection == "public" and cfg.trainable == "lora":
+        raise DPConfigError("projection", cfg.projection, "'none' with trainable 'lora' (the public network has no "
+                            "adapters to take public gradients of); project 'all', 'decoder' or 'norm_bias'")
+    if cfg.projection_samples < cfg.projection_dim:
+        raise DPConfigError("projection_samples", cfg.projection_samples, f">= projection_dim = {cfg.projection_dim} "
+                            "(a k-dimensional subspace needs at least k public gradients)")
+    if cfg.projection_data is not None and not isinstance(cfg.projection_data, str):
+        raise DPConfigError("projection_data", cfg.projection_data, "null or the path of a preprocessed folder")
+
+
 def _privacy_target(cfg: DPConfig) -> None:
     if cfg.target_epsilon is None and cfg.noise_multiplier is None:
         raise DPConfigError("target_epsilon", None, "a number > 0 unless noise_multiplier is given "
@@ -266,4 +286,5 @@ _CHECKS = (
     _nonneg_int("alignment_every"), _seed, _positive("save_every", integer=True),
     _choice("trainable", TRAINABLE), _augmentations, _unit_interval("ema_decay", True, True, allow_none=True),
     _transfer_heads, _privacy_target, _one_rate, _positive("lora_rank", integer=True), _lora_combination,
+    _positive("projection_dim", integer=True), _positive("projection_samples", integer=True), _projection,
 )

@@ -47,10 +47,11 @@ class Projection:
         return self.dim + sum(n for n, p in zip(sizes, self.projected, strict=True) if not p)
 
 
-def top_subspace(gradients: torch.Tensor, k: int) -> torch.Tensor:
-    """The top-k right singular vectors of the m x d matrix of public gradients (d x k, orthonormal columns): the
-    subspace that holds most of the public gradients' second moment (PDP-SGD eq. 5; GEP's anchor subspace). float64
-    SVD; m may be smaller than d (only k <= min(m, d) is required)."""
+def top_subspace(gradients: torch.Tensor, k: int, *, chunk: int = 1 << 20) -> torch.Tensor:
+    """The top-k right singular vectors of the m x d matrix G of public gradients (d x k, orthonormal columns): the
+    subspace that holds most of the public gradients' second moment G^T G (PDP-SGD eq. 5; GEP's anchor subspace).
+    Through the m x m Gram matrix K = G G^T = U L U^T (float64, accumulated over column chunks, so G is never copied
+    whole in float64): V = G^T U_k L_k^(-1/2), the same vectors as the SVD's for m << d."""
     if gradients.ndim != 2:
         raise ValueError(f"public gradients must be an m x d matrix, got shape {tuple(gradients.shape)}")
     m, d = gradients.shape
@@ -58,8 +59,19 @@ def top_subspace(gradients: torch.Tensor, k: int) -> torch.Tensor:
         raise ValueError(f"projection_dim k = {k} needs 1 <= k <= min(m, d) = min({m} public gradients, d = {d})")
     if not torch.isfinite(gradients).all():
         raise ValueError("public gradients hold non-finite values: check the public model and data")
-    _, _, vh = torch.linalg.svd(gradients.double(), full_matrices=False)
-    return vh[:k].T.contiguous()
+    gram = torch.zeros(m, m, dtype=torch.float64)
+    for start in range(0, d, chunk):
+        part = gradients[:, start:start + chunk].double()
+        gram += part @ part.T
+    values, vectors = torch.linalg.eigh(gram)  # ascending
+    values, vectors = values.flip(0)[:k], vectors.flip(1)[:, :k]
+    if values[-1] <= 1e-12 * max(float(values[0]), 1e-300):
+        raise ValueError(f"the public gradients span fewer than projection_dim = {k} dimensions: lower it or use more "
+                         "public samples")
+    basis = torch.empty(d, k, dtype=torch.float64)
+    for start in range(0, d, chunk):
+        basis[start:start + chunk] = gradients[:, start:start + chunk].double().T @ vectors / values.sqrt()
+    return basis
 
 
 def _split(tensors: Sequence[torch.Tensor], projected: Sequence[bool]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

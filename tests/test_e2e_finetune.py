@@ -163,6 +163,83 @@ def test_lora_from_public_weights_resumed_then_predicted_by_stock_nnunet(public)
     assert len(list(out.glob("*.nii.gz"))) == 2
 
 
+def test_projection_public_from_the_public_model_and_its_cases(public, monkeypatch):
+    """projection public: the subspace from the public checkpoint and the preprocessed cases of its dataset, recorded
+    in privacy.json (k noise dimensions: same labels, so the heads are projected too); the update of a step lies in
+    that subspace; the training finishes and nnU-Net predicts from it."""
+    from types import SimpleNamespace
+
+    from nnunet_dp.nnunet.projection import setup_projection
+    from nnunet_dp.nnunet.trainer import nnUNetTrainerDP
+
+    root, public_file = public
+    cfg = {**{k: v for k, v in CFG.items() if k not in ("ema_decay", "augmentations_per_case")},
+           "projection": "public", "projection_dim": 6, "projection_samples": 12}
+    trainer = "nnUNetTrainerDP"
+    train(root, trainer, cfg, "-pretrained_weights", str(public_file))
+    folder = fold(root, trainer)
+    rep = json.loads((folder / "privacy.json").read_text())
+    record = rep["projection"]
+    assert record["projection"] == "public" and record["projection_dim"] == 6 and record["public_gradients"] == 12
+    assert record["unprojected_parameters"] == 0 and record["noise_dimensions"] == 6
+    assert record["projected_parameters"] == rep["num_trained_parameters"] and rep["noise"]["num_trained_parameters"] == 6
+    assert record["public_data"].endswith(f"Dataset{DS}_Test{DS}/nnUNetPlans_2d")
+    log = "\n".join(p.read_text() for p in folder.glob("training_log_*.txt"))
+    assert "DP projection=public: k=6 dimensions" in log
+    # the same subspace from the same public inputs, recomputed here; a step's update lies in it
+    for key, value in nnunet_env(root).items():
+        if key.startswith("nnUNet"):
+            monkeypatch.setenv(key, value)
+    net = plans_net(folder)
+    sel = select_trainable(net, "norm_bias")
+    fake = SimpleNamespace(dp_config=DPConfig(**{k: v for k, v in cfg.items()}), dp_selection=sel,
+                           dp_pretrained=rep["pretrained_weights"], _plain_network=lambda: net,
+                           device=torch.device("cpu"))
+    projection, again = setup_projection(fake)
+    assert again["public_energy_captured"] == pytest.approx(record["public_energy_captured"], rel=1e-6)
+    summed = [torch.randn(p.shape, dtype=torch.float64) for p in sel.trained]
+    from nnunet_dp.step import privatize_
+    out = privatize_(summed, noise_multiplier=1.0, sensitivity=1.0, expected_batch_size=3.0,
+                     generator=torch.Generator().manual_seed(0), projection=projection)
+    flat = torch.cat([t.flatten() for t in out]).double()
+    basis = projection.basis.double()
+    torch.testing.assert_close(basis @ (basis.T @ flat), flat, rtol=1e-5, atol=1e-6)
+    # only public inputs reach the subspace: with projection_data naming a folder of 3 cases, every case read is one
+    # of them, and no other preprocessed folder is opened
+    import shutil
+
+    from nnunetv2.training.dataloading import nnunet_dataset
+    source = root / "pre" / f"Dataset{DS}_Test{DS}" / "nnUNetPlans_2d"
+    case_of = lambda path: path.name.split(".")[0].removesuffix("_seg")
+    public_cases = sorted({case_of(p) for p in source.iterdir()})[:3]
+    subset = root / "public_subset"
+    subset.mkdir(exist_ok=True)
+    for f in source.iterdir():
+        if case_of(f) in public_cases:
+            shutil.copy(f, subset / f.name)
+    opened, read = [], []
+    real = nnunet_dataset.infer_dataset_class(str(subset))
+
+    class Recording(real):
+        def __init__(self, folder, *args, **kwargs):
+            opened.append(folder)
+            super().__init__(folder, *args, **kwargs)
+
+        def load_case(self, identifier):
+            read.append(identifier)
+            return super().load_case(identifier)
+
+    monkeypatch.setattr(nnunet_dataset, "infer_dataset_class", lambda folder: Recording)
+    fake.dp_config = DPConfig(**{**cfg, "projection_data": str(subset), "projection_dim": 2})  # 3 distinct patches
+    setup_projection(fake)
+    assert opened == [str(subset)] and len(read) == 12 and set(read) <= set(public_cases)
+    out = root / "pred_projection"
+    run(["nnUNetv2_predict", "-i", str(root / "raw" / f"Dataset{DS}_Test{DS}" / "imagesTs"), "-o", str(out),
+         "-d", str(DS), "-c", "2d", "-f", "0", "-tr", trainer, "-device", "cpu", "-npp", "1", "-nps", "1"],
+        nnunet_env(root))
+    assert len(list(out.glob("*.nii.gz"))) == 2
+
+
 def test_advise_with_pretrained_gives_the_fine_tuning_lr(public, monkeypatch, capsys, tmp_path):
     """nnUNetv2_dp_advise --pretrained: the lr column is the trainer's fine-tuning rule, in closed form from the RMS of
     the public file's weights that norm_bias trains (heads included: same labels, transferred)."""

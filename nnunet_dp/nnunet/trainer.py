@@ -34,6 +34,7 @@ from nnunet_dp.nnunet.augmenter import make_augmenter
 from nnunet_dp.nnunet.case_loss import make_case_loss
 from nnunet_dp.nnunet.loader import nnUNetPoissonDataLoader
 from nnunet_dp.nnunet.plans import apply_dp_to_configuration, plans_provenance, start_without_fingerprint
+from nnunet_dp.nnunet.projection import setup_projection
 from nnunet_dp.nnunet.report import CONFIG_JSON, PRIVACY_JSON, privacy_report, write_json_atomic
 from nnunet_dp.nnunet.resume import attach_journal, check_dropped, check_labels, load_dp_config, read_checkpoint
 from nnunet_dp.nnunet.threads import apply_cpu_threads
@@ -76,6 +77,7 @@ class nnUNetTrainerDP(nnUNetTrainer):
         self.dp_selection: finetune.Selection | None = None  # the parameters DP-SGD trains (setting trainable)
         self.dp_pretrained: dict | None = None  # privacy.json's pretrained_weights (nnunet_dp.nnunet.finetune)
         self.dp_ema: ParameterEMA | None = None  # setting ema_decay
+        self.dp_projection: dict | None = None  # privacy.json's record of the public subspace (setting projection)
         self.dp_raw_weights: dict | None = None  # raw weights of a loaded checkpoint_final/best, for a resume
 
     # ---- network, loss, compile -------------------------------------------------------------------------------
@@ -97,10 +99,12 @@ class nnUNetTrainerDP(nnUNetTrainer):
         # nnU-Net's loss with a batched per-case evaluation (book-keeping strategy); identical values to self.loss
         self.dp_loss = make_case_loss(self.loss)
 
-    def _log_noise_advice(self) -> None:
-        """The noise on the averaged update against the signal C (nnunet_dp.advise), logged and in privacy.json."""
+    def _log_noise_advice(self, dimensions: int | None = None) -> None:
+        """The noise on the averaged update against the signal C (nnunet_dp.advise), logged and in privacy.json.
+        dimensions: the noise's dimensions when not the trained parameters' count (projection)."""
         finetuning = finetune.pretrained_weights_arg(sys.argv[1:]) is not None  # nnU-Net loads it after initialize
-        self.dp_noise, warning = training_advice(self._dp_setup().plan, self.dp_selection.num_trained, finetuning)
+        d = self.dp_selection.num_trained if dimensions is None else dimensions
+        self.dp_noise, warning = training_advice(self._dp_setup().plan, d, finetuning)
         n = self.dp_noise["noise"]
         self.print_to_log_file(f"DP noise: norm ~{n['noise_norm']:.4g} on the averaged update = {n['noise_ratio']:.3g} x"
                                f" the largest signal C (sigma*sqrt(d)/(qN), d = {n['num_trained_parameters']} trained "
@@ -280,12 +284,26 @@ class nnUNetTrainerDP(nnUNetTrainer):
         else:
             super().on_train_start()
         self.dp_status = "training"
+        self._setup_projection()
         attach_journal(self)
         if self.local_rank == 0:
             write_json_atomic(join(self.output_folder, CONFIG_JSON),
                               {"trainer": self.__class__.__name__, "rule": self.dp_rule,
                                **self.dp_config.release_dict()})
             self._write_privacy_json()
+
+    def _setup_projection(self) -> None:
+        """projection public: the public subspace (nnunet_dp.nnunet.projection), before the first step."""
+        if self.dp_config.projection != "public":
+            return
+        self.dp_run.projection, self.dp_projection = setup_projection(self)
+        r = self.dp_projection
+        self.print_to_log_file(f"DP projection=public: k={r['projection_dim']} dimensions of {r['projected_parameters']} "
+                               f"projected parameters ({r['public_energy_captured']:.1%} of the {r['public_gradients']} "
+                               f"public gradients' energy; public data {r['public_data']}); "
+                               f"{r['unprojected_parameters']} parameters not projected; noise in "
+                               f"{r['noise_dimensions']} dimensions")
+        self._log_noise_advice(r["noise_dimensions"])
 
     def on_epoch_end(self) -> None:
         checkpoints.restart_ema(self.logger.get_value("ema_fg_dice", step=None),
@@ -317,7 +335,8 @@ class nnUNetTrainerDP(nnUNetTrainer):
     def _write_privacy_json(self) -> None:
         if self.local_rank == 0 and self.dp_run is not None:
             extra, assumptions = finetune.report_extra(self.dp_config, self.dp_selection, self.dp_pretrained)
-            extra.update(self.dp_noise or {}, initial_lr=self.initial_lr, lr_rule=self.dp_lr_rule)
+            extra.update(self.dp_noise or {}, initial_lr=self.initial_lr, lr_rule=self.dp_lr_rule,
+                         projection=self.dp_projection or {"projection": "none"})
             write_json_atomic(join(self.output_folder, PRIVACY_JSON),
                               privacy_report(self.dp_run, status=self.dp_status,
                                              private_randomness=self._private_randomness(),
