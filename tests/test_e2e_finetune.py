@@ -170,7 +170,6 @@ def test_projection_public_from_the_public_model_and_its_cases(public, monkeypat
     from types import SimpleNamespace
 
     from nnunet_dp.nnunet.projection import setup_projection
-    from nnunet_dp.nnunet.trainer import nnUNetTrainerDP
 
     root, public_file = public
     cfg = {**{k: v for k, v in CFG.items() if k not in ("ema_decay", "augmentations_per_case")},
