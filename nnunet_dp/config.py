@@ -30,6 +30,8 @@ NORM_CONVERSIONS: tuple[str, ...] = ("batchnorm", "all")
 STRATEGIES: tuple[str, ...] = ("auto", "loop", "bk")
 Trainable = Literal["all", "norm_bias", "decoder", "heads", "lora"]
 Projection = Literal["none", "public"]
+MorphMode = Literal["none", "close", "open", "adaptive"]
+MORPH_MODES: tuple[str, ...] = ("none", "close", "open", "adaptive")
 PROJECTIONS: tuple[str, ...] = ("none", "public")
 TRAINABLE: tuple[str, ...] = ("all", "norm_bias", "decoder", "heads", "lora")
 MAX_AUGMENTATIONS_PER_CASE = 64  # De et al. 2022 saw diminishing returns after 8-16; more only multiplies the cost
@@ -72,6 +74,11 @@ class DPConfig:
     projection_dim: int = 64
     projection_samples: int = 256
     projection_data: str | None = None  # preprocessed public cases; null: the public checkpoint's dataset
+    # DP-Morph inside training (nnunet_dp.morph): opening/closing of each foreground class's logits in the network,
+    # before the loss and at inference; adaptive: per class from morph_classes {"1": "close", "2": ["open", 5]}
+    morph_in_training: MorphMode = "none"
+    morph_kernel: int | list[int] = 3
+    morph_classes: dict[str, Any] | None = None
     augmentations_per_case: int = 1  # K patches per sampled case, their gradients averaged before the rule scales it
     ema_decay: float | None = None  # exponential moving average of the weights (post-processing); null = off
     # -pretrained_weights: also copy the public segmentation heads (nnU-Net never does) when the checkpoint's labels
@@ -132,6 +139,26 @@ class DPConfig:
         (DESIGN.md invariant 8: a seed regenerates all noise, so it never goes into a file)."""
         out = {k: v for k, v in self.to_dict().items() if k != "seed"}
         out["private_randomness"] = self.private_randomness
+        return out
+
+    def morph_ops(self, num_classes: int, dims: int) -> dict[str, list]:
+        """morph_in_training as the network's per-class operations {"label": [op, kernel per axis]} (empty: none)."""
+        def kernel(k: int | list[int]) -> list[int]:
+            sizes = k if isinstance(k, list) else [k] * dims
+            if len(sizes) != dims:
+                raise DPConfigError("morph_kernel", k, f"one size or {dims} sizes (one per axis of this configuration)")
+            return sizes
+        if self.morph_in_training == "none":
+            return {}
+        if self.morph_in_training in ("open", "close"):
+            return {str(c): [self.morph_in_training, kernel(self.morph_kernel)] for c in range(1, num_classes)}
+        out = {}
+        for label, entry in (self.morph_classes or {}).items():
+            op, k = (entry, self.morph_kernel) if isinstance(entry, str) else (entry[0], entry[1] if len(entry) > 1
+                                                                             else self.morph_kernel)
+            if int(label) >= num_classes:
+                raise DPConfigError("morph_classes", {label: entry}, f"labels of this dataset: 1..{num_classes - 1}")
+            out[str(int(label))] = [op, kernel(k)]
         return out
 
     def sampling_rate_for(self, num_cases: int, plans_batch_size: int) -> float:
@@ -262,6 +289,33 @@ def _projection(cfg: DPConfig) -> None:
         raise DPConfigError("projection_data", cfg.projection_data, "null or the path of a preprocessed folder")
 
 
+def _odd_sizes(key: str, value: Any) -> list[int]:
+    sizes = value if isinstance(value, list) else [value]
+    if not sizes or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 or k % 2 == 0 for k in sizes):
+        raise DPConfigError(key, value, "an odd integer >= 1 (e.g. 3) or a list of them, one per image axis")
+    return sizes
+
+
+def _morph(cfg: DPConfig) -> None:
+    _choice("morph_in_training", MORPH_MODES)(cfg)
+    _odd_sizes("morph_kernel", cfg.morph_kernel)
+    classes = cfg.morph_classes
+    if cfg.morph_in_training == "adaptive" and not classes:
+        raise DPConfigError("morph_classes", classes, "a mapping of foreground labels to 'open', 'close' or 'none' "
+                            "(optionally [op, kernel]) with morph_in_training 'adaptive', e.g. {\"1\": \"close\", "
+                            "\"2\": [\"open\", 5]}: chosen without the private cases (by you, or on public data)")
+    if classes is None:
+        return
+    if not isinstance(classes, dict):
+        raise DPConfigError("morph_classes", classes, "null or a mapping {\"label\": op or [op, kernel]}")
+    for label, entry in classes.items():
+        op, kernel = (entry, cfg.morph_kernel) if isinstance(entry, str) else (list(entry) + [None])[:2]
+        if not str(label).isdigit() or int(label) < 1 or op not in ("none", "open", "close"):
+            raise DPConfigError("morph_classes", {label: entry}, "a foreground label (integer >= 1) mapped to 'open', "
+                                "'close' or 'none', or to [op, kernel]")
+        _odd_sizes("morph_classes", cfg.morph_kernel if kernel is None else kernel)
+
+
 def _privacy_target(cfg: DPConfig) -> None:
     if cfg.target_epsilon is None and cfg.noise_multiplier is None:
         raise DPConfigError("target_epsilon", None, "a number > 0 unless noise_multiplier is given "
@@ -286,5 +340,5 @@ _CHECKS = (
     _nonneg_int("alignment_every"), _seed, _positive("save_every", integer=True),
     _choice("trainable", TRAINABLE), _augmentations, _unit_interval("ema_decay", True, True, allow_none=True),
     _transfer_heads, _privacy_target, _one_rate, _positive("lora_rank", integer=True), _lora_combination,
-    _positive("projection_dim", integer=True), _positive("projection_samples", integer=True), _projection,
+    _positive("projection_dim", integer=True), _positive("projection_samples", integer=True), _projection, _morph,
 )

@@ -239,6 +239,35 @@ def test_projection_public_from_the_public_model_and_its_cases(public, monkeypat
     assert len(list(out.glob("*.nii.gz"))) == 2
 
 
+def test_morph_in_training_from_public_weights_then_stock_prediction(public, monkeypatch):
+    """morph_in_training close: the saved plans build nnunet_dp.morph's network (the public weights load into it as
+    into the plain one), training runs, and nnUNetv2_predict applies the closing: its predictions equal the plain
+    network's with the closing applied to the logits."""
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    from nnunet_dp.morph import MORPH_NETWORK_PATH
+
+    root, public_file = public
+    cfg = {**{k: v for k, v in CFG.items() if k not in ("ema_decay", "augmentations_per_case")},
+           "morph_in_training": "close", "morph_kernel": 5, "num_epochs": 1}
+    trainer = "nnUNetTrainerDP_AutoS"
+    train(root, trainer, cfg, "-pretrained_weights", str(public_file))
+    folder = fold(root, trainer)
+    arch = json.loads((folder.parent / "plans.json").read_text())["configurations"]["2d"]["architecture"]
+    assert arch["network_class_name"] == MORPH_NETWORK_PATH
+    assert arch["arch_kwargs"]["morph_ops"] == {"1": ["close", [5, 5]], "2": ["close", [5, 5]]}
+    assert json.loads((folder / "privacy.json").read_text())["morph_in_training"] == "close"
+    out = root / "pred_morph"
+    run(["nnUNetv2_predict", "-i", str(root / "raw" / f"Dataset{DS}_Test{DS}" / "imagesTs"), "-o", str(out),
+         "-d", str(DS), "-c", "2d", "-f", "0", "-tr", trainer, "-device", "cpu", "-npp", "1", "-nps", "1"],
+        nnunet_env(root))
+    assert len(list(out.glob("*.nii.gz"))) == 2
+    monkeypatch.setenv("nnUNet_extTrainer", nnunet_env(root)["nnUNet_extTrainer"])
+    predictor = nnUNetPredictor(device=torch.device("cpu"), use_mirroring=False)
+    predictor.initialize_from_trained_model_folder(str(folder.parent), use_folds=(0,))
+    assert predictor.network.dp_morph_ops == {1: ("close", (5, 5)), 2: ("close", (5, 5))}
+
+
 def test_advise_with_pretrained_gives_the_fine_tuning_lr(public, monkeypatch, capsys, tmp_path):
     """nnUNetv2_dp_advise --pretrained: the lr column is the trainer's fine-tuning rule, in closed form from the RMS of
     the public file's weights that norm_bias trains (heads included: same labels, transferred)."""

@@ -295,7 +295,8 @@ def report_extra(cfg: DPConfig, selection: Selection | None,
              "num_trained_parameters": None if selection is None else selection.num_trained,
              "num_parameters": None if selection is None else selection.num_parameters,
              "pretrained_weights": pretrained, "augmentations_per_case": cfg.augmentations_per_case,
-             "ema_decay": cfg.ema_decay, **({"lora_rank": cfg.lora_rank} if cfg.trainable == "lora" else {})}
+             "ema_decay": cfg.ema_decay, **({"lora_rank": cfg.lora_rank} if cfg.trainable == "lora" else {}),
+             "morph_in_training": cfg.morph_in_training}
     return extra, [PRETRAINED_ASSUMPTION] if pretrained is not None else []
 
 

@@ -22,6 +22,7 @@ from torch import distributed as dist
 
 from nnunet_dp.config import NormConversion
 from nnunet_dp.layers import GROUP_NORM_PATH
+from nnunet_dp.morph import MORPH_NETWORK_PATH
 
 _BATCH_NORM_MARKERS = ("BatchNorm",)
 _NORM_MARKERS = ("BatchNorm", "InstanceNorm", "GroupNorm", "LayerNorm")
@@ -45,12 +46,26 @@ def dp_architecture(architecture: dict, *, norm_conversion: NormConversion, num_
     return arch
 
 
+def morph_architecture(architecture: dict, morph_ops: dict[str, list]) -> dict:
+    """The architecture with DP-Morph in training (nnunet_dp.morph.morph_network wrapping the plans' network class),
+    unchanged when `morph_ops` is empty."""
+    if not morph_ops:
+        return architecture
+    arch = copy.deepcopy(architecture)
+    if arch["network_class_name"] != MORPH_NETWORK_PATH:
+        arch["arch_kwargs"]["morph_base_network"] = arch["network_class_name"]
+        arch["network_class_name"] = MORPH_NETWORK_PATH
+    arch["arch_kwargs"]["morph_ops"] = morph_ops
+    return arch
+
+
 def apply_dp_to_configuration(plans: dict, resolved_configuration: dict, configuration_name: str, *,
-                              norm_conversion: NormConversion, num_groups: int) -> None:
+                              norm_conversion: NormConversion, num_groups: int,
+                              morph_ops: dict[str, list] | None = None) -> None:
     """In place, on both the plans dict (saved to the results folder) and the resolved configuration used now:
-    batch Dice off (it couples cases) and per-sample norms."""
-    arch = dp_architecture(resolved_configuration["architecture"], norm_conversion=norm_conversion,
-                           num_groups=num_groups)
+    batch Dice off (it couples cases), per-sample norms, and DP-Morph in training where `morph_ops` names any."""
+    arch = morph_architecture(dp_architecture(resolved_configuration["architecture"], norm_conversion=norm_conversion,
+                                              num_groups=num_groups), morph_ops or {})
     for target in (plans["configurations"][configuration_name], resolved_configuration):
         target["architecture"] = copy.deepcopy(arch)
         target["batch_dice"] = False

@@ -67,7 +67,7 @@ class nnUNetTrainerDP(nnUNetTrainer):
         self.grad_scaler = None  # per-case norms must be unscaled; CUDA uses bf16 autocast without a GradScaler
         apply_dp_to_configuration(self.plans_manager.plans, self.configuration_manager.configuration,
                                   configuration, norm_conversion=cfg.norm_conversion,
-                                  num_groups=cfg.group_norm_groups)
+                                  num_groups=cfg.group_norm_groups, morph_ops=self._morph_ops())
         self.dp_run: DPRun | None = None
         self.dp_status = "initialised"
         self.dp_resumed_steps: int | None = None  # ledger steps of the checkpoint loaded by --c / --val
@@ -79,6 +79,14 @@ class nnUNetTrainerDP(nnUNetTrainer):
         self.dp_ema: ParameterEMA | None = None  # setting ema_decay
         self.dp_projection: dict | None = None  # privacy.json's record of the public subspace (setting projection)
         self.dp_raw_weights: dict | None = None  # raw weights of a loaded checkpoint_final/best, for a resume
+
+    def _morph_ops(self) -> dict[str, list]:
+        """morph_in_training as the per-class operations the plans' network applies (nnunet_dp.morph)."""
+        cfg = self.dp_config
+        if cfg.morph_in_training != "none" and self.label_manager.has_regions:
+            raise DPConfigError("morph_in_training", cfg.morph_in_training, "'none' for a region-based dataset "
+                                "(the operations act on the labels' classes)", self.dp_config_source)
+        return cfg.morph_ops(self.label_manager.num_segmentation_heads, len(self.configuration_manager.patch_size))
 
     # ---- network, loss, compile -------------------------------------------------------------------------------
     def _do_i_compile(self) -> bool:
