@@ -3,7 +3,6 @@ the plans (same parameters, outputs filtered at every deep-supervision scale), a
 engines."""
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
