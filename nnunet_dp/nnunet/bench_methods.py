@@ -22,10 +22,11 @@ from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from torch import nn
 
 from nnunet_dp import benchmark as core
+from nnunet_dp import lora
 from nnunet_dp.config import DPConfig
 from nnunet_dp.nnunet.case_loss import make_case_loss
 from nnunet_dp.nnunet.finetune import freeze_, select_trainable
-from nnunet_dp.nnunet.plans import dp_architecture
+from nnunet_dp.nnunet.plans import dp_architecture, morph_architecture
 from nnunet_dp.per_sample import _STRATEGIES, choose_strategy
 from nnunet_dp.run import DPRun, dp_autocast, make_plan
 
@@ -41,11 +42,14 @@ class BenchConfig:
     plans_batch_size: int
     architecture: dict  # nnU-Net plans 'architecture' entry (network_class_name, arch_kwargs, _kw_requires_import)
     trainable: str = "all"  # DP setting `trainable`, applied to every method's network (nnU-Net's step included)
+    morph: str = "none"  # DP setting morph_in_training (close/open on every foreground class, kernel 3)
 
     @property
     def label(self) -> str:
-        """The configuration's name in the tables: `2d`, or `2d/norm_bias` for a trained subset."""
-        return self.name if self.trainable == "all" else f"{self.name}/{self.trainable}"
+        """The configuration's name in the tables: `2d`, `2d/norm_bias` for a trained subset, `2d+close` with
+        DP-Morph in training."""
+        name = self.name if self.trainable == "all" else f"{self.name}/{self.trainable}"
+        return name if self.morph == "none" else f"{name}+{self.morph}"
 
     @property
     def strides(self) -> np.ndarray:
@@ -86,11 +90,16 @@ def build_network(cfg: BenchConfig, *, seed: int, inplace: bool = True) -> nn.Mo
     """The plans' network; parameters outside cfg.trainable are frozen exactly as the DP trainers freeze them
     (nnunet_dp.nnunet.finetune.select_trainable + freeze_)."""
     arch = copy.deepcopy(cfg.architecture)
+    if cfg.morph != "none":
+        dims = len(cfg.patch_size)
+        arch = morph_architecture(arch, {str(c): [cfg.morph, [3] * dims] for c in range(1, NUM_CLASSES)})
     if not inplace:
         arch["arch_kwargs"]["nonlin_kwargs"] = {**(arch["arch_kwargs"].get("nonlin_kwargs") or {}), "inplace": False}
     torch.manual_seed(seed)
     net = get_network_from_plans(arch["network_class_name"], arch["arch_kwargs"], arch["_kw_requires_import"], 1,
                                  NUM_CLASSES, allow_init=True, deep_supervision=True)
+    if cfg.trainable == "lora":
+        lora.add_adapters_(net, DPConfig().lora_rank, skip=list(net.decoder.seg_layers.modules()))
     if cfg.trainable != "all":
         freeze_(net, select_trainable(net, cfg.trainable))
     return net

@@ -133,7 +133,7 @@ def cpu_peak_mb(name: str, cfg: BenchConfig, b: int, args: argparse.Namespace) -
     argv = ["-m", "nnunet_dp.nnunet.benchmark_cli", "--probe-memory", name, "--configs", cfg.name,
             "--batch-size", str(b), "--threads", str(torch.get_num_threads()), "-device", "cpu"]
     argv += ["--quick"] if args.quick else ["--plans", *args.plans]
-    argv += ["--trainable", cfg.trainable]
+    argv += ["--trainable", cfg.trainable, "--morph", cfg.morph]
     out = core.run_json_subprocess(argv, timeout=args.probe_timeout)
     return out.get("peak_mem_mb"), out.get("error", "")
 
@@ -208,6 +208,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--trainable", nargs="+", default=["all"], choices=TRAINABLE,
                    help="DP setting trainable for every method; several values run each configuration once per value "
                         "(default: all)")
+    p.add_argument("--morph", nargs="+", default=["none"], choices=("none", "close", "open"),
+                   help="DP setting morph_in_training (kernel 3 on every foreground class) for every method; several "
+                        "values run each configuration once per value, e.g. --morph none close (default: none)")
     p.add_argument("--quick", action="store_true", help="CI smoke test: tiny networks, 1 round, no plans needed")
     p.add_argument("--batch-size", type=int, default=0, help="cases per step (default: plans; CPU: capped)")
     p.add_argument("--max-batch-voxels", type=int, default=200_000,
@@ -240,13 +243,15 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         sys.exit(f"--configs {' '.join(unknown)}: not in the plans; known: {', '.join(configs)}")
     if args.probe_memory:
-        return probe_memory(args, replace(configs[names[0]], trainable=args.trainable[0]))
+        return probe_memory(args, replace(configs[names[0]], trainable=args.trainable[0], morph=args.morph[0]))
     env = core.environment(device)
     print(f"nnUNetv2_dp_benchmark on {env}", flush=True)
     rows: list[core.Row] = []
     for name in names:
         for trainable in args.trainable:
-            rows += bench_config(replace(configs[name], trainable=trainable), args.methods, device, args)
+            for morph in args.morph:
+                rows += bench_config(replace(configs[name], trainable=trainable, morph=morph), args.methods, device,
+                                     args)
     env_end = core.environment(device)
     header = (f"device {device} ({env.get('gpu', 'CPU')}), torch {env['torch']}, {env['threads']} threads; "
               f"load average {env['loadavg']} at start, {env_end['loadavg']} at end; median of {args.rounds} rounds")
