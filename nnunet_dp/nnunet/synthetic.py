@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from os.path import join
 from typing import Literal
 
@@ -16,19 +17,35 @@ import numpy as np
 import SimpleITK as sitk
 
 
-def _case(rng: np.random.Generator, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+@dataclass(frozen=True)
+class Appearance:
+    """How a case looks: the objects' intensities (disk, ring) over a background of 0, the noise std, a constant
+    intensity offset (a scanner/site shift) and the radius range's scale. The defaults are the easy task the demo and
+    the tests use (intensity alone separates the classes); `HARD` needs shape: both objects equally bright, weak."""
+
+    intensities: tuple[float, float] = (1.5, 2.5)
+    noise: float = 0.6
+    offset: float = 0.0
+    radius_scale: float = 1.0
+
+
+HARD = Appearance(intensities=(0.8, 0.8), noise=1.0)
+
+
+def _case(rng: np.random.Generator, shape: tuple[int, ...],
+          look: Appearance = Appearance()) -> tuple[np.ndarray, np.ndarray]:
     """One image/label pair: a filled disk/ball (1) and a ring/shell (2) at random places, plus noise."""
     grid = np.indices(shape, dtype=np.float32)
     seg = np.zeros(shape, dtype=np.uint8)
     size = min(shape[-2:])
     for label, (r_lo, r_hi), hollow in ((1, (0.12, 0.2), False), (2, (0.15, 0.22), True)):
         center = [rng.uniform(0.3 * s, 0.7 * s) if s > 1 else 0 for s in shape]
-        r = rng.uniform(r_lo, r_hi) * size
+        r = rng.uniform(r_lo, r_hi) * size * look.radius_scale
         dist = np.sqrt(sum((g - c) ** 2 for g, c, s in zip(grid, center, shape) if s > 1))
         mask = (dist <= r) & (dist >= 0.6 * r) if hollow else dist <= r
         seg[mask & (seg == 0)] = label
-    image = rng.normal(0.0, 0.6, shape).astype(np.float32)
-    image += np.choose(seg, [0.0, 1.5, 2.5]).astype(np.float32)
+    image = rng.normal(0.0, look.noise, shape).astype(np.float32)
+    image += np.choose(seg, [0.0, *look.intensities]).astype(np.float32) + np.float32(look.offset)
     return image, seg
 
 
@@ -84,11 +101,13 @@ def _check_format(shape: tuple[int, ...], channels: int, file_ending: str) -> No
 
 def make_dataset(raw_folder: str, *, dataset_id: int = 990, name: str = "DPDemo", num_train: int = 24,
                  num_test: int = 6, shape: tuple[int, ...] = (64, 64), seed: int = 0,
-                 binary: bool = False, channels: int = 1, file_ending: FileEnding = ".nii.gz") -> str:
+                 binary: bool = False, channels: int = 1, file_ending: FileEnding = ".nii.gz",
+                 appearance: Appearance = Appearance(), first_case: int = 0) -> str:
     """Write Dataset{id}_{name} into `raw_folder` (imagesTr/labelsTr/imagesTs/labelsTs). Returns its path.
 
     channels: image channels per case; file_ending: ".nii.gz" (default) or ".png" (2D only; 1 or 3 channels, RGB in
-    one file). The defaults write exactly what earlier versions wrote."""
+    one file); appearance: the task's look (Appearance; HARD needs shape); first_case: the first case number (case ids
+    of datasets drawn from one population stay distinct). The defaults write exactly what earlier versions wrote."""
     _check_format(tuple(shape), channels, file_ending)
     folder = join(raw_folder, f"Dataset{dataset_id:03d}_{name}")
     for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
@@ -96,12 +115,12 @@ def make_dataset(raw_folder: str, *, dataset_id: int = 990, name: str = "DPDemo"
     rng = np.random.default_rng(seed)
     spacing = (1.0,) * len(shape)
     for i in range(num_train + num_test):
-        image, seg = _case(rng, shape)
+        image, seg = _case(rng, shape, appearance)
         if binary:
             seg = (seg > 0).astype(np.uint8)
         split = "Tr" if i < num_train else "Ts"
         images = _channels(rng, image, seg, channels) if channels > 1 else [image]
-        _write_case(images, seg, folder, split, f"case_{i:03d}", file_ending, spacing)
+        _write_case(images, seg, folder, split, f"case_{first_case + i:03d}", file_ending, spacing)
     labels = {"background": 0, "disk": 1} if binary else {"background": 0, "disk": 1, "ring": 2}
     names = {"0": "R", "1": "G", "2": "B"} if file_ending == ".png" and channels == 3 else \
         {str(c): "synthetic" if c == 0 else f"synthetic{c}" for c in range(channels)}
