@@ -3,7 +3,20 @@ import json
 import math
 import os
 
+import pytest
 from e2e import run
+from opacus.accountants import PRVAccountant, RDPAccountant
+
+from nnunet_dp.nnunet.morph_selection import DEFAULT_EPSILON_SELECT
+
+
+def _opacus_epsilon(privacy: dict) -> float:
+    """The reference: one opacus accountant stepped through the run's ledger history, at its delta."""
+    acc = RDPAccountant() if privacy["accountant"] == "rdp" else PRVAccountant()
+    for sigma, q, n in privacy["ledger_history"]:
+        for _ in range(n):
+            acc.step(noise_multiplier=sigma, sample_rate=q)
+    return float(acc.get_epsilon(delta=privacy["delta"]))
 
 
 def test_demo_quick_runs_the_whole_pipeline(tmp_path):
@@ -21,4 +34,13 @@ def test_demo_quick_runs_the_whole_pipeline(tmp_path):
         assert set(result[key]) == {"1", "2"}
         assert all(0.0 <= v <= 1.0 and not math.isnan(v) for v in result[key].values())
     assert (work / "test_predictions_dpmorph").is_dir()
-    assert result["dpmorph"]["dp_morph"]["privacy"]["private_selection"] is False  # the json says it is not private
+    # the DP-Morph choice is private by default, and the numbers with it carry training + selection epsilon
+    morph = result["dpmorph"]["dp_morph"]["privacy"]
+    assert (morph["private_selection"], morph["private_randomness"]) == (True, True)
+    assert morph["epsilon_select"] == result["epsilon_select"] == DEFAULT_EPSILON_SELECT
+    assert result["dpmorph_selection"] == "private" and result["not_covered"] == []
+    assert result["epsilon_training"] == pytest.approx(_opacus_epsilon(privacy), rel=1e-9)
+    assert result["epsilon_total"] == pytest.approx(_opacus_epsilon(privacy) + DEFAULT_EPSILON_SELECT, rel=1e-9)
+    assert (f"privacy with DP-Morph: epsilon = {result['epsilon_training']:.3f} (training) + "
+            f"{DEFAULT_EPSILON_SELECT:g} (selection) = {result['epsilon_total']:.3f} (total, at delta = "
+            f"{privacy['delta']:g}") in proc.stdout

@@ -1,6 +1,6 @@
-"""nnUNetv2_dp_experiment: the held-out split, the DP-Morph choice blind to test labels, the lr sweep and its choice on
-validation, and a minimal end-to-end run (non-private + flat at one ε with the default lr rule and --lrs 0.05, all
-three refinements) with resume."""
+"""nnUNetv2_dp_experiment: the held-out split, the DP-Morph choice blind to test labels and private by default (each
+refined row's ε composed with ε_select), the lr sweep and its choice on validation, and a minimal end-to-end run
+(non-private + flat at one ε with the default lr rule and --lrs 0.05, all three refinements) with resume."""
 from __future__ import annotations
 
 import csv
@@ -16,10 +16,14 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 from e2e import nnunet_env, run
+from opacus.accountants import PRVAccountant, RDPAccountant
 
 from nnunet_dp.config import DPConfig
+from nnunet_dp.nnunet.cli import load_fold
 from nnunet_dp.nnunet.experiment import cli as experiment_cli
 from nnunet_dp.nnunet.experiment.aggregate import CHOSEN, DEFAULT, mark_choice
+from nnunet_dp.nnunet.experiment.dpmorph import choose_and_apply, stale_choice
+from nnunet_dp.nnunet.experiment.grid import finished_result
 from nnunet_dp.nnunet.experiment.plan import (
     BUDGETS,
     ExperimentError,
@@ -29,9 +33,20 @@ from nnunet_dp.nnunet.experiment.plan import (
     split_cases,
 )
 from nnunet_dp.nnunet.experiment.report import write_report
-from nnunet_dp.nnunet.experiment.run import choose_and_apply
+from nnunet_dp.nnunet.experiment.run import Context
+from nnunet_dp.nnunet.morph_selection import (
+    DEFAULT as PRIVATE_DEFAULT,
+)
+from nnunet_dp.nnunet.morph_selection import (
+    DEFAULT_EPSILON_SELECT,
+    NONPRIVATE,
+    NOT_PRIVATE,
+    MorphSelection,
+    read_selection,
+)
 from nnunet_dp.nnunet.synthetic import make_dataset
 from nnunet_dp.optim import default_lr
+from nnunet_dp.release import compose_release
 
 DATASET_ID = 977
 SWEEP_LR = 0.05  # the end-to-end run's --lrs
@@ -119,6 +134,94 @@ def test_bad_lrs_stop_before_any_work(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match=r"--lrs.*DP rules"):
         experiment_cli.main(["-d", "1", "--rules", "nonprivate", "--lrs", "0.05", "-o", str(tmp_path / "out")])
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize(("argv", "fragments"), [
+    (["--epsilon-select", "0"], ["--epsilon-select = 0.0 is not allowed: expected a finite number > 0",
+                                 "--epsilon-select 1"]),
+    (["--epsilon-select", "inf"], ["--epsilon-select = inf"]),
+    (["--dpmorph-selection", "nonprivate", "--epsilon-select", "2"], [
+        "--epsilon-select = 2.0 is not allowed: expected no value with --dpmorph-selection nonprivate",
+        "Drop --epsilon-select"]),
+    (["--dpmorph-selection", "argmax"], ["--dpmorph-selection = 'argmax'", "['private', 'nonprivate']"]),
+])
+def test_bad_selection_options_stop_before_any_work(tmp_path, monkeypatch, argv, fragments):
+    for var in ("nnUNet_raw", "nnUNet_preprocessed"):
+        monkeypatch.setenv(var, str(tmp_path / var))
+    with pytest.raises(SystemExit) as info:
+        experiment_cli.main(["-d", "1", "-o", str(tmp_path / "out"), *argv])
+    for fragment in fragments:
+        assert fragment in str(info.value), (fragment, str(info.value))
+    assert os.listdir(tmp_path) == []
+
+
+def _refined(run_, rule, eps, selection, *, total=None, dice=0.45, public=False):
+    """A result.json with none and global scores; `selection` None: one written before the selection options."""
+    r = _fake_result(run_, rule, eps, dice=dice)
+    r["scores"]["global"] = {"dice": {"disk": 0.6, "ring": 0.5}, "dice_mean": dice + 0.1, "num_cases": 2}
+    r["validation_dice"]["global"] = 0.35
+    if public:
+        r.update(rule="public", target_epsilon=None, epsilon=None, steps=0, initial_lr=None, lr_used=None)
+    if selection is not None:
+        r["dpmorph_selection"] = selection.record()
+        private = selection.mode == "private"
+        r["selection"] = {"global": {"selection": "private" if private else NOT_PRIVATE,
+                                     "epsilon_select": selection.epsilon_select, "epsilon_total": total}}
+    return r
+
+
+def test_report_labels_every_refined_row_by_how_its_choice_was_made(tmp_path):
+    """Private: the row carries ε_select and the composed ε (the plot places it there); not private (the option, or a
+    result.json from before it): 'selection not private', no epsilon_total, private_randomness no; the public model
+    alone: ε_select alone."""
+    private = MorphSelection("private", 0.5)
+    results = [_refined("nonprivate", "nonprivate", None, private, dice=0.8),
+               _refined("flat_eps8", "flat", 8.0, private, total=8.5),
+               _refined("flat_eps1", "flat", 1.0, None),
+               _refined("public_alone", "public", None, private, total=0.5, public=True)]
+    write_report(str(tmp_path), {**_header(), "dpmorph_selection": private.record()}, results)
+    with open(tmp_path / "results.csv") as f:
+        table = {(r["run"], r["refinement"]): r for r in csv.DictReader(f)}
+    fields = ("selection", "epsilon_select", "epsilon_total", "private_randomness")
+    assert [table[("flat_eps8", "global")][k] for k in fields] == ["private", "0.5", "8.5", "yes"]
+    assert [table[("flat_eps8", "none")][k] for k in fields] == ["–", "", "8.0", "yes"]
+    assert [table[("flat_eps1", "global")][k] for k in fields] == [NOT_PRIVATE, "", "", "no (selection not private)"]
+    assert [table[("nonprivate", "global")][k] for k in fields] == ["private", "0.5", "", "n/a"]
+    assert [table[("public_alone", "global")][k] for k in fields] == ["private", "0.5", "0.5", "yes"]
+    assert [table[("public_alone", "none")][k] for k in fields] == ["–", "", "0.0", "n/a"]
+    md = (tmp_path / "results.md").read_text()
+    assert "DP-Morph: private selection, ε_select = 0.5 per refined row" in md
+    assert "| run | refinement | epsilon | selection | epsilon_select | epsilon_total |" in md
+    assert "| flat_eps8 | global | 8.0000 | private | 0.5000 | 8.5000 |" in md
+    assert f"| flat_eps1 | global | 1.0000 | {NOT_PRIVATE} | – | – |" in md
+    assert "ε = ε_select = 0.5 for the private cases" in md
+    gains = md.split("## DP-Morph gains")[1]
+    assert "| flat_eps8 | private |" in gains and f"| flat_eps1 | {NOT_PRIVATE} |" in gains
+    write_report(str(tmp_path), {**_header(), "dpmorph_selection": NONPRIVATE.record()},
+                 [_refined("flat_eps8", "flat", 8.0, NONPRIVATE), _refined("public_alone", "public", None,
+                                                                           NONPRIVATE, public=True)])
+    md = (tmp_path / "results.md").read_text()
+    assert f"**DP-Morph: {NOT_PRIVATE}** (`--dpmorph-selection nonprivate`)" in md
+    assert f"With DP-Morph: {NOT_PRIVATE} (the choice reads the private validation labels without noise)" in md
+
+
+def test_a_changed_selection_makes_a_finished_run_choose_again(tmp_path):
+    """A result.json is reported only under the selection it was made with; one from before the options counts as not
+    private; a run without refinement has nothing to choose again."""
+    result = _refined("flat_eps8", "flat", 8.0, PRIVATE_DEFAULT, total=9.0)
+    assert stale_choice(result, PRIVATE_DEFAULT) is None
+    assert f"choice (private (ε_select = 1)) is not this invocation's ({NOT_PRIVATE}): choosing again" in \
+        stale_choice(result, NONPRIVATE)
+    assert "private (ε_select = 2)" in stale_choice(result, MorphSelection("private", 2.0))
+    old = _refined("flat_eps8", "flat", 8.0, None)
+    assert f"choice ({NOT_PRIVATE}) is not this invocation's (private (ε_select = 1))" in \
+        stale_choice(old, PRIVATE_DEFAULT)
+    assert stale_choice(old, NONPRIVATE) is None and stale_choice(_fake_result("a", "flat", 8.0), PRIVATE_DEFAULT) is None
+    ctx = Context("D", "2d", str(tmp_path), "pre", "img", "lab", "cpu", 1, {}, ("none", "global"))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "result.json").write_text(json.dumps(old))
+    assert finished_result(ctx, str(tmp_path / "run"))[1] == stale_choice(old, PRIVATE_DEFAULT)
+    assert finished_result(ctx, str(tmp_path / "none")) == (None, None)
 
 
 def _row(rule, eps, refine, lr, val, source="--lrs"):
@@ -260,6 +363,51 @@ def test_default_runs_hold_no_seed_and_tables_say_private(experiment):
         assert {r["private_randomness"] for r in csv.DictReader(f) if r["rule"] == "flat"} == {"yes"}
 
 
+def _opacus_epsilon(privacy: dict) -> float:
+    """The reference: one opacus accountant stepped through the fold's ledger history, at its delta."""
+    acc = RDPAccountant() if privacy["accountant"] == "rdp" else PRVAccountant()
+    for sigma, q, n in privacy["ledger_history"]:
+        for _ in range(n):
+            acc.step(noise_multiplier=sigma, sample_rate=q)
+    return float(acc.get_epsilon(delta=privacy["delta"]))
+
+
+def test_refined_rows_carry_the_private_selection_and_the_composed_epsilon(experiment):
+    """By default every DP-Morph choice is private (ε_select = DEFAULT_EPSILON_SELECT, fresh OS entropy), and each
+    refined row of results.csv, results.md and result.json carries it and epsilon_total = the training ε + ε_select:
+    equal to nnUNetv2_dp_privacy's composition and to opacus run directly on the fold's history plus ε_select."""
+    out = experiment["out"]
+    with open(out / "results.csv") as f:
+        table = list(csv.DictReader(f))
+    md = (out / "results.md").read_text()
+    assert f"DP-Morph: private selection, ε_select = {DEFAULT_EPSILON_SELECT:g} per refined row" in md
+    for run_ in RUNS:
+        result = json.loads((out / "runs" / run_ / "result.json").read_text())
+        assert result["dpmorph_selection"] == PRIVATE_DEFAULT.record()
+        fold = Path(result["model_folder"]) / "fold_0"
+        for mode in ("global", "adaptive"):
+            choice = out / "runs" / run_ / "test" / f"dpmorph_{mode}"
+            privacy = json.loads((choice / "postprocessing.json").read_text())["dp_morph"]["privacy"]
+            assert (privacy["private_selection"], privacy["epsilon_select"], privacy["private_randomness"]) == (
+                True, DEFAULT_EPSILON_SELECT, True)
+            row = next(r for r in table if r["run"] == run_ and r["refinement"] == mode)
+            assert (row["selection"], float(row["epsilon_select"])) == ("private", DEFAULT_EPSILON_SELECT)
+            morph = result["selection"][mode]
+            if run_ == "nonprivate":
+                assert row["epsilon_total"] == "" and morph["epsilon_total"] is None and row["private_randomness"] \
+                    == "n/a"
+                continue
+            fold_privacy = json.loads((fold / "privacy.json").read_text())
+            expected = _opacus_epsilon(fold_privacy) + DEFAULT_EPSILON_SELECT
+            composed = compose_release([load_fold(str(fold))], read_selection(str(choice)))["epsilon"]
+            assert float(row["epsilon_total"]) == pytest.approx(expected, rel=1e-9) == composed
+            assert morph["epsilon_total"] == composed and row["private_randomness"] == "yes"
+            assert f"| {run_} | {mode} | {float(row['epsilon']):.4f} | private | {DEFAULT_EPSILON_SELECT:.4f} | " \
+                   f"{composed:.4f} |" in md
+    for row in (r for r in table if r["refinement"] == "none"):
+        assert row["selection"] == "–" and row["epsilon_total"] == row["epsilon"]
+
+
 def _logged_lr(result: dict) -> str:
     logs = sorted((Path(result["model_folder"]) / "fold_0").glob("training_log_*.txt"))
     return re.findall(r"DP optimizer: SGD lr=(\S+) \((default rule|initial_lr setting)", logs[-1].read_text())[-1]
@@ -333,6 +481,32 @@ def test_second_invocation_skips_finished_runs(experiment):
     assert (out / "results.md").is_file()
 
 
+def test_nonprivate_selection_chooses_again_and_labels_every_refined_row(experiment, tmp_path):
+    """On a copy of the folder, --dpmorph-selection nonprivate: the finished run is not reported under its earlier
+    private choice but chooses again (no training, no new test predictions), and its refined rows read 'selection
+    not private' with no epsilon_total."""
+    out = tmp_path / "out"
+    shutil.copytree(experiment["out"], out, symlinks=True)
+    cmd = experiment["cmd"]
+    cmd = [*cmd[:cmd.index("--rules")], "--rules", "flat", "--epsilons", "8", "--refine", "none", "global",
+           *cmd[cmd.index("--budget"):cmd.index("-o") + 1], str(out), *cmd[cmd.index("-o") + 2:],
+           "--dpmorph-selection", "nonprivate"]
+    ckpt = next((out / "runs" / "flat_eps8").glob("nnUNet_results/*/*/fold_0/checkpoint_final.pth"))
+    before = ckpt.stat().st_mtime_ns
+    stdout = run(cmd, experiment["env"]).stdout
+    assert (f"flat_eps8: its DP-Morph choice (private (ε_select = 1)) is not this invocation's ({NOT_PRIVATE}): "
+            "choosing again") in stdout and "finished earlier, skipped" not in stdout
+    assert ckpt.stat().st_mtime_ns == before and "nnUNetv2_train" not in stdout
+    choice = json.loads((out / "runs" / "flat_eps8" / "test" / "dpmorph_global" / "postprocessing.json").read_text())
+    assert choice["dp_morph"]["privacy"]["private_selection"] is False
+    with open(out / "results.csv") as f:
+        rows = {r["refinement"]: r for r in csv.DictReader(f)}
+    assert set(rows) == {"none", "global"}
+    assert [rows["global"][k] for k in ("selection", "epsilon_select", "epsilon_total", "private_randomness")] == [
+        NOT_PRIVATE, "", "", f"no ({NOT_PRIVATE})"]
+    assert f"**DP-Morph: {NOT_PRIVATE}**" in (out / "results.md").read_text()
+
+
 def _scramble_labels(folder: Path, cases: list[str], seed: int) -> None:
     """Overwrite these cases' label files with random labels (same geometry)."""
     rng = np.random.default_rng(seed)
@@ -359,8 +533,9 @@ def test_dpmorph_choice_does_not_depend_on_test_labels(experiment, tmp_path):
         if scramble:
             _scramble_labels(gt, test, seed=1)
         target = tmp_path / f"choice{i}" / "adaptive"
-        choose_and_apply(str(model / "fold_0" / "validation"), str(gt), str(model),
-                         str(out / "runs" / "flat_eps8" / "test" / "none"), str(target), "adaptive", 1)
+        choose_and_apply(str(model / "fold_0" / "validation"), str(gt), str(model),  # argmax: deterministic
+                         str(out / "runs" / "flat_eps8" / "test" / "none"), str(target), "adaptive", 1,
+                         epsilon_select=None)
         with open(target.parent / "dpmorph_adaptive" / "postprocessing.pkl", "rb") as f:
             choices.append(pickle.dumps(pickle.load(f)))
     assert choices[0] == choices[1]

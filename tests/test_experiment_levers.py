@@ -33,6 +33,7 @@ from nnunet_dp.nnunet.experiment.pretrain import PublicPretraining, plans_networ
 from nnunet_dp.nnunet.experiment.report import write_report
 from nnunet_dp.nnunet.experiment.run import Context
 from nnunet_dp.nnunet.experiment.trainers.nnunet_dp_experiment_trainers import BUDGET_KEYS as NONPRIVATE_BUDGET_KEYS
+from nnunet_dp.nnunet.morph_selection import DEFAULT_EPSILON_SELECT
 from nnunet_dp.nnunet.synthetic import make_dataset
 
 PLANS = Path(__file__).parent.parent / "benchmarks" / "plans" / "Dataset902_Hippocampus_nnUNetPlans.json"
@@ -253,7 +254,8 @@ def test_public_model_alone_is_a_line_of_its_own_and_never_a_dp_row(tmp_path):
     write_report(str(tmp_path), header, [failed, *results[1:]])
     md = (tmp_path / "results.md").read_text()
     assert "- **public_alone**: `CommandError: no checkpoint`" in md and "Public model alone (" not in md
-    assert re.search(r"\| public_alone \| – \| – \| – \| 0 \| – \| FAILED \|", md)
+    # run, refinement, epsilon, selection, epsilon_select, epsilon_total, sigma, steps, lr, then the Dice cells
+    assert re.search(r"\| public_alone \| – \| – \| – \| – \| – \| – \| 0 \| – \| FAILED \|", md)
 
 
 def test_public_model_alone_step_reports_a_failure_and_reads_back_a_finished_one(tmp_path, monkeypatch, capsys):
@@ -498,8 +500,9 @@ def test_the_public_model_alone_is_scored_like_a_run(public_run):
 
 def test_the_public_model_alone_gets_dp_morph_chosen_on_validation(public_run, tmp_path):
     """The step with DP-Morph (here global, into another folder that already holds the grid's predictions: they are
-    not predicted again): the choice is made on the validation predictions (its dice_after is the validation score)
-    and applied to the test predictions, scored against numpy; without refinement the scores equal the grid's."""
+    not predicted again): the choice is made on the validation predictions (its dice_after is the validation score),
+    privately by default (ε = ε_select alone: no training on the private cases), and applied to the test
+    predictions, scored against numpy; without refinement the scores equal the grid's."""
     out = public_run["out"]
     ckpt, split, classes, _ = _public_setup(public_run)
     data = derived_datasets(str(out), f"Dataset{DATASET_ID}_LevTest")
@@ -520,7 +523,22 @@ def test_the_public_model_alone_gets_dp_morph_chosen_on_validation(public_run, t
     chosen = json.loads((tmp_path / "runs" / public_alone.PUBLIC_RUN / "test" / "dpmorph_global" /
                          "postprocessing.json").read_text())["dp_morph"]
     assert result["dpmorph_choice"]["global"] == chosen["choice"]
-    assert result["validation_dice"]["global"] == chosen["dice_after"]["foreground_mean"]
+    assert chosen["privacy"]["private_selection"] is True and chosen["privacy"]["private_randomness"] is True
+    assert chosen["privacy"]["epsilon_select"] == DEFAULT_EPSILON_SELECT and "dice_after" not in chosen
+    withheld = json.loads((tmp_path / "runs" / public_alone.PUBLIC_RUN / "test" / "dpmorph_global" /
+                           "postprocessing_scores.json").read_text())  # not privatised: kept beside the choice
+    assert result["validation_dice"]["global"] == withheld["dice_after"]["foreground_mean"]
+    assert result["dpmorph_selection"] == {"mode": "private", "epsilon_select": DEFAULT_EPSILON_SELECT}
+    morph = result["selection"]["global"]
+    assert (morph["selection"], morph["epsilon_training"], morph["epsilon_total"]) == ("private", 0.0,
+                                                                                      DEFAULT_EPSILON_SELECT)
+    write_report(str(tmp_path), _header(1, start=PUBLIC_START), [result])
+    with open(tmp_path / "results.csv") as f:
+        row = next(r for r in csv.DictReader(f) if r["refinement"] == "global")
+    assert (row["selection"], float(row["epsilon_total"]), row["private_randomness"]) == (
+        "private", DEFAULT_EPSILON_SELECT, "yes")
+    assert (f"With DP-Morph its ε is the selection's alone: ε = ε_select = {DEFAULT_EPSILON_SELECT:g} for the private "
+            "cases") in (tmp_path / "results.md").read_text()
     refined = tmp_path / "runs" / public_alone.PUBLIC_RUN / "test" / "global"
     assert _cases(refined) == set(split["test"])
     dice = _numpy_dice(refined, out / "test_data" / "labelsTs", split["test"], classes)

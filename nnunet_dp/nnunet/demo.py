@@ -1,6 +1,8 @@
 """nnUNetv2_dp_demo: synthetic dataset -> plan/preprocess -> DP training -> predict -> DP-Morph -> Dice and epsilon.
 
-Everything runs through nnU-Net's own commands, exactly as a user would type them; the commands are printed.
+Everything runs through nnU-Net's own commands, exactly as a user would type them; the commands are printed. The
+DP-Morph choice is private (-epsilon_select, default morph_selection.DEFAULT_EPSILON_SELECT), and the numbers with
+DP-Morph carry the training epsilon, the selection's and their composition (as nnUNetv2_dp_privacy composes them).
 """
 from __future__ import annotations
 
@@ -16,7 +18,9 @@ from os.path import join
 import numpy as np
 import SimpleITK as sitk
 
+from nnunet_dp.errors import DPError
 from nnunet_dp.nnunet.cli import trainer_folder
+from nnunet_dp.nnunet.morph_selection import NOT_PRIVATE, morph_selection, selection_privacy
 from nnunet_dp.nnunet.synthetic import make_dataset
 
 DATASET_ID, NAME = 990, "DPDemo"
@@ -107,15 +111,26 @@ def main() -> None:
     ap.add_argument("-tr", default="nnUNetTrainerDP_PSAC", help="DP trainer (default nnUNetTrainerDP_PSAC)")
     ap.add_argument("--quick", action="store_true", help="a minimal budget (smoke test, ~2 minutes)")
     ap.add_argument("--fresh", action="store_true", help="delete the work folder first")
+    ap.add_argument("--dpmorph-selection", default="private", metavar="MODE",
+                    help="private (default): the DP-Morph choice drawn with the exponential mechanism at "
+                         "--epsilon-select, added to the training epsilon; nonprivate: the best candidate on the "
+                         "validation cases, not covered by any epsilon (for comparison)")
+    ap.add_argument("--epsilon-select", type=float, default=None, metavar="E",
+                    help="epsilon of the private DP-Morph choice. Default: 1 (morph_selection.DEFAULT_EPSILON_SELECT)")
     args = ap.parse_args()
+    try:
+        selection = morph_selection(args.dpmorph_selection, args.epsilon_select)
+    except DPError as error:
+        sys.exit(f"ERROR: {error}")
     work = os.path.abspath(args.o)
     if args.fresh:
         shutil.rmtree(work, ignore_errors=True)
     os.makedirs(work, exist_ok=True)
-    run_demo(work, args.tr, QUICK_SETTINGS if args.quick else DEMO_SETTINGS, quick=args.quick)
+    run_demo(work, args.tr, QUICK_SETTINGS if args.quick else DEMO_SETTINGS, quick=args.quick,
+             epsilon_select=selection.epsilon_select)
 
 
-def run_demo(work: str, trainer: str, settings: dict, *, quick: bool) -> dict:
+def run_demo(work: str, trainer: str, settings: dict, *, quick: bool, epsilon_select: float | None) -> dict:
     t0 = time.time()
     cfg = join(work, "dp_config.json")
     with open(cfg, "w") as f:
@@ -137,7 +152,9 @@ def run_demo(work: str, trainer: str, settings: dict, *, quick: bool) -> dict:
     _run(["nnUNetv2_predict", "-i", join(raw, "imagesTs"), "-o", pred, "-d", str(DATASET_ID), "-c", "2d", "-f",
           "0", "-tr", trainer, "-device", "cpu", "-npp", "1", "-nps", "1"], env, log)
     val = join(model, "fold_0", "validation")
-    _run(["nnUNetv2_dp_determine_postprocessing", "-i", val, "-ref", join(raw, "labelsTr"), "-np", "2"], env, log)
+    private = [] if epsilon_select is None else ["-epsilon_select", f"{epsilon_select!r}"]
+    _run(["nnUNetv2_dp_determine_postprocessing", "-i", val, "-ref", join(raw, "labelsTr"), "-np", "2", *private],
+         env, log)
     _run(["nnUNetv2_apply_postprocessing", "-i", pred, "-o", pred_pp, "-pp_pkl_file",
           join(val, "postprocessing.pkl"), "-plans_json", join(model, "plans.json"), "-dataset_json",
           join(model, "dataset.json"), "-np", "1"], env, log)
@@ -149,22 +166,37 @@ def report(work: str, raw: str, pred: str, pred_pp: str, fold: str, val: str, se
         privacy = json.load(f)
     with open(join(val, "postprocessing.json")) as f:
         choice = json.load(f)
+    morph = selection_privacy(val, fold, "dp")
     ref = join(raw, "labelsTs")
     before, after = dice_per_class(pred, ref, [1, 2]), dice_per_class(pred_pp, ref, [1, 2])
     result = {"epsilon": privacy["epsilon"], "delta": privacy["delta"], "steps": privacy["steps"],
               "noise_multiplier": privacy["noise_multiplier"], "dice_test": before, "dice_test_dpmorph": after,
-              "seconds": seconds}
+              "dpmorph_selection": morph["selection"], "epsilon_training": morph["epsilon_training"],
+              "epsilon_select": morph["epsilon_select"], "epsilon_total": morph["epsilon_total"],
+              "not_covered": morph["not_covered"], "seconds": seconds}
     with open(join(work, "demo_result.json"), "w") as f:
         json.dump({**result, "dpmorph": choice}, f, indent=2)
     print("\n==== nnunet-dp demo ====")
-    print(f"privacy: epsilon = {privacy['epsilon']:.3f} at delta = {privacy['delta']} ({privacy['accountant']}), "
-          f"sigma = {privacy['noise_multiplier']:.3f}, {privacy['steps']} steps, rule {privacy['rule']}")
+    print(f"privacy of the training: epsilon = {privacy['epsilon']:.3f} at delta = {privacy['delta']} "
+          f"({privacy['accountant']}), sigma = {privacy['noise_multiplier']:.3f}, {privacy['steps']} steps, rule "
+          f"{privacy['rule']}")
     for c, name in ((1, "disk"), (2, "ring")):
         print(f"test Dice {name:5s}: {before[c]:.4f}  -> with DP-Morph {after[c]:.4f}")
     print(f"mean test Dice: {np.mean(list(before.values())):.4f} -> {np.mean(list(after.values())):.4f}")
+    print(morph_lines(morph))
     print(f"privacy report: {join(fold, 'privacy.json')}\nDP-Morph choice: {join(val, 'postprocessing.json')}")
     print(f"total time {seconds / 60:.1f} min; everything is in {work}")
     return result
+
+
+def morph_lines(morph: dict) -> str:
+    """What the numbers with DP-Morph cost: training epsilon, selection epsilon, total (or why none covers them)."""
+    if morph["epsilon_total"] is not None:
+        return (f"privacy with DP-Morph: epsilon = {morph['epsilon_training']:.3f} (training) + "
+                f"{morph['epsilon_select']:g} (selection) = {morph['epsilon_total']:.3f} (total, at delta = "
+                f"{morph['delta']:g}; composed as nnUNetv2_dp_privacy does)")
+    return (f"privacy with DP-Morph: {NOT_PRIVATE}: epsilon = {morph['epsilon_training']:.3f} (training) covers the "
+            "numbers without DP-Morph only; " + "; ".join(morph["not_covered"]))
 
 
 if __name__ == "__main__":

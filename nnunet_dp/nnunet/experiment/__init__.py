@@ -11,6 +11,8 @@ pretrain.py   the public pretraining (--public-fraction) and the checks of --pre
 grid.py       every run in turn (the public pretraining first), progress and failures
 public_alone.py  the public model alone (no private training) scored like a run: what the DP runs start from
 run.py        one run: train, predict the test cases, DP-Morph chosen on validation, scores
+dpmorph.py    DP-Morph: chosen on validation (privately by default), applied to test, scored; each refined row's
+              selection and composed ε (nnunet_dp.nnunet.morph_selection); whether a finished run must choose again
 progress.py   the ETA and the last error of a log
 aggregate.py  mean ± sd over repeats, ratio to the non-private reference, the setting chosen on validation
 report.py     results.csv and results.md; plots.py its figures

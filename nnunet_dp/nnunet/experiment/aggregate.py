@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from nnunet_dp.nnunet.morph_selection import NOT_PRIVATE
+
 # choice of the results rows (--lrs, levers): choosing among settings on the validation cases is itself not private
 CHOSEN = "chosen on validation (not private: tuning on the private cases leaks, Papernot & Steinke 2022)"
 DEFAULT = "default rule"
@@ -60,7 +62,11 @@ def _mean_row(cell: str, group: list[dict[str, Any]], n_failed: int, reference: 
     val, val_sd = mean_sd([r["validation_dice"] for r in group])
     status = "ok" if not n_failed else f"ok ({n_failed} of {len(group) + n_failed} repeats FAILED)"
     eps = [r["epsilon"] for r in group if r["epsilon"] is not None]
+    totals = [r.get("epsilon_total") for r in group]  # one repeat that no ε covers: the cell is not covered
+    selection = {r.get("selection") for r in group}
     return {**first, "run": cell, "repeat": None, "epsilon": max(eps) if eps else None,
+            "epsilon_total": None if None in totals else max(totals),
+            "selection": NOT_PRIVATE if NOT_PRIVATE in selection else first.get("selection"),
             **{k: m for k, (m, _) in means.items()}, "dice_mean_sd": means["dice_mean"][1],
             "ratio_to_nonprivate": ratio(means["dice_mean"][0], first["refinement"], reference),
             "validation_dice": val, "validation_dice_sd": val_sd, "n": len(group), "n_failed": n_failed,
@@ -70,7 +76,8 @@ def _mean_row(cell: str, group: list[dict[str, Any]], n_failed: int, reference: 
 
 def aggregate(table: list[dict[str, Any]], reference: dict[str, float]) -> list[dict[str, Any]]:
     """One row per (cell, refinement) in first-seen order: mean over the finished repeats of every Dice, validation
-    Dice and time column, `dice_mean_sd`, `validation_dice_sd`, `n`, `n_failed`; ε the largest spent. A cell whose
+    Dice and time column, `dice_mean_sd`, `validation_dice_sd`, `n`, `n_failed`; ε and epsilon_total the largest spent
+    (epsilon_total None if a repeat's is), `selection` not private if a repeat's is. A cell whose
     repeats all failed keeps its (first) failed row."""
     ok: dict[tuple[str, str], list[dict[str, Any]]] = {}
     failures: dict[str, list[dict[str, Any]]] = {}

@@ -5,7 +5,9 @@ held-out test split.
 
 holds out a seeded test split of the raw training cases, trains the non-private reference and each (rule, ε) under
 the same budget on the rest (fold 0 of the experiment's own splits_final.json), chooses DP-Morph on the validation
-predictions only, applies it to the test predictions and scores all on test. Writes OUT/results.csv, results.md and
+predictions only (privately: ε_select = 1 per choice unless --epsilon-select, added to each refined row's ε; or
+--dpmorph-selection nonprivate, labelled "selection not private"), applies it to the test predictions and scores all
+on test. Writes OUT/results.csv, results.md and
 PNG plots. Finished runs (OUT/runs/<name>/result.json) are skipped; an interrupted training resumes with --c.
 --seed seeds the split only: the DP runs draw their noise and sampling from fresh OS entropy, unless --reproducible
 seeds them too (repeatable, not private; the results tables say so). DP runs use the DP trainers' default learning
@@ -47,6 +49,7 @@ from nnunet_dp.nnunet.experiment.plan import BUDGETS, REFINEMENTS, RULES, Experi
 from nnunet_dp.nnunet.experiment.prepare import plan_experiment, prepare
 from nnunet_dp.nnunet.experiment.public_alone import PublicAlone
 from nnunet_dp.nnunet.experiment.report import write_report
+from nnunet_dp.nnunet.morph_selection import DEFAULT_EPSILON_SELECT, morph_selection
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,6 +66,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "cases leaks). The non-private reference keeps the budget's lr. Default: none (the rule only)")
     p.add_argument("--refine", nargs="+", default=list(REFINEMENTS),
                    help=f"DP-Morph modes scored on test, from {list(REFINEMENTS)} ('none' is always scored)")
+    p.add_argument("--dpmorph-selection", default="private", metavar="MODE",
+                   help="how the DP-Morph choice is made on the private validation cases: private (the exponential "
+                        "mechanism at --epsilon-select, fresh OS entropy; each refined row carries epsilon_total = "
+                        "training ε + ε_select, composed as nnUNetv2_dp_privacy does) or nonprivate (the best "
+                        "candidate, no noise, for comparison: every refined row, plot point and text says 'selection "
+                        "not private'). A folder's finished runs whose choice was made otherwise choose again. "
+                        "Default: private")
+    p.add_argument("--epsilon-select", type=float, default=None, metavar="E",
+                   help=f"ε of each private DP-Morph choice (one per refined row; adaptive splits it over the classes)."
+                        f" Default: {DEFAULT_EPSILON_SELECT:g} (docs/dp_morph.md says why)")
     p.add_argument("--budget", default="tiny", help=f"one of {list(BUDGETS)} (tiny: 2 CPU cores; small, full: a GPU) "
                    "or a JSON file with the budget's fields. Default: tiny")
     p.add_argument("--test-fraction", type=float, default=0.2, help="held-out share of the cases. Default: 0.2")
@@ -176,6 +189,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         _check(args)
+        selection = morph_selection(args.dpmorph_selection, args.epsilon_select)
         levers = lever_grid(args.trainable, args.augmentations_per_case, args.ema_decay,
                             dp_rules=any(r != "nonprivate" for r in args.rules))
         references = reference_grid(args.reference_trainable, reference="nonprivate" in args.rules)
@@ -191,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.dry_run:
             print("--dry-run: the grid passed every check; nothing was preprocessed or trained.")
             return
-        ctx, header, pretraining = prepare(args, out, env, exp, args.device or _default_device())
+        ctx, header, pretraining = prepare(args, out, env, exp, args.device or _default_device(), selection)
         header["command"] = "nnUNetv2_dp_experiment " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
         public = None if pretraining is None else PublicAlone(pretraining, tuple(exp.split["val"]), exp.file_ending)
         results, failed = run_all(ctx, exp.runs, exp.budget.spec, inference_voxels(

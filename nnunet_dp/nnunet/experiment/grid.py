@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from nnunet_dp.nnunet.experiment import public_alone
 from nnunet_dp.nnunet.experiment.budget import RunPlan
+from nnunet_dp.nnunet.experiment.dpmorph import stale_choice
 from nnunet_dp.nnunet.experiment.plan import BudgetSpec
 from nnunet_dp.nnunet.experiment.progress import (
     Progress,
@@ -57,6 +58,17 @@ def failed_result(run: RunPlan, reason: str, seconds: float, log: str) -> dict[s
             "train_seconds": 0.0, "seconds": seconds}
 
 
+def finished_result(ctx: Context, run_dir: str) -> tuple[dict[str, Any] | None, str | None]:
+    """(result.json of a finished run or None, why its DP-Morph choice must be made again or None): a run whose choice
+    was made with another selection (--dpmorph-selection, --epsilon-select) is not reported under this one."""
+    done = join(run_dir, RESULT_JSON)
+    if not isfile(done):
+        return None, None
+    with open(done) as f:
+        result = json.load(f)
+    return result, stale_choice(result, ctx.selection)
+
+
 def _pretrain(pretraining: PublicPretraining, progress: Progress) -> None:
     """The public pretraining (skipped when done); a failure stops the grid: every run would start from it."""
     if pretraining.done():
@@ -79,13 +91,14 @@ def _pretrain(pretraining: PublicPretraining, progress: Progress) -> None:
 
 def _public_alone(ctx: Context, step: public_alone.PublicAlone) -> dict[str, Any]:
     """The public model alone, scored as a run (skipped when done); a failure is reported, the runs go on."""
-    done, log = join(public_alone.run_dir(ctx), RESULT_JSON), join(public_alone.run_dir(ctx), "log.txt")
-    if isfile(done):
-        print(f"[0] {public_alone.LABEL}: finished earlier, skipped ({done})", flush=True)
-        with open(done) as f:
-            return json.load(f)
-    print(f"[0] {public_alone.LABEL}: no private training; its validation and test predictions, DP-Morph and scores "
-          f"(log: {log})", flush=True)
+    log = join(public_alone.run_dir(ctx), "log.txt")
+    done, stale = finished_result(ctx, public_alone.run_dir(ctx))
+    if done is not None and stale is None:
+        print(f"[0] {public_alone.LABEL}: finished earlier, skipped "
+              f"({join(public_alone.run_dir(ctx), RESULT_JSON)})", flush=True)
+        return done
+    print(f"[0] {public_alone.LABEL}: " + (stale or "no private training; its validation and test predictions, "
+          "DP-Morph and scores") + f" (log: {log})", flush=True)
     t0 = time.time()
     try:
         result = public_alone.execute(ctx, step)
@@ -109,7 +122,8 @@ def run_all(ctx: Context, runs: Sequence[RunPlan], budget: BudgetSpec, predicted
     for run in runs:  # checked before; written now that the grid starts
         check_settings(join(ctx.out, "runs", run.spec.name), run.settings)
     order = execution_order(runs)
-    todo = [r.spec.name for r in order if not isfile(join(ctx.out, "runs", r.spec.name, RESULT_JSON))]
+    state = {r.spec.name: finished_result(ctx, join(ctx.out, "runs", r.spec.name)) for r in order}
+    todo = [name for name, (done, stale) in state.items() if done is None or stale is not None]
     if pretraining is not None and not pretraining.done():
         todo.insert(0, pretraining.name)
     pool_seconds = 0.0
@@ -130,15 +144,14 @@ def run_all(ctx: Context, runs: Sequence[RunPlan], budget: BudgetSpec, predicted
     failed: list[str] = [r["run"] for r in first if r.get("status") == "failed"]
     for i, run in enumerate(order, 1):
         name, run_dir, tag = run.spec.name, join(ctx.out, "runs", run.spec.name), f"[{i}/{len(order)}]"
-        done = join(run_dir, RESULT_JSON)
-        if isfile(done):
-            print(f"{tag} {name}: finished earlier, skipped ({done})", flush=True)
-            with open(done) as f:
-                results[name] = json.load(f)
+        done, stale = state[name]
+        if done is not None and stale is None:
+            print(f"{tag} {name}: finished earlier, skipped ({join(run_dir, RESULT_JSON)})", flush=True)
+            results[name] = done
             continue
-        print(f"{tag} {name}: {run.spec.trainer}, training + test predictions ({progress.status()}; log: "
-              f"{join(run_dir, 'log.txt')})", flush=True)
-        progress.start_run(name)
+        what = stale or f"{run.spec.trainer}, training + test predictions"
+        print(f"{tag} {name}: {what} ({progress.status()}; log: {join(run_dir, 'log.txt')})", flush=True)
+        progress.start_run(name, measure=stale is None)  # a new choice alone: not a run's time
         t0 = time.time()
         try:
             result = execute(ctx, run_dir, run.spec, run.settings, watch=progress.on_log)

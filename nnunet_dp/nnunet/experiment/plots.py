@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 
 from nnunet_dp.nnunet.experiment.aggregate import CHOSEN, PUBLIC, is_default, is_reference
+from nnunet_dp.nnunet.morph_selection import NOT_PRIVATE, PRIVATE
 
 
 def _pyplot() -> Any:
@@ -18,11 +19,28 @@ def _pyplot() -> Any:
     return plt
 
 
+def epsilon_x(row: dict[str, Any]) -> float:
+    """Where a DP cell sits on the ε axis: with a private DP-Morph choice at its composed ε (training + ε_select,
+    `epsilon_total`), else (no refinement, or a choice that is not private: the panel says so) at its target ε."""
+    if row["refinement"] != "none" and row.get("selection") == PRIVATE and row.get("epsilon_total") is not None:
+        return float(row["epsilon_total"])
+    return row["target_epsilon"]
+
+
+def _panel_title(refine: str, panel: list[dict[str, Any]]) -> str:
+    if refine == "none":
+        return f"refinement: {refine}"
+    if any(row.get("selection") == NOT_PRIVATE for row in panel):
+        return f"refinement: {refine}\n({NOT_PRIVATE})"
+    return f"refinement: {refine}\n(private selection: at ε + ε_select)"
+
+
 def plot_dice_vs_epsilon(cells: list[dict[str, Any]], path: str) -> None:
     """Mean test Dice vs ε per refinement, one point per cell (the mean over its repeats, error bar ± sd): per rule
     the DP defaults (solid) and, with several settings, the setting chosen on validation (dashed); the non-private
     reference as a horizontal line (its ± sd shaded), a --reference-trainable subset's as a grey dotted one, the public
-    model alone (--public-fraction) as a purple dash-dotted one."""
+    model alone (--public-fraction) as a purple dash-dotted one. Refined panels place the DP cells at their composed ε
+    (epsilon_x) and say in their title whether the DP-Morph choice was private."""
     cells = [row for row in cells if row["dice_mean"] is not None]
     if not cells:
         return
@@ -43,7 +61,9 @@ def plot_dice_vs_epsilon(cells: list[dict[str, Any]], path: str) -> None:
                 continue
             if rule == PUBLIC:
                 for row in runs:
-                    ax.axhline(row["dice_mean"], color="tab:purple", ls="-.", label="public model alone")
+                    note = "" if refine == "none" else " (ε_select only)" if row.get("selection") == PRIVATE else \
+                        f" ({NOT_PRIVATE})"
+                    ax.axhline(row["dice_mean"], color="tab:purple", ls="-.", label=f"public model alone{note}")
                 continue
             line = None
             for pick, style, label in (([row for row in runs if is_default(row)], "o-", f"{rule} (defaults)"),
@@ -52,16 +72,16 @@ def plot_dice_vs_epsilon(cells: list[dict[str, Any]], path: str) -> None:
                 if pick:
                     kwargs = {} if line is None else {"color": line.get_color()}
                     yerr = [row.get("dice_mean_sd") or 0.0 for row in pick]
-                    container = ax.errorbar([row["target_epsilon"] for row in pick], [row["dice_mean"] for row in pick],
+                    container = ax.errorbar([epsilon_x(row) for row in pick], [row["dice_mean"] for row in pick],
                                             yerr=yerr if any(yerr) else None, fmt=style, capsize=3, label=label,
                                             **kwargs)
                     line = container.lines[0]
         ax.set_xscale("log")
-        eps = sorted({row["target_epsilon"] for row in cells if row["target_epsilon"] is not None})
+        eps = sorted({round(epsilon_x(row), 2) for row in panel if row["target_epsilon"] is not None})
         ax.set_xticks(eps, [f"{e:g}" for e in eps])
         ax.minorticks_off()
         ax.set_xlabel("ε")
-        ax.set_title(f"refinement: {refine}")
+        ax.set_title(_panel_title(refine, panel), fontsize=9)
         ax.set_ylim(0, 1)
     axes[0][0].set_ylabel("mean test Dice" + (" (± sd)" if any(r.get("dice_mean_sd") for r in cells) else ""))
     axes[0][-1].legend(fontsize=7)

@@ -49,6 +49,8 @@ from nnunet_dp.nnunet.experiment.plan import (
 )
 from nnunet_dp.nnunet.experiment.pretrain import PublicPretraining, pretrained_problems
 from nnunet_dp.nnunet.experiment.run import Context, record_or_check, settings_problem
+from nnunet_dp.nnunet.morph_selection import DEFAULT as DEFAULT_SELECTION
+from nnunet_dp.nnunet.morph_selection import MorphSelection
 
 IN_DISTRIBUTION = ("public part: an in-distribution split of the same dataset ({share} of the non-test cases), so the "
                    "pretraining is as close to the private data as public data can be")
@@ -207,10 +209,10 @@ def plan_experiment(args: argparse.Namespace, out: str, env: dict[str, str], spe
     return Experiment(name, raw, file_ending, parts, record, planned, resolved, runs, summary, data)
 
 
-def prepare(args: argparse.Namespace, out: str, env: dict[str, str], exp: Experiment,
-            device: str) -> tuple[Context, dict[str, Any], PublicPretraining | None]:
+def prepare(args: argparse.Namespace, out: str, env: dict[str, str], exp: Experiment, device: str,
+            selection: MorphSelection = DEFAULT_SELECTION) -> tuple[Context, dict[str, Any], PublicPretraining | None]:
     """Preprocessing (if missing), the split record, the runs' preprocessed folder (the mirror, or the private derived
-    dataset), the test links and the public pretraining step (or None)."""
+    dataset), the test links and the public pretraining step (or None). `selection`: how DP-Morph is chosen."""
     budget = exp.budget
     patch = budget.patch_size if budget.patch_size != budget.planned_patch_size else None
     log = join(out, "preprocess_log.txt")
@@ -233,10 +235,10 @@ def prepare(args: argparse.Namespace, out: str, env: dict[str, str], exp: Experi
                     join(out, "test_data", "labelsTs"))
     ctx = Context(dataset, args.c, out, preprocessed, join(out, "test_data", "imagesTs"),
                   join(out, "test_data", "labelsTs"), device, args.np, run_env, tuple(dict.fromkeys(args.refine)),
-                  plans, start)
+                  plans, start, selection)
     header = {"dataset": exp.dataset, "configuration": args.c, "budget": exp.summary, "seed": args.seed,
               "reproducible": args.reproducible, "lrs": list(args.lrs), "seeds": args.seeds,
-              "start": exp.summary["start"],
+              "start": exp.summary["start"], "dpmorph_selection": selection.record(),
               "split": {"num_test": len(exp.split["test"]), "num_train": len(exp.split["train"]),
                         "num_val": len(exp.split["val"])}, "device": device}
     return ctx, header, pretraining

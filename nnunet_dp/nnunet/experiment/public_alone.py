@@ -4,9 +4,11 @@ training on the private cases at all, scored exactly as every run is: its predic
 evaluation. Its row says what the DP runs start from; their gain over it is what they learned from the private cases
 (with an in-distribution public part, the public model alone can already be close to the non-private reference).
 
-It spends no privacy on the private cases: ε = 0 for them. The DP-Morph choice reads the private validation cases'
-labels, like every run's choice (a tuning step on the private cases, as the results tables say). Predictions use
-nnU-Net's nnUNetv2_predict_from_modelfolder (default TTA, checkpoint_final), as nnUNetv2_predict does for the runs.
+Without refinement it spends no privacy on the private cases: ε = 0 for them. Its DP-Morph choice reads the private
+validation cases' labels, like every run's choice: with the private selection (the default) its refined rows carry
+ε = ε_select alone (no training on the private cases), with --dpmorph-selection nonprivate they read "selection not
+private". Predictions use nnU-Net's nnUNetv2_predict_from_modelfolder (default TTA, checkpoint_final), as
+nnUNetv2_predict does for the runs.
 """
 from __future__ import annotations
 
@@ -18,17 +20,10 @@ from os.path import dirname, join
 from typing import Any
 
 from nnunet_dp.nnunet.experiment.aggregate import PUBLIC
+from nnunet_dp.nnunet.experiment.dpmorph import evaluate, refine_all, validation_dice
 from nnunet_dp.nnunet.experiment.plan import link_test_cases
 from nnunet_dp.nnunet.experiment.pretrain import PUBLIC_FOLD, PUBLIC_TRAINER, PublicPretraining
-from nnunet_dp.nnunet.experiment.run import (
-    RESULT_JSON,
-    Context,
-    choose_and_apply,
-    evaluate,
-    predicted,
-    run_command,
-    validation_dice,
-)
+from nnunet_dp.nnunet.experiment.run import RESULT_JSON, Context, predicted, run_command
 
 PUBLIC_RULE = PUBLIC  # the `rule` of its result.json and results rows
 PUBLIC_RUN = "public_alone"  # its folder under OUT/runs and its `run`
@@ -76,17 +71,14 @@ def execute(ctx: Context, step: PublicAlone) -> dict[str, Any]:
     evaluate(validation, ctx.gt_segmentations, model, ctx.num_processes)  # validation/summary.json, as a run's
     test_none = predict(ctx, model, ctx.test_images, join(out_dir, "test", "none"), log)
     scores = {"none": evaluate(test_none, ctx.test_labels, model, ctx.num_processes)}
-    choices = {}
-    for mode in (m for m in ctx.refinements if m != "none"):
-        pred = join(out_dir, "test", mode)
-        choices[mode] = choose_and_apply(validation, ctx.gt_segmentations, model, test_none, pred, mode,
-                                         ctx.num_processes)
-        scores[mode] = evaluate(pred, ctx.test_labels, model, ctx.num_processes)
+    choices, refined, selection = refine_all(ctx, validation, model, test_none, join(out_dir, "test"), None, "none")
+    scores.update(refined)
     val_dice = validation_dice(validation, join(out_dir, "test"), tuple(scores))
     result = {"run": PUBLIC_RUN, "rule": PUBLIC_RULE, "target_epsilon": None, "trainer": PUBLIC_TRAINER,
               "cell": PUBLIC_RUN, "repeat": None, "levers": "n/a", "plans": "nnUNetPlans", "pretrained": None,
               "epsilon": None, "delta": None, "noise_multiplier": None, "steps": 0, "status": "no private training",
               "initial_lr": None, "lr_used": None, "scores": scores, "dpmorph_choice": choices,
+              "dpmorph_selection": ctx.selection.record(), "selection": selection,
               "validation_dice_mean": val_dice["none"], "validation_dice": val_dice, "train_seconds": 0.0,
               "seconds": time.time() - t0, "model_folder": model, "checkpoint": step.pretraining.checkpoint}
     with open(join(out_dir, RESULT_JSON), "w") as f:

@@ -26,6 +26,12 @@ from nnunet_dp.nnunet.experiment.aggregate import (
     reference_dice,
     with_sd,
 )
+from nnunet_dp.nnunet.experiment.dpmorph import (
+    gain_selection,
+    public_morph_sentence,
+    selection_fields,
+    selection_line,
+)
 from nnunet_dp.nnunet.experiment.plots import plot_adaptive_gain, plot_dice_vs_epsilon
 from nnunet_dp.optim import default_lr
 
@@ -73,26 +79,27 @@ def lr_label(lr: float | None, default_rule: bool) -> str:
 def rows(results: list[dict[str, Any]], budget_steps: int, reproducible: bool = False) -> list[dict[str, Any]]:
     """One row per run (rule, ε, lr, levers, repeat) and refinement; ratio = mean Dice / the non-private reference's
     mean Dice (over its repeats) with the same refinement. private_randomness: PRIVATE, or SEEDED under
-    --reproducible ('n/a' for the non-private run). result.json files older than the levers read as the defaults."""
+    --reproducible ('n/a' for the non-private run), 'no' where a DP-Morph choice was not private; selection,
+    epsilon_select and epsilon_total: how a refined row's choice was made and the composed ε (dpmorph.selection_fields).
+    result.json files older than the levers read as the defaults, older than the selection as not private."""
     out = []
     for r in results:
         if failed(r):
             out.append(failed_row(r, budget_steps))
             continue
         lr, default_rule = lr_used(r), is_dp(r) and r.get("initial_lr") is None
+        randomness = "n/a" if not is_dp(r) else SEEDED if reproducible else PRIVATE
         for refine, s in r["scores"].items():
             val = r.get("validation_dice", {}).get(refine, r.get("validation_dice_mean") if refine == "none" else None)
             row = {"run": r["run"], **_place(r), "rule": r["rule"], "target_epsilon": r["target_epsilon"],
-                   "epsilon": r["epsilon"], "sigma": r["noise_multiplier"],
+                   "epsilon": r["epsilon"], **selection_fields(r, refine, randomness), "sigma": r["noise_multiplier"],
                    "steps": r["steps"] if r["steps"] is not None else budget_steps,
                    "lr": lr_label(lr, default_rule), "lr_value": lr,
                    "lr_source": _lr_source(r, default_rule),
                    "levers": levers_label(r),
                    "refinement": refine, **{f"dice_{k}": v for k, v in s["dice"].items()},
                    "dice_mean": s["dice_mean"], "ratio_to_nonprivate": None, "validation_dice": val,
-                   "train_minutes": r["train_seconds"] / 60, "run_minutes": r["seconds"] / 60,
-                   "private_randomness": "n/a" if not is_dp(r) else SEEDED if reproducible else PRIVATE,
-                   "status": "ok"}
+                   "train_minutes": r["train_seconds"] / 60, "run_minutes": r["seconds"] / 60, "status": "ok"}
             out.append(row)
     reference = reference_dice(out)
     return [{**row, "ratio_to_nonprivate": ratio(row["dice_mean"], row["refinement"], reference)} for row in out]
@@ -134,7 +141,7 @@ def failed(result: dict[str, Any]) -> bool:
 def failed_row(r: dict[str, Any], budget_steps: int) -> dict[str, Any]:
     """The row of a failed run: no scores (its Dice cells read FAILED in results.md), the reason in `status`."""
     return {"run": r["run"], **_place(r), "rule": r["rule"], "target_epsilon": r["target_epsilon"], "epsilon": None,
-            "sigma": None, "levers": levers_label(r),
+            "selection": "–", "epsilon_select": None, "epsilon_total": None, "sigma": None, "levers": levers_label(r),
             "steps": r["steps"] if r.get("steps") is not None else budget_steps, "lr": "–", "lr_value":
             r.get("initial_lr"), "lr_source": _lr_source(r, r.get("initial_lr") is None), "refinement": "–",
             "dice_mean": None, "ratio_to_nonprivate": None, "validation_dice": None, "train_minutes": None,
@@ -178,7 +185,7 @@ def gain_table(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for r in (r for r in results if not failed(r)):
         s = {k: v["dice_mean"] for k, v in r["scores"].items()}
-        row = {"run": r["run"], **{f"dice_{k}": v for k, v in s.items()}}
+        row = {"run": r["run"], "selection": gain_selection(r), **{f"dice_{k}": v for k, v in s.items()}}
         if "global" in s:
             row["global_minus_none"] = s["global"] - s["none"]
         if "adaptive" in s and "global" in s:
@@ -232,8 +239,8 @@ def headline_lines(cells: list[dict[str, Any]]) -> list[str]:
             ref.append(f"Non-private reference training only `trainable: {row['levers']}` (--reference-trainable; "
                        f"what that subset can hold without noise): mean test Dice {dice} (n = {row['n']}), ratio "
                        f"{_fmt(row['ratio_to_nonprivate'])}")
-    ref += [public_line(row) for row in cells if row["rule"] == PUBLIC and row["refinement"] == "none"
-            and row["dice_mean"] is not None]
+    public = [row for row in cells if row["rule"] == PUBLIC and row["dice_mean"] is not None]
+    ref += [public_line(row) + public_morph_sentence(public) for row in public if row["refinement"] == "none"]
     ref += [""] if ref else []
     headline = headline_table(cells)
     if not headline:
@@ -295,9 +302,10 @@ def write_report(out: str, header: dict[str, Any], results: list[dict[str, Any]]
     levers = ["levers"] if any(row["levers"] not in (DEFAULT_LEVERS, "n/a") for row in cells) else []
     repeated = ["n"] if any(row.get("n", 1) > 1 for row in cells) else []
     failures = [r for r in results if failed(r)]
-    keys = ["run", "refinement", "epsilon", "sigma", "steps", "lr", *levers, *dice_keys, "ratio_to_nonprivate",
+    keys = ["run", "refinement", "epsilon", "selection", "epsilon_select", "epsilon_total", "sigma", "steps", "lr", *levers, *dice_keys, "ratio_to_nonprivate",
             *repeated, *sweep, "train_minutes", "run_minutes", *(["status"] if failures else [])]
     gains = gain_table(results) or [{"run": "–"}]
+    refined = any(row["refinement"] not in ("none", "–") for row in cells)
     seeds = header.get("seeds", 1)
     lines = [(f"# {header['dataset']} {header['configuration']}: rules × ε × lr × levers × refinement "
               f"({header['budget']['name']} budget)"), "",
@@ -309,7 +317,7 @@ def write_report(out: str, header: dict[str, Any], results: list[dict[str, Any]]
              "compute_metrics_on_folder on the test cases. Ratio: mean Dice / the non-private reference's with the "
              "same refinement."), "", start_line(header), "",
              *([_repeats_line(seeds), ""] if seeds > 1 else []),
-             randomness_line(header), "", *failure_lines(failures), *headline_lines(cells), "## All runs", "",
+             randomness_line(header), "", *([selection_line(header), ""] if refined else []), *failure_lines(failures), *headline_lines(cells), "## All runs", "",
              markdown_table(_display(cells), keys), "", "## DP-Morph gains (mean test Dice)", "",
              markdown_table(gains, list(dict.fromkeys(k for g in gains for k in g))), "",
              "![Dice vs ε](dice_vs_epsilon.png)", ""]

@@ -1,7 +1,10 @@
 """nnUNetv2_dp_experiment, one run: train (or resume), predict the test cases, choose DP-Morph on the validation
-predictions only, apply it to the test predictions, score on test with nnU-Net's evaluation, write result.json.
+predictions only (privately by default: dpmorph.py), apply it to the test predictions, score on test with nnU-Net's
+evaluation, write result.json.
 
-Every step runs nnU-Net's own commands or functions; each is skipped when its output exists.
+Every step runs nnU-Net's own commands or functions; each is skipped when its output exists, except DP-Morph and the
+scoring, which are made again whenever execute runs (grid.py runs a finished run again only when its DP-Morph choice
+was made with another selection).
 """
 from __future__ import annotations
 
@@ -16,8 +19,11 @@ from os.path import isdir, isfile, join
 from typing import Any
 
 from nnunet_dp.nnunet.demo import console_script
+from nnunet_dp.nnunet.experiment.dpmorph import evaluate, refine_all, validation_dice
 from nnunet_dp.nnunet.experiment.plan import ExperimentError, RunSpec
 from nnunet_dp.nnunet.experiment.progress import last_error
+from nnunet_dp.nnunet.morph_selection import DEFAULT as DEFAULT_SELECTION
+from nnunet_dp.nnunet.morph_selection import MorphSelection
 
 RESULT_JSON = "result.json"
 SETTINGS_JSON = "settings.json"  # the nnUNet_dp_config (or baseline budget) file of a run: never a seed by default
@@ -39,6 +45,7 @@ class Context:
     refinements: tuple[str, ...]
     plans: str = "nnUNetPlans"  # nnUNetv2_train/predict -p (the moved public plans under --public-fraction)
     pretrained: str | None = None  # -pretrained_weights of every run's fresh start (--public-fraction, --pretrained)
+    selection: MorphSelection = DEFAULT_SELECTION  # how DP-Morph is chosen (--dpmorph-selection, --epsilon-select)
 
     @property
     def gt_segmentations(self) -> str:
@@ -169,53 +176,6 @@ def predict_test(ctx: Context, run_dir: str, spec: RunSpec) -> str:
     return out
 
 
-def choose_and_apply(validation: str, gt_segmentations: str, model: str, test_none: str, out_folder: str,
-                     mode: str, num_processes: int) -> dict[str, Any]:
-    """Choose DP-Morph (`mode`) on the validation predictions and their references only, then apply the choice to
-    the test predictions. The test labels are not an argument: nothing here can read them."""
-    from nnunetv2.postprocessing.remove_connected_components import apply_postprocessing_to_folder
-
-    from nnunet_dp.postprocessing.determine import determine_dp_morph
-
-    choice_folder = join(os.path.dirname(out_folder), f"dpmorph_{mode}")
-    fns, kwargs = determine_dp_morph(validation, gt_segmentations, join(model, "plans.json"),
-                                     join(model, "dataset.json"), num_processes, mode=mode,
-                                     output_folder=choice_folder)
-    apply_postprocessing_to_folder(test_none, out_folder, fns, kwargs, join(model, "plans.json"),
-                                   join(model, "dataset.json"), num_processes)
-    with open(join(choice_folder, "postprocessing.json")) as f:
-        return json.load(f)["dp_morph"]["choice"]
-
-
-def evaluate(pred: str, labels: str, model: str, num_processes: int) -> dict[str, Any]:
-    """nnU-Net's compute_metrics_on_folder on the test cases: per-class Dice (and the rest of its summary)."""
-    from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
-    with open(join(model, "dataset.json")) as f:
-        dataset_json = json.load(f)
-    plans = PlansManager(join(model, "plans.json"))
-    label_manager = plans.get_label_manager(dataset_json)
-    summary = compute_metrics_on_folder(labels, pred, join(pred, "summary.json"), plans.image_reader_writer_class(),
-                                        dataset_json["file_ending"], label_manager.foreground_labels,
-                                        label_manager.ignore_label, num_processes)
-    names = {v: k for k, v in dataset_json["labels"].items() if isinstance(v, int)}
-    dice = {names.get(int(k), str(k)): float(m["Dice"]) for k, m in summary["mean"].items()}
-    return {"dice": dice, "dice_mean": float(summary["foreground_mean"]["Dice"]),
-            "num_cases": len(summary["metric_per_case"])}
-
-
-def validation_dice(validation: str, test_folder: str, refinements: tuple[str, ...]) -> dict[str, float]:
-    """Mean foreground Dice on the validation fold per refinement, the scores the DP-Morph choice was made with:
-    nnU-Net's validation summary for 'none', DP-Morph's dice_after on the same cases for the others. Never test."""
-    with open(join(validation, "summary.json")) as f:
-        out = {"none": float(json.load(f)["foreground_mean"]["Dice"])}
-    for mode in (m for m in refinements if m != "none"):
-        with open(join(test_folder, f"dpmorph_{mode}", "postprocessing.json")) as f:
-            out[mode] = float(json.load(f)["dp_morph"]["dice_after"]["foreground_mean"])
-    return out
-
-
 def privacy_summary(fold: str) -> dict[str, Any]:
     path = join(fold, "privacy.json")
     if not isfile(path):
@@ -296,17 +256,15 @@ def execute(ctx: Context, run_dir: str, spec: RunSpec, settings: dict[str, Any],
     fold = join(model, "fold_0")
     test_none = predict_test(ctx, run_dir, spec)
     scores = {"none": evaluate(test_none, ctx.test_labels, model, ctx.num_processes)}
-    choices = {}
-    for mode in (m for m in ctx.refinements if m != "none"):
-        pred = join(run_dir, "test", mode)
-        choices[mode] = choose_and_apply(join(fold, "validation"), ctx.gt_segmentations, model, test_none, pred,
-                                         mode, ctx.num_processes)
-        scores[mode] = evaluate(pred, ctx.test_labels, model, ctx.num_processes)
+    choices, refined, selection = refine_all(ctx, join(fold, "validation"), model, test_none, join(run_dir, "test"),
+                                             fold, "nonprivate" if spec.epsilon is None else "dp")
+    scores.update(refined)
     val_dice = validation_dice(join(fold, "validation"), join(run_dir, "test"), tuple(scores))
     result = {"run": spec.name, "rule": spec.rule, "target_epsilon": spec.epsilon, "trainer": spec.trainer,
               **spec_fields(spec), "plans": ctx.plans, "pretrained": ctx.pretrained,
               **privacy_summary(fold), "initial_lr": settings.get("initial_lr"), "scores": scores,
-              "dpmorph_choice": choices, "validation_dice_mean": val_dice["none"], "validation_dice": val_dice,
+              "dpmorph_choice": choices, "dpmorph_selection": ctx.selection.record(), "selection": selection,
+              "validation_dice_mean": val_dice["none"], "validation_dice": val_dice,
               "train_seconds": train_seconds, "seconds": time.time() - t0, "model_folder": model}
     with open(join(run_dir, RESULT_JSON), "w") as f:
         json.dump(result, f, indent=2)
