@@ -30,7 +30,7 @@ DATASET = f"Dataset{DATASET_ID}_{NAME}"
 
 def set_env(work: str, *, quick: bool) -> None:
     """nnU-Net reads its folders at import: call before importing nnunetv2."""
-    from nnunet_dp.nnunet.demo import DEMO_SETTINGS, QUICK_SETTINGS
+    from nnunet_dp.tools.demo import DEMO_SETTINGS, QUICK_SETTINGS
 
     cfg = join(work, "dp_config.json")
     os.makedirs(work, exist_ok=True)
@@ -44,8 +44,8 @@ def set_env(work: str, *, quick: bool) -> None:
 
 def prepare(work: str, *, quick: bool) -> None:
     """The demo's data steps: synthetic dataset, nnU-Net planning and preprocessing, the demo's smaller network."""
-    from nnunet_dp.nnunet.demo import DEMO_FEATURES, console_script, planning_env, shrink_network
-    from nnunet_dp.nnunet.synthetic import make_dataset
+    from nnunet_dp.synthetic import make_dataset
+    from nnunet_dp.tools.demo import DEMO_FEATURES, console_script, planning_env, shrink_network
 
     pre = join(os.environ["nnUNet_preprocessed"], DATASET)
     if isdir(join(pre, "nnUNetPlans_2d")):

@@ -23,7 +23,7 @@ import sys
 import torch
 
 from nnunet_dp.config import DPConfig
-from nnunet_dp.nnunet.experiment import report
+from nnunet_dp.experiment import report
 
 
 def flat(weights: dict[str, torch.Tensor], keys: list[str]) -> torch.Tensor:

@@ -14,8 +14,9 @@ import argparse
 import torch
 
 from nnunet_dp import bookkeeping
-from nnunet_dp.nnunet import bench_methods as bm
-from nnunet_dp.nnunet import benchmark_cli as cli
+from nnunet_dp.commands import benchmark as cli
+from nnunet_dp.tools import bench_methods as bm
+from nnunet_dp.tools import benchmark as bench
 
 VARIANTS = {  # name: (KEEP_RATIO, PER_CASE_CONV, GHOST_NORMS)
     "default": (1.0, "auto", "auto"),
@@ -31,8 +32,8 @@ VARIANTS = {  # name: (KEEP_RATIO, PER_CASE_CONV, GHOST_NORMS)
 def profile(config: str) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as prof
-    cfg = bm.load_configs([str(cli.PLANS_DIR / "Dataset902_Hippocampus_nnUNetPlans.json"),
-                           str(cli.PLANS_DIR / "large_2d_256.json")])[config]
+    cfg = bm.load_configs([str(bench.PLANS_DIR / "Dataset902_Hippocampus_nnUNetPlans.json"),
+                           str(bench.PLANS_DIR / "large_2d_256.json")])[config]
     device = torch.device("cuda")
     m = bm.build_method("dp-bk", cfg, bm.make_batch(cfg, cfg.plans_batch_size, device), device)
     for _ in range(3):

@@ -15,7 +15,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 nnUNet_compile=f
 PY=$(command -v python || command -v python3)
 if [ -d .gpu_site ]; then export PYTHONPATH="$PWD/.gpu_site${PYTHONPATH:+:$PYTHONPATH}"; fi
-if ! "$PY" -c "import nnunet_dp.nnunet.benchmark_cli" 2>/dev/null; then
+if ! "$PY" -c "import nnunet_dp.tools.benchmark" 2>/dev/null; then
   PIP_RETRIES=0 PIP_TIMEOUT=10 "$PY" -m pip install -q -e . \
     || { echo "pip install -e . failed; running from the checkout"; export PYTHONPATH="$PWD:${PYTHONPATH:-}"; }
 fi
@@ -26,5 +26,5 @@ print("torch", torch.__version__, "on", torch.cuda.get_device_name(), "bf16:", t
 EOF
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || true
 set -o pipefail
-timeout "${BENCH_TIMEOUT:-420}" "$PY" -m nnunet_dp.nnunet.benchmark_cli -device cuda --rounds 5 --warmup 2 \
+timeout "${BENCH_TIMEOUT:-420}" "$PY" -m nnunet_dp.tools.benchmark -device cuda --rounds 5 --warmup 2 \
   --json "$OUT/bench_gpu.json" "$@" 2>&1 | tee "$OUT/bench_gpu.log"

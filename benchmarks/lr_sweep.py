@@ -2,7 +2,7 @@
 
 Trains nnU-Net's 2d PlainConvUNet (narrowed as in the experiment's `tiny` budget) with the package's own private step
 (DPRun: per-case gradients, flat clipping, one noise draw, / qN) and nnU-Net's SGD (Nesterov, poly schedule) on
-synthetic disks and rings (nnunet_dp.nnunet.synthetic), and reports validation Dice for a grid of effective steps
+synthetic disks and rings (nnunet_dp.synthetic), and reports validation Dice for a grid of effective steps
 lr / (1 - momentum), momenta and privacy budgets. This is the evidence behind the default learning rate
 (nnunet_dp.optim.default_lr): its constant was chosen here, never on the private cases of a user.
 
@@ -29,10 +29,10 @@ from torch import nn
 
 from nnunet_dp.config import DPConfig
 from nnunet_dp.nnunet.case_loss import make_case_loss
-from nnunet_dp.nnunet.synthetic import _case
 from nnunet_dp.optim import default_lr
 from nnunet_dp.run import DPRun, make_plan
 from nnunet_dp.sampling import poisson_sample
+from nnunet_dp.synthetic import _case
 
 
 def make_data(n: int, size: int, seed: int, noise: float) -> tuple[torch.Tensor, torch.Tensor]:

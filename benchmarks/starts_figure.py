@@ -23,7 +23,7 @@ from collections import defaultdict
 import matplotlib
 import numpy as np
 
-from nnunet_dp.nnunet.experiment import report
+from nnunet_dp.experiment import report
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt

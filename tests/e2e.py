@@ -7,8 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from nnunet_dp.nnunet.cli import trainer_folder
-from nnunet_dp.nnunet.synthetic import make_dataset
+from nnunet_dp.locations import trainer_folder
+from nnunet_dp.synthetic import make_dataset
 
 HERE = Path(__file__).parent
 BIN = Path(sys.executable).parent

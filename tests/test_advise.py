@@ -25,11 +25,11 @@ from nnunet_dp.advise import (
     noise_summary,
     training_advice,
 )
+from nnunet_dp.commands import advise as advise_cli
 from nnunet_dp.config import DPConfig
-from nnunet_dp.nnunet import advise_cli
-from nnunet_dp.nnunet.advise_cli import training_cases
 from nnunet_dp.optim import default_lr, noise_per_coordinate
 from nnunet_dp.run import DPPlan, make_plan
+from nnunet_dp.tools.advise import training_cases
 
 DS = 996
 
@@ -153,10 +153,6 @@ def test_advise_core_does_not_import_nnunetv2() -> None:
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_entry_point_declared() -> None:
-    assert '"nnUNetv2_dp_advise=nnunet_dp.nnunet.advise_cli:main"' in (Path(__file__).parents[1] / "setup.py").read_text()
-
-
 # ---- the command on a tiny preprocessed dataset -------------------------------------------------------------------
 REFERENCE = """
 import json, sys, torch
@@ -180,7 +176,7 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def advise_cmd(root: Path, *args: str) -> subprocess.CompletedProcess:
     exe = BIN / "nnUNetv2_dp_advise"
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "nnunet_dp.nnunet.advise_cli"]
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "nnunet_dp.commands.advise"]
     return subprocess.run([*cmd, *args], env=nnunet_env(root, OMP_NUM_THREADS="1"), capture_output=True, text=True,
                           timeout=600, check=False)
 

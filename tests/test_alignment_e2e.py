@@ -16,7 +16,7 @@ TRAINER = "nnUNetTrainerDP_TestAlignment"  # nnUNetTrainerDP + maybe_record_alig
 CFG = {"num_epochs": 1, "num_iterations_per_epoch": 2, "num_val_iterations_per_epoch": 1, "expected_batch_size": 3,
        "alignment_every": 1, "seed": 3}
 RULES = {"flat", "autos", "nsgd", "psac"}
-CLI = [sys.executable, "-m", "nnunet_dp.nnunet.alignment_cli"]
+CLI = [sys.executable, "-m", "nnunet_dp.commands.alignment"]
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +75,7 @@ def test_cli_on_trained_and_fresh_network(trained):
 
 
 def test_cli_errors_are_clear(trained, monkeypatch, capsys):
-    from nnunet_dp.nnunet.alignment_cli import main
+    from nnunet_dp.commands.alignment import main
 
     root, _ = trained
     for k, v in nnunet_env(root).items():

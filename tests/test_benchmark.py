@@ -10,10 +10,11 @@ import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_dp import benchmark as core
+from nnunet_dp.commands import benchmark as cli
 from nnunet_dp.config import DPConfig
-from nnunet_dp.nnunet import bench_methods as bm
-from nnunet_dp.nnunet import benchmark_cli as cli
 from nnunet_dp.nnunet.trainer import nnUNetTrainerDP
+from nnunet_dp.tools import bench_methods as bm
+from nnunet_dp.tools import benchmark as bench
 
 CPU = torch.device("cpu")
 
@@ -92,13 +93,13 @@ def test_ratios_and_alternation():
 
 
 def test_cpu_batch_cap_and_plans_configs():
-    configs = bm.load_configs([str(cli.PLANS_DIR / "Dataset902_Hippocampus_nnUNetPlans.json"),
-                                str(cli.PLANS_DIR / "large_2d_256.json")])
+    configs = bm.load_configs([str(bench.PLANS_DIR / "Dataset902_Hippocampus_nnUNetPlans.json"),
+                                str(bench.PLANS_DIR / "large_2d_256.json")])
     assert {"2d", "3d_fullres", "2d_256"} <= set(configs)
     args = cli.parse_args([])
-    assert cli.batch_size_for(configs["2d"], CPU, args) == 200_000 // (56 * 40)
-    assert cli.batch_size_for(configs["3d_fullres"], CPU, args) == 2
-    assert cli.batch_size_for(configs["2d"], torch.device("cuda"), args) == 366
+    assert bench.batch_size_for(configs["2d"], CPU, args) == 200_000 // (56 * 40)
+    assert bench.batch_size_for(configs["3d_fullres"], CPU, args) == 2
+    assert bench.batch_size_for(configs["2d"], torch.device("cuda"), args) == 366
 
 
 def test_trainable_subsets_freeze_every_methods_network_as_the_dp_trainers_do(tmp_path):

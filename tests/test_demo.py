@@ -7,7 +7,7 @@ import pytest
 from e2e import run
 from opacus.accountants import PRVAccountant, RDPAccountant
 
-from nnunet_dp.nnunet.morph_selection import DEFAULT_EPSILON_SELECT
+from nnunet_dp.tools.morph_selection import DEFAULT_EPSILON_SELECT
 
 
 def _opacus_epsilon(privacy: dict) -> float:

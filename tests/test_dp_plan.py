@@ -11,11 +11,11 @@ from nnunetv2.experiment_planning.experiment_planners.network_topology import ge
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-from nnunet_dp.nnunet import dp_plan
-from nnunet_dp.nnunet.dp_plan import DPPlanError
+from nnunet_dp.commands import plan as dp_plan
 from nnunet_dp.nnunet.plans import DP_PLAN_KEY, WITHHELD_FINGERPRINT, plans_provenance
 from nnunet_dp.nnunet.report import ASSUMPTIONS
-from nnunet_dp.nnunet.synthetic import make_dataset
+from nnunet_dp.synthetic import make_dataset
+from nnunet_dp.tools.dp_plan import DPPlanError
 
 D = 993
 NAME = f"Dataset{D}_Test{D}"

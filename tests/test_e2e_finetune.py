@@ -271,7 +271,7 @@ def test_morph_in_training_from_public_weights_then_stock_prediction(public, mon
 def test_advise_with_pretrained_gives_the_fine_tuning_lr(public, monkeypatch, capsys, tmp_path):
     """nnUNetv2_dp_advise --pretrained: the lr column is the trainer's fine-tuning rule, in closed form from the RMS of
     the public file's weights that norm_bias trains (heads included: same labels, transferred)."""
-    from nnunet_dp.nnunet import advise_cli
+    from nnunet_dp.commands import advise as advise_cli
 
     root, public_file = public
     for key, value in nnunet_env(root, CFG).items():

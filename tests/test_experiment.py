@@ -19,12 +19,11 @@ from e2e import nnunet_env, run
 from opacus.accountants import PRVAccountant, RDPAccountant
 
 from nnunet_dp.config import DPConfig
-from nnunet_dp.nnunet.cli import load_fold
-from nnunet_dp.nnunet.experiment import cli as experiment_cli
-from nnunet_dp.nnunet.experiment.aggregate import CHOSEN, DEFAULT, mark_choice
-from nnunet_dp.nnunet.experiment.dpmorph import choose_and_apply, stale_choice
-from nnunet_dp.nnunet.experiment.grid import finished_result
-from nnunet_dp.nnunet.experiment.plan import (
+from nnunet_dp.experiment import cli as experiment_cli
+from nnunet_dp.experiment.aggregate import CHOSEN, DEFAULT, mark_choice
+from nnunet_dp.experiment.dpmorph import choose_and_apply, stale_choice
+from nnunet_dp.experiment.grid import finished_result
+from nnunet_dp.experiment.plan import (
     BUDGETS,
     ExperimentError,
     dp_settings,
@@ -32,21 +31,22 @@ from nnunet_dp.nnunet.experiment.plan import (
     run_grid,
     split_cases,
 )
-from nnunet_dp.nnunet.experiment.report import write_report
-from nnunet_dp.nnunet.experiment.run import Context
-from nnunet_dp.nnunet.morph_selection import (
+from nnunet_dp.experiment.report import write_report
+from nnunet_dp.experiment.run import Context
+from nnunet_dp.optim import default_lr
+from nnunet_dp.release import compose_release
+from nnunet_dp.release_folders import load_fold
+from nnunet_dp.synthetic import make_dataset
+from nnunet_dp.tools.morph_selection import (
     DEFAULT as PRIVATE_DEFAULT,
 )
-from nnunet_dp.nnunet.morph_selection import (
+from nnunet_dp.tools.morph_selection import (
     DEFAULT_EPSILON_SELECT,
     NONPRIVATE,
     NOT_PRIVATE,
     MorphSelection,
     read_selection,
 )
-from nnunet_dp.nnunet.synthetic import make_dataset
-from nnunet_dp.optim import default_lr
-from nnunet_dp.release import compose_release
 
 DATASET_ID = 977
 SWEEP_LR = 0.05  # the end-to-end run's --lrs

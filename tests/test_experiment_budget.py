@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from nnunet_dp.nnunet.experiment import grid as experiment_grid
-from nnunet_dp.nnunet.experiment.budget import (
+from nnunet_dp.experiment import grid as experiment_grid
+from nnunet_dp.experiment.budget import (
     Fold,
     GridError,
     budget_summary,
@@ -24,7 +24,7 @@ from nnunet_dp.nnunet.experiment.budget import (
     read_planned,
     resolve_for_dataset,
 )
-from nnunet_dp.nnunet.experiment.plan import (
+from nnunet_dp.experiment.plan import (
     BUDGETS,
     MAX_SAMPLING_RATE,
     BudgetSpec,
@@ -32,10 +32,10 @@ from nnunet_dp.nnunet.experiment.plan import (
     resolve_budget,
     run_grid,
 )
-from nnunet_dp.nnunet.experiment.progress import BUSY_WARN_CORES, Progress, busy_cores, busy_warning, last_error
-from nnunet_dp.nnunet.experiment.report import write_report
-from nnunet_dp.nnunet.experiment.run import CommandError, Context, run_command
-from nnunet_dp.nnunet.synthetic import _case, make_dataset
+from nnunet_dp.experiment.progress import BUSY_WARN_CORES, Progress, busy_cores, busy_warning, last_error
+from nnunet_dp.experiment.report import write_report
+from nnunet_dp.experiment.run import CommandError, Context, run_command
+from nnunet_dp.synthetic import _case, make_dataset
 
 PLANS = Path(__file__).parent.parent / "benchmarks" / "plans"
 HIPPOCAMPUS = read_planned(str(PLANS / "Dataset902_Hippocampus_nnUNetPlans.json"), "2d")  # patch 56x40, batch 366
@@ -197,7 +197,7 @@ def test_progress_without_timestamps_and_with_a_public_pretraining():
 def test_inference_voxels_counts_nnunet_sliding_windows_and_mirroring():
     from nnunetv2.inference.sliding_window_prediction import compute_steps_for_sliding_window
 
-    from nnunet_dp.nnunet.experiment.budget import PlannedConfig, inference_voxels
+    from nnunet_dp.experiment.budget import PlannedConfig, inference_voxels
 
     for shape, patch, slices in [((192, 192), (64, 64), 1.0), ((256, 200), (64, 48), 1.0), ((50, 35), (56, 40), 36.0),
                                  ((40, 56, 40), (40, 56, 40), 1.0), ((90, 130, 100), (48, 64, 64), 1.0)]:

@@ -19,22 +19,22 @@ import torch
 from e2e import nnunet_env, run
 
 from nnunet_dp.config import DPConfig
-from nnunet_dp.nnunet.experiment import cli as experiment_cli
-from nnunet_dp.nnunet.experiment import grid as experiment_grid
-from nnunet_dp.nnunet.experiment import public_alone
-from nnunet_dp.nnunet.experiment.aggregate import CHOSEN, DEFAULT
-from nnunet_dp.nnunet.experiment.budget import Fold, format_budget, plan_runs, read_planned, resolve_for_dataset
-from nnunet_dp.nnunet.experiment.data import check_public_fraction, derived_datasets, split_public
-from nnunet_dp.nnunet.experiment.errors import ExperimentError
-from nnunet_dp.nnunet.experiment.grid import execution_order
-from nnunet_dp.nnunet.experiment.levers import DEFAULT_LEVERS, Levers, check_seeds, lever_grid, reference_grid
-from nnunet_dp.nnunet.experiment.plan import BUDGETS, dp_settings, run_grid, split_cases
-from nnunet_dp.nnunet.experiment.pretrain import PublicPretraining, plans_network, pretrained_problems
-from nnunet_dp.nnunet.experiment.report import write_report
-from nnunet_dp.nnunet.experiment.run import Context
-from nnunet_dp.nnunet.experiment.trainers.nnunet_dp_experiment_trainers import BUDGET_KEYS as NONPRIVATE_BUDGET_KEYS
-from nnunet_dp.nnunet.morph_selection import DEFAULT_EPSILON_SELECT
-from nnunet_dp.nnunet.synthetic import make_dataset
+from nnunet_dp.experiment import cli as experiment_cli
+from nnunet_dp.experiment import grid as experiment_grid
+from nnunet_dp.experiment import public_alone
+from nnunet_dp.experiment.aggregate import CHOSEN, DEFAULT
+from nnunet_dp.experiment.budget import Fold, format_budget, plan_runs, read_planned, resolve_for_dataset
+from nnunet_dp.experiment.data import check_public_fraction, derived_datasets, split_public
+from nnunet_dp.experiment.errors import ExperimentError
+from nnunet_dp.experiment.grid import execution_order
+from nnunet_dp.experiment.levers import DEFAULT_LEVERS, Levers, check_seeds, lever_grid, reference_grid
+from nnunet_dp.experiment.plan import BUDGETS, dp_settings, run_grid, split_cases
+from nnunet_dp.experiment.pretrain import PublicPretraining, plans_network, pretrained_problems
+from nnunet_dp.experiment.report import write_report
+from nnunet_dp.experiment.run import Context
+from nnunet_dp.experiment.trainers.nnunet_dp_experiment_trainers import BUDGET_KEYS as NONPRIVATE_BUDGET_KEYS
+from nnunet_dp.synthetic import make_dataset
+from nnunet_dp.tools.morph_selection import DEFAULT_EPSILON_SELECT
 
 PLANS = Path(__file__).parent.parent / "benchmarks" / "plans" / "Dataset902_Hippocampus_nnUNetPlans.json"
 DATASET_JSON = {"channel_names": {"0": "MRI"}, "labels": {"background": 0, "anterior": 1, "posterior": 2},
@@ -363,7 +363,7 @@ def test_pretrained_file_is_checked_against_the_plans_network(tmp_path):
 def test_budget_print_states_the_start_and_the_repeats():
     b = resolve_for_dataset("tiny", BUDGETS["tiny"], read_planned(str(PLANS), "2d"), Fold(40, 10, 12))
     plans, _ = plan_runs(run_grid(["flat"], [8], [], lever_grid(["norm_bias"], [4], ["0.999"]), 2), b, None, "tiny")
-    from nnunet_dp.nnunet.experiment.budget import budget_summary
+    from nnunet_dp.experiment.budget import budget_summary
 
     summary = budget_summary(b, plans, "Dataset902_Hippocampus", "2d", {"from": "public part", "public_fraction": 0.3,
                                                                          "num_public_cases": 14}, 2)

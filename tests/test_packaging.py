@@ -18,5 +18,25 @@ def setup_packages() -> set[str]:
 def test_every_package_folder_is_in_setup_py():
     on_disk = {".".join([INSTALLED_AS[top], *init.parent.relative_to(ROOT / top).parts])
                for top in INSTALLED_AS for init in (ROOT / top).rglob("__init__.py")}
-    assert {"nnunet_dp.audit", "nnunet_dp.nnunet.audit", "nnunet_dp.nnunet.experiment"} <= on_disk
+    assert {"nnunet_dp.audit", "nnunet_dp.tools.audit", "nnunet_dp.experiment"} <= on_disk
     assert on_disk == setup_packages()
+
+
+# The programs users type; their names never change (DESIGN.md "User-facing names").
+PROGRAMS = ("demo", "env", "privacy", "determine_postprocessing", "alignment", "benchmark", "experiment", "advise",
+            "audit", "plan", "export")
+
+
+def test_every_program_is_a_thin_command_module_with_main():
+    import importlib
+
+    call = next(n for n in ast.walk(ast.parse((ROOT / "setup.py").read_text())) if isinstance(n, ast.Call)
+                and getattr(n.func, "id", None) == "setup")
+    entry = next(k.value for k in call.keywords if k.arg == "entry_points")
+    scripts = [ast.literal_eval(e) for e in entry.values[0].elts]
+    table = dict(s.split("=") for s in scripts)
+    assert {f"nnUNetv2_dp_{p}" for p in PROGRAMS} <= set(table)
+    for name, target in table.items():
+        module, func = target.split(":")
+        assert module.startswith("nnunet_dp.commands.") and func == "main", name
+        assert callable(importlib.import_module(module).main), name

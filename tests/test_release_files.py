@@ -11,8 +11,8 @@ import torch
 from e2e import nnunet_env, prepare, run
 
 from nnunet_dp.nnunet import checkpoints
-from nnunet_dp.nnunet.cli import load_fold
 from nnunet_dp.release import compose_release
+from nnunet_dp.release_folders import load_fold
 
 DS = 993
 TINY = {"num_epochs": 2, "num_iterations_per_epoch": 2, "num_val_iterations_per_epoch": 1, "expected_batch_size": 3,

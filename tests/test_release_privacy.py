@@ -13,7 +13,7 @@ import pytest
 from nnunet_dp.postprocessing.report import privacy_record
 from opacus.accountants import PRVAccountant, RDPAccountant
 
-from nnunet_dp.nnunet.cli import privacy_main
+from nnunet_dp.commands.privacy import main as privacy_main
 
 DELTA = 1e-5
 CASES = [f"case_{i:02d}" for i in range(10)]

@@ -4,7 +4,7 @@ The DP trainer saves its (changed) plans to the results folder as nnU-Net always
 network from that plans.json, so the norm layers used in training are the ones used at inference, whatever the
 environment says then.
 
-Plans written by nnUNetv2_dp_plan (nnunet_dp.nnunet.dp_plan) carry a record of the user-given values; the trainer
+Plans written by nnUNetv2_dp_plan (nnunet_dp.tools.dp_plan) carry a record of the user-given values; the trainer
 checks it (plans_provenance) and then neither reads nor copies nnU-Net's dataset fingerprint (start_without_fingerprint).
 """
 from __future__ import annotations
@@ -72,7 +72,7 @@ def apply_dp_to_configuration(plans: dict, resolved_configuration: dict, configu
 
 
 # ---- plans made without the data (nnUNetv2_dp_plan) ---------------------------------------------------------------
-DP_PLAN_KEY = "nnunet_dp_plan"  # the record nnUNetv2_dp_plan writes into the plans (nnunet_dp.nnunet.dp_plan)
+DP_PLAN_KEY = "nnunet_dp_plan"  # the record nnUNetv2_dp_plan writes into the plans (nnunet_dp.tools.dp_plan)
 FINGERPRINT_JSON = "dataset_fingerprint.json"
 WITHHELD_FINGERPRINT = {
     "nnunet_dp": ("not copied: these plans were written by nnUNetv2_dp_plan from user-given values and do not use the "

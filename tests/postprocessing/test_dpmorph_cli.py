@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 from batchgenerators.utilities.file_and_folder_operations import load_pickle
 from dpmorph_helpers import make_case, write_label_map, write_model_folder
-from nnunet_dp.postprocessing.cli import main
 from nnunet_dp.postprocessing.determine import determine_dp_morph
 from nnunet_dp.postprocessing.refine import refine_label_map
 from nnunetv2.evaluation.evaluate_predictions import compute_tp_fp_fn_tn
 from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
 from nnunetv2.postprocessing.remove_connected_components import remove_all_but_largest_component_from_segmentation
 
+from nnunet_dp.commands.determine_postprocessing import main
 from nnunet_dp.errors import DPError
 
 APPLY = os.path.join(os.path.dirname(sys.executable), "nnUNetv2_apply_postprocessing")

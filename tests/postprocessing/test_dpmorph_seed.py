@@ -11,10 +11,10 @@ from typing import Any
 import numpy as np
 import pytest
 from nnunet_dp.postprocessing import search
-from nnunet_dp.postprocessing.cli import build_parser, main
 from nnunet_dp.postprocessing.determine import determine_dp_morph
 from nnunet_dp.postprocessing.search import make_candidates, select
 
+from nnunet_dp.commands.determine_postprocessing import build_parser, main
 from nnunet_dp.errors import DPError
 
 SEED = 918273645  # distinctive, so its digits can be searched for in every file
