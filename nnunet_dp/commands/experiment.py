@@ -34,24 +34,16 @@ the time left. A failed run prints its last error, is marked FAILED in results.m
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import subprocess
 import sys
 from collections.abc import Sequence
-from os.path import isdir
 
 from nnunet_dp.config import TRAINABLE
 from nnunet_dp.errors import DPError
-from nnunet_dp.experiment.budget import inference_voxels
-from nnunet_dp.experiment.grid import run_all
-from nnunet_dp.experiment.levers import check_seeds, lever_grid, reference_grid
-from nnunet_dp.experiment.main import _check, _dataset, _default_device, _environment
-from nnunet_dp.experiment.plan import BUDGETS, REFINEMENTS, RULES, ExperimentError, resolve_budget, run_grid
-from nnunet_dp.experiment.prepare import plan_experiment, prepare
-from nnunet_dp.experiment.public_alone import PublicAlone
-from nnunet_dp.experiment.report import write_report
-from nnunet_dp.tools.morph_selection import DEFAULT_EPSILON_SELECT, morph_selection
+from nnunet_dp.experiment.main import run_experiment
+from nnunet_dp.experiment.plan import BUDGETS, REFINEMENTS, RULES
+from nnunet_dp.tools.morph_selection import DEFAULT_EPSILON_SELECT
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -130,33 +122,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    command = "nnUNetv2_dp_experiment " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     try:
-        _check(args)
-        selection = morph_selection(args.dpmorph_selection, args.epsilon_select)
-        levers = lever_grid(args.trainable, args.augmentations_per_case, args.ema_decay,
-                            dp_rules=any(r != "nonprivate" for r in args.rules))
-        references = reference_grid(args.reference_trainable, reference="nonprivate" in args.rules)
-        specs = run_grid(args.rules, args.epsilons, args.lrs, levers, check_seeds(args.seeds), references)
-        budget_name, budget = resolve_budget(args.budget)  # before preprocessing: a bad file fails at once
-        out = os.path.abspath(args.o or f"dp_experiment_{args.d}_{args.c}_{budget_name}")
-        if os.path.exists(out) and not isdir(out):
-            raise ExperimentError("-o", out, "a folder (new or from an earlier invocation); it is a file")
-        dataset = _dataset(str(args.d))
-        os.makedirs(out, exist_ok=True)
-        env = _environment()
-        exp = plan_experiment(args, out, env, specs, budget_name, budget, dataset)
-        if args.dry_run:
-            print("--dry-run: the grid passed every check; nothing was preprocessed or trained.")
-            return
-        ctx, header, pretraining = prepare(args, out, env, exp, args.device or _default_device(), selection)
-        header["command"] = "nnUNetv2_dp_experiment " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-        public = None if pretraining is None else PublicAlone(pretraining, tuple(exp.split["val"]), exp.file_ending)
-        results, failed = run_all(ctx, exp.runs, exp.budget.spec, inference_voxels(
-            exp.planned, exp.budget.patch_size, exp.budget.fold.num_val + exp.budget.fold.num_test),
-            exp.summary["voxels_per_step"], pretraining, public)
-        path = write_report(out, header, results)
+        outcome = run_experiment(args, command)
     except (DPError, RuntimeError, subprocess.SubprocessError) as error:
         sys.exit(f"ERROR: {error}")
+    if outcome is None:
+        print("--dry-run: the grid passed every check; nothing was preprocessed or trained.")
+        return
+    path, results, failed = outcome
     print(f"\nResults: {path}")
     if failed:
         sys.exit(f"ERROR: {len(failed)} of {len(results)} runs failed ({', '.join(failed)}); results.md and results.csv "

@@ -1,6 +1,6 @@
 """nnUNetv2_dp_experiment: the rules × ε × lr × fine-tuning levers × refinement comparison on one dataset.
 
-cli.py        the command (`main`) and its options
+main.py       the grid from the command's options (nnunet_dp.commands.experiment parses them)
 prepare.py    every check before any work (all problems at once), the resolved budget, the data the runs read
 plan.py       budgets, the run grid (rule × ε × lr × levers × repeats), the held-out test split, the mirrored
               preprocessed folder and the budget's plans
@@ -19,15 +19,3 @@ report.py     results.csv and results.md; plots.py its figures
 errors.py     ExperimentError (option, value, allowed, fix)
 trainers/     nnU-Net trainers only this command uses (its subprocesses add the folder to nnUNet_extTrainer)
 """
-from __future__ import annotations
-
-from typing import Any
-
-
-def __getattr__(name: str) -> Any:
-    """`from nnunet_dp.experiment import main` (console scripts installed before the command became a package)."""
-    if name == "main":
-        from nnunet_dp.commands.experiment import main
-
-        return main
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

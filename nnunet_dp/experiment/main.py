@@ -1,35 +1,5 @@
-"""nnUNetv2_dp_experiment: the rules × ε × lr × fine-tuning levers × refinement comparison on one dataset, with a
-held-out test split.
-
-    nnUNetv2_dp_experiment -d 902 -c 2d --budget tiny -o exp902
-
-holds out a seeded test split of the raw training cases, trains the non-private reference and each (rule, ε) under
-the same budget on the rest (fold 0 of the experiment's own splits_final.json), chooses DP-Morph on the validation
-predictions only (privately: ε_select = 1 per choice unless --epsilon-select, added to each refined row's ε; or
---dpmorph-selection nonprivate, labelled "selection not private"), applies it to the test predictions and scores all
-on test. Writes OUT/results.csv, results.md and
-PNG plots. Finished runs (OUT/runs/<name>/result.json) are skipped; an interrupted training resumes with --c.
---seed seeds the split only: the DP runs draw their noise and sampling from fresh OS entropy, unless --reproducible
-seeds them too (repeatable, not private; the results tables say so). DP runs use the DP trainers' default learning
-rate (nnunet_dp.optim.default_lr); --lrs LR ... trains each (rule, ε) once more per LR, and the report marks the lr
-with the best validation Dice (a choice on private cases: not private).
-
-Fine-tuning (issue 11; none of it costs privacy): --public-fraction F draws a seeded public part of the non-test cases,
-trains nnU-Net's ordinary trainer on it once (the budget's epochs, or --public-epochs E) and fine-tunes every run from
-it with its plans on the private rest (data.py, pretrain.py); --pretrained FILE fine-tunes every run from a given
-checkpoint; --trainable, --augmentations-per-case and --ema-decay add the DP runs' levers (their cross product per
-rule, ε and lr; levers.py); --reference-trainable norm_bias adds a non-private reference that trains only that subset
-(the ordinary reference stays the one ratios divide by); --seeds K repeats every run K times and the tables show
-mean ± sd.
-
-Before anything is preprocessed or trained the whole grid is checked (prepare.py, budget.py): the split, the
-configuration, every run's DP settings through the trainers' own DPConfig and make_plan on fold 0's N training cases,
-earlier run folders, --pretrained's file; all problems are reported at once, each with its fix. The named budgets
-adapt to the dataset (batch at most N/4 and a voxel target per step, tiny's patch at most 64x64) and the resolved
-budget (batch, steps, q, sigma and lr per run, patch, network) is printed and saved as OUT/budget.json (--dry-run stops
-there). The DP runs train first; after the first epochs an ETA for the grid is printed, and every progress line carries
-the time left. A failed run prints its last error, is marked FAILED in results.md/csv, and the other runs go on.
-"""
+"""The harness from the command's parsed options (nnunet_dp.commands.experiment has the options and their meaning):
+the checks before any work, the grid, the run loop and the report."""
 
 from __future__ import annotations
 
@@ -37,7 +7,14 @@ import argparse
 import os
 from os.path import isdir, isfile, join
 
-from nnunet_dp.experiment.plan import REFINEMENTS, ExperimentError
+from nnunet_dp.experiment.budget import inference_voxels
+from nnunet_dp.experiment.grid import run_all
+from nnunet_dp.experiment.levers import check_seeds, lever_grid, reference_grid
+from nnunet_dp.experiment.plan import REFINEMENTS, ExperimentError, resolve_budget, run_grid
+from nnunet_dp.experiment.prepare import plan_experiment, prepare
+from nnunet_dp.experiment.public_alone import PublicAlone
+from nnunet_dp.experiment.report import write_report
+from nnunet_dp.tools.morph_selection import morph_selection
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -97,3 +74,31 @@ def _default_device() -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def run_experiment(args: argparse.Namespace, command: str) -> tuple[str, list, list[str]] | None:
+    """The whole grid from the parsed options: (results.md path, results, failed run names), or None after --dry-run.
+    Every check runs before any work (prepare.py, budget.py)."""
+    _check(args)
+    selection = morph_selection(args.dpmorph_selection, args.epsilon_select)
+    levers = lever_grid(args.trainable, args.augmentations_per_case, args.ema_decay,
+                        dp_rules=any(r != "nonprivate" for r in args.rules))
+    references = reference_grid(args.reference_trainable, reference="nonprivate" in args.rules)
+    specs = run_grid(args.rules, args.epsilons, args.lrs, levers, check_seeds(args.seeds), references)
+    budget_name, budget = resolve_budget(args.budget)  # before preprocessing: a bad file fails at once
+    out = os.path.abspath(args.o or f"dp_experiment_{args.d}_{args.c}_{budget_name}")
+    if os.path.exists(out) and not isdir(out):
+        raise ExperimentError("-o", out, "a folder (new or from an earlier invocation); it is a file")
+    dataset = _dataset(str(args.d))
+    os.makedirs(out, exist_ok=True)
+    env = _environment()
+    exp = plan_experiment(args, out, env, specs, budget_name, budget, dataset)
+    if args.dry_run:
+        return None
+    ctx, header, pretraining = prepare(args, out, env, exp, args.device or _default_device(), selection)
+    header["command"] = command
+    public = None if pretraining is None else PublicAlone(pretraining, tuple(exp.split["val"]), exp.file_ending)
+    results, failed = run_all(ctx, exp.runs, exp.budget.spec, inference_voxels(
+        exp.planned, exp.budget.patch_size, exp.budget.fold.num_val + exp.budget.fold.num_test),
+        exp.summary["voxels_per_step"], pretraining, public)
+    return write_report(out, header, results), results, failed
