@@ -1,7 +1,11 @@
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(__file__))
+# tests/ holds the shared helpers (e2e.py, nets.py); its subfolders (core, integration, commands, experiment,
+# postprocessing: the code's rooms) hold the tests, which may import each other's reference helpers
+_HERE = os.path.dirname(os.path.abspath(__file__))
+for _sub in ("", "core", "integration", "commands", "experiment", "postprocessing"):
+    sys.path.insert(0, os.path.join(_HERE, _sub))
 os.environ.setdefault("nnUNet_n_proc_DA", "0")
 # Under pytest-xdist every worker, and every nnU-Net command it starts (tests/e2e.py passes this on), uses one OpenMP
 # thread: two workers with two spinning OpenMP threads each on 2 cores slow each other down many times over.

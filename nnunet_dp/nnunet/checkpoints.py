@@ -80,3 +80,42 @@ def walk(obj: Any, path: str = "") -> Iterator[tuple[str, Any]]:
             yield from walk(v, f"{path}[{i}]")
     else:
         yield path, obj
+
+
+def build(trainer: Any, filename: str) -> dict[str, Any]:
+    """The checkpoint nnUNetTrainerDP writes to `filename`: nnU-Net's entries, the DP state (plan and ledger: never a
+    noise generator state or seed), the settings, the records; for final/best without the private entries."""
+    from nnunet_dp.nnunet.finetune import checkpoint_weights
+    from nnunet_dp.nnunet.selection import lora_entries
+
+    net = trainer._plain_network()
+    checkpoint = {
+        **checkpoint_weights(net, trainer.dp_ema, filename),  # raw / EMA (finetune)
+        "optimizer_state": trainer.optimizer.state_dict(),
+        "grad_scaler_state": None,
+        "logging": trainer.logger.get_checkpoint(),
+        "_best_ema": trainer._best_ema,
+        "current_epoch": trainer.current_epoch + 1,
+        "init_args": trainer.my_init_kwargs,
+        "trainer_name": trainer.__class__.__name__,
+        "inference_allowed_mirroring_axes": trainer.inference_allowed_mirroring_axes,
+        "dp_state": trainer._dp_setup().state_dict(),
+        "dp_config": trainer.dp_config.release_dict(),
+        "dp_pretrained": trainer.dp_pretrained,
+        "dp_initial_lr": trainer.initial_lr, "dp_lr_rule": trainer.dp_lr_rule,
+        "dp_dropped": trainer.dp_dropped,  # unnoised count: checkpoint_latest only
+        **lora_entries(net),  # the adapters' factors (trainable lora), for --c
+    }
+    return for_release(checkpoint) if is_releasable(filename) else checkpoint
+
+
+def restore_private_counters(trainer: Any, checkpoint: dict) -> None:
+    """The dropped-case count and nnU-Net's logger continue from checkpoint_latest; a release checkpoint (final/best)
+    holds neither, so the logger restarts with NaN for the epochs run and the count is unknown."""
+    if checkpoint.get(RELEASE_MARK):
+        trainer.logger.load_checkpoint(padded_logging(checkpoint.get("logging"), trainer.current_epoch))
+        trainer.dp_dropped = None
+        trainer.print_to_log_file("DP: resumed from a release checkpoint (no training curves, no dropped-case count): "
+                                  "the curves restart here and the count of dropped cases is unknown")
+    else:
+        trainer.dp_dropped = int(checkpoint.get("dp_dropped") or 0)

@@ -13,12 +13,16 @@ from __future__ import annotations
 
 import os
 import secrets
+from typing import Any
 
 import numpy as np
 import torch
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
+from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
+from torch import distributed as dist
 
-from nnunet_dp.sampling import poisson_sample
+from nnunet_dp.nnunet.augmenter import make_augmenter
+from nnunet_dp.sampling import poisson_sample, shard
 
 
 class nnUNetPoissonDataLoader(nnUNetDataLoader):
@@ -56,3 +60,35 @@ class nnUNetPoissonDataLoader(nnUNetDataLoader):
         keys = [key for key in cases for _ in range(self.augmentations_per_case)]
         self.batch_size = len(keys)  # nnU-Net's generate_train_batch allocates the batch with this size
         return keys
+
+
+def dp_dataloaders(trainer: Any) -> tuple[Any, Any]:
+    """nnUNetTrainer.get_dataloaders with the DP training loader: Poisson sampling of the cases of this rank's
+    disjoint shard (each case is sampled by exactly one rank, with probability q), K patches per case, nnU-Net's
+    transforms; validation as nnU-Net does it. Both through the ordered augmenter (nnunet_dp.nnunet.augmenter)."""
+    run = trainer._dp_setup()
+    rot, dummy_2d, initial_patch_size, mirror_axes = trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+    ds_scales = trainer._get_deep_supervision_scales()
+    lm, conf = trainer.label_manager, trainer.configuration_manager
+    label_kwargs = {"is_cascaded": trainer.is_cascaded, "foreground_labels": lm.foreground_labels,
+                    "regions": lm.foreground_regions if lm.has_regions else None, "ignore_label": lm.ignore_label}
+    tr_transforms = trainer.get_training_transforms(conf.patch_size, rot, ds_scales, mirror_axes, dummy_2d,
+                                                    use_mask_for_norm=conf.use_mask_for_norm, **label_kwargs)
+    val_transforms = trainer.get_validation_transforms(ds_scales, **label_kwargs)
+    dataset_tr, dataset_val = trainer.get_tr_and_val_datasets()
+    if trainer.is_ddp:
+        dataset_tr.identifiers = shard(sorted(dataset_tr.identifiers), rank=dist.get_rank(),
+                                       world_size=dist.get_world_size())
+    cfg = trainer.dp_config
+    dl_tr = nnUNetPoissonDataLoader(
+        dataset_tr, initial_patch_size, conf.patch_size, lm, sampling_rate=run.plan.sampling_rate,
+        oversample_foreground_percent=trainer.oversample_foreground_percent, transforms=tr_transforms, seed=cfg.seed,
+        seed_salt=trainer.current_epoch * 1000 + trainer.local_rank, augmentations_per_case=cfg.augmentations_per_case)
+    dl_val = nnUNetDataLoader(dataset_val, trainer.batch_size, conf.patch_size, conf.patch_size, lm,
+                              oversample_foreground_percent=trainer.oversample_foreground_percent,
+                              transforms=val_transforms)
+    n = get_allowed_n_proc_DA()
+    pin = trainer.device.type == "cuda"
+    # workers read round-robin: which Poisson batch is step t is fixed in advance (DESIGN.md invariant 1)
+    return (make_augmenter(dl_tr, num_processes=n, train=True, pin_memory=pin),
+            make_augmenter(dl_val, num_processes=n if n == 0 else max(1, n // 2), train=False, pin_memory=pin))

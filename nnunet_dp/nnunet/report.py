@@ -7,7 +7,7 @@ import platform
 from importlib import metadata
 from typing import Any
 
-from nnunet_dp.journal import JOURNAL_FILE
+from nnunet_dp.journal import JOURNAL_FILE, ever_seeded
 from nnunet_dp.run import DPRun
 
 PRIVACY_JSON = "privacy.json"
@@ -124,3 +124,24 @@ def write_json_atomic(path: str, obj: Any) -> None:
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=False)
     os.replace(tmp, path)
+
+
+def private_randomness(trainer: Any) -> bool:
+    """False when this session or any earlier one in the fold folder was seeded (the journal records each session)."""
+    return trainer.dp_config.private_randomness and not ever_seeded(os.path.join(trainer.output_folder, JOURNAL_FILE))
+
+
+def write_privacy(trainer: Any) -> None:
+    """Rewrite the fold folder's privacy.json (rank 0) from the trainer's run, settings and records."""
+    from nnunet_dp.nnunet.finetune import report_extra
+    from nnunet_dp.nnunet.plans import plans_provenance
+
+    if trainer.local_rank != 0 or trainer.dp_run is None:
+        return
+    extra, assumptions = report_extra(trainer.dp_config, trainer.dp_selection, trainer.dp_pretrained)
+    extra.update(trainer.dp_noise or {}, initial_lr=trainer.initial_lr, lr_rule=trainer.dp_lr_rule,
+                 projection=trainer.dp_projection or {"projection": "none"})
+    report = privacy_report(trainer.dp_run, status=trainer.dp_status, private_randomness=private_randomness(trainer),
+                            extra=extra, extra_assumptions=assumptions,
+                            plans=plans_provenance(trainer.plans_manager.plans, trainer.configuration_name))
+    write_json_atomic(os.path.join(trainer.output_folder, PRIVACY_JSON), report)

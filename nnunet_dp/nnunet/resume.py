@@ -13,12 +13,15 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
+from nnunetv2.utilities.collate_outputs import collate_outputs
 from torch import distributed as dist
 
 from nnunet_dp.config import ENV_VAR, DPConfig
 from nnunet_dp.errors import DPCheckpointError, DPConfigError, DPDataError, DPDivergedError
 from nnunet_dp.journal import JOURNAL_FILE, StepJournal, session_modes, total_steps
+from nnunet_dp.nnunet.report import write_privacy
 
 CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_best.pth", "checkpoint_latest.pth")
 # stop when more than this fraction of an epoch's sampled cases (and at least MIN_DROPPED of them) were dropped
@@ -147,3 +150,30 @@ def attach_journal(trainer: Any) -> None:
     if not run.can_step():
         trainer.print_to_log_file(f"DP: the {run.steps} steps recorded for this folder already reach "
                                   f"target_epsilon={run.plan.target_epsilon}; no further step will run.")
+
+
+def account_epoch(trainer: Any, train_outputs: list[dict]) -> None:
+    """nnU-Net's epoch-end training statistics under DP (gathered over DDP ranks): the mean loss of the sampled
+    finite cases for nnU-Net's logger, the dropped-case count (log and checkpoint_latest only: unnoised), and the stop
+    when most sampled cases were not finite (privacy.json first counts the epoch's journaled steps)."""
+    outputs = collate_outputs(train_outputs)
+    stats = [np.atleast_1d(outputs[k]).astype(float) for k in ("loss", "batch_size", "dropped")]
+    if trainer.is_ddp:
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, stats)
+        stats = [np.concatenate([g[i] for g in gathered]) for i in range(3)]
+    losses, sampled, dropped = stats[0], int(stats[1].sum()), int(stats[2].sum())
+    trainer.logger.log("train_losses", float(np.nanmean(losses)) if np.isfinite(losses).any() else float("nan"),
+                       trainer.current_epoch)
+    if trainer.dp_dropped is not None:
+        trainer.dp_dropped += dropped
+    if dropped:
+        trainer.print_to_log_file(f"DP: {dropped} of {sampled} sampled cases dropped this epoch (non-finite gradient "
+                                  "or loss; they contributed nothing, the steps still added their noise)")
+    try:
+        check_dropped(dropped, sampled, trainer.current_epoch)
+    except DPDivergedError:
+        trainer.dp_status = "stopped: most sampled cases were not finite"
+        if os.path.isdir(trainer.output_folder):
+            write_privacy(trainer)
+        raise

@@ -186,8 +186,9 @@ def count_parameters(trainer: type, plans: dict, dataset_json: dict, configurati
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from nnunet_dp.nnunet.finetune import select_trainable, trained_rms
+    from nnunet_dp.nnunet.finetune import trained_rms
     from nnunet_dp.nnunet.plans import apply_dp_to_configuration
+    from nnunet_dp.nnunet.selection import select_trainable
 
     manager = PlansManager(copy.deepcopy(plans))
     conf = manager.get_configuration(configuration)

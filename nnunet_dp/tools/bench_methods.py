@@ -25,8 +25,8 @@ from nnunet_dp import benchmark as core
 from nnunet_dp import lora
 from nnunet_dp.config import DPConfig
 from nnunet_dp.nnunet.case_loss import make_case_loss
-from nnunet_dp.nnunet.finetune import freeze_, select_trainable
 from nnunet_dp.nnunet.plans import dp_architecture, morph_architecture
+from nnunet_dp.nnunet.selection import freeze_, select_trainable
 from nnunet_dp.per_sample import _STRATEGIES, choose_strategy
 from nnunet_dp.run import DPRun, dp_autocast, make_plan
 
@@ -88,7 +88,7 @@ def load_configs(plans_files: list[str]) -> dict[str, BenchConfig]:
 
 def build_network(cfg: BenchConfig, *, seed: int, inplace: bool = True) -> nn.Module:
     """The plans' network; parameters outside cfg.trainable are frozen exactly as the DP trainers freeze them
-    (nnunet_dp.nnunet.finetune.select_trainable + freeze_)."""
+    (nnunet_dp.nnunet.selection.select_trainable + freeze_)."""
     arch = copy.deepcopy(cfg.architecture)
     if cfg.morph != "none":
         dims = len(cfg.patch_size)

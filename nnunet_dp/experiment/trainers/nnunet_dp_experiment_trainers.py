@@ -46,7 +46,7 @@ class nnUNetTrainerNonPrivateBudget(nnUNetTrainer):
     def initialize(self):
         super().initialize()
         if self.experiment_trainable != "all":
-            from nnunet_dp.nnunet.finetune import freeze_, select_trainable
+            from nnunet_dp.nnunet.selection import freeze_, select_trainable
 
             net = self._plain_network()
             selection = select_trainable(net, self.experiment_trainable)  # type: ignore[arg-type]

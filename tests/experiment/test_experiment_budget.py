@@ -37,7 +37,7 @@ from nnunet_dp.experiment.report import write_report
 from nnunet_dp.experiment.run import CommandError, Context, run_command
 from nnunet_dp.synthetic import _case, make_dataset
 
-PLANS = Path(__file__).parent.parent / "benchmarks" / "plans"
+PLANS = Path(__file__).resolve().parents[2] / "benchmarks" / "plans"
 HIPPOCAMPUS = read_planned(str(PLANS / "Dataset902_Hippocampus_nnUNetPlans.json"), "2d")  # patch 56x40, batch 366
 LARGE = read_planned(str(PLANS / "large_2d_256.json"), "2d_256")  # nnU-Net's 2d plan for 256x256: batch 49
 PUBLISHED_FOLD = Fold(166, 42, 52)  # Dataset902 2d, split seed 0 (docs/results.md)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 _SPEC = importlib.util.spec_from_file_location(
-    "starts_figure", Path(__file__).parent.parent / "benchmarks" / "starts_figure.py")
+    "starts_figure", Path(__file__).resolve().parents[2] / "benchmarks" / "starts_figure.py")
 sf = importlib.util.module_from_spec(_SPEC)
 _SPEC.loader.exec_module(sf)
 

@@ -18,8 +18,8 @@ import SimpleITK as sitk
 from e2e import nnunet_env, run
 from opacus.accountants import PRVAccountant, RDPAccountant
 
+from nnunet_dp.commands import experiment as experiment_cli
 from nnunet_dp.config import DPConfig
-from nnunet_dp.experiment import cli as experiment_cli
 from nnunet_dp.experiment.aggregate import CHOSEN, DEFAULT, mark_choice
 from nnunet_dp.experiment.dpmorph import choose_and_apply, stale_choice
 from nnunet_dp.experiment.grid import finished_result

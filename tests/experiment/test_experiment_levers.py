@@ -18,8 +18,9 @@ import SimpleITK as sitk
 import torch
 from e2e import nnunet_env, run
 
+import nnunet_dp.experiment
+from nnunet_dp.commands import experiment as experiment_cli
 from nnunet_dp.config import DPConfig
-from nnunet_dp.experiment import cli as experiment_cli
 from nnunet_dp.experiment import grid as experiment_grid
 from nnunet_dp.experiment import public_alone
 from nnunet_dp.experiment.aggregate import CHOSEN, DEFAULT
@@ -36,7 +37,7 @@ from nnunet_dp.experiment.trainers.nnunet_dp_experiment_trainers import BUDGET_K
 from nnunet_dp.synthetic import make_dataset
 from nnunet_dp.tools.morph_selection import DEFAULT_EPSILON_SELECT
 
-PLANS = Path(__file__).parent.parent / "benchmarks" / "plans" / "Dataset902_Hippocampus_nnUNetPlans.json"
+PLANS = Path(__file__).resolve().parents[2] / "benchmarks" / "plans" / "Dataset902_Hippocampus_nnUNetPlans.json"
 DATASET_JSON = {"channel_names": {"0": "MRI"}, "labels": {"background": 0, "anterior": 1, "posterior": 2},
                 "file_ending": ".nii.gz", "numTraining": 4}
 DATASET_ID = 973
@@ -507,7 +508,7 @@ def test_the_public_model_alone_gets_dp_morph_chosen_on_validation(public_run, t
     ckpt, split, classes, _ = _public_setup(public_run)
     data = derived_datasets(str(out), f"Dataset{DATASET_ID}_LevTest")
     env = dict(public_run["env"])  # where the harness's nnU-Net commands find its non-private trainer (cli._environment)
-    env["nnUNet_extTrainer"] += os.pathsep + str(Path(experiment_cli.__file__).parent / "trainers")
+    env["nnUNet_extTrainer"] += os.pathsep + str(Path(nnunet_dp.experiment.__file__).parent / "trainers")
     ctx = Context(data.private, "2d", str(tmp_path), data.preprocessed, str(out / "test_data" / "imagesTs"),
                   str(out / "test_data" / "labelsTs"), "cpu", 1, data.env(env), ("none", "global"),
                   "nnUNetPlans_public")

@@ -110,7 +110,7 @@ def test_nnunets_load_pretrained_weights_takes_the_adapted_network(tmp_path):
 def test_per_case_gradients_of_the_factors_are_exact(dim, strategy):
     """trainable lora: the factors, norms, biases and heads train; per-case norms and the scaled sum equal the
     micro-batch reference (float64) in both engines."""
-    from nnunet_dp.nnunet.finetune import freeze_, select_trainable
+    from nnunet_dp.nnunet.selection import freeze_, select_trainable
 
     _, net, _ = adapted(lambda: tiny_unet(dim))
     net.train()

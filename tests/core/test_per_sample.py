@@ -339,7 +339,7 @@ def test_bk_frees_each_step_without_the_cyclic_collector():
 def test_trained_subsets_match_the_reference_and_bk_skips_a_frozen_encoder(dim, trainable, strategy):
     """Under `trainable`, per-case norms and the scaled sum over the trained parameters equal the micro-batch
     reference (float64); under 'decoder' book-keeping's backward never enters the frozen encoder."""
-    from nnunet_dp.nnunet.finetune import freeze_, select_trainable
+    from nnunet_dp.nnunet.selection import freeze_, select_trainable
     model = tiny_unet(dim).double()
     sel = select_trainable(model, trainable)
     freeze_(model, sel)

@@ -107,7 +107,7 @@ def test_trainable_subsets_freeze_every_methods_network_as_the_dp_trainers_do(tm
     per subset and compared with nnU-Net's step on the same subset."""
     from dataclasses import replace
 
-    from nnunet_dp.nnunet.finetune import select_trainable
+    from nnunet_dp.nnunet.selection import select_trainable
     cfg = replace(bm.quick_configs()["tiny2d"], trainable="norm_bias")
     batch = bm.make_batch(cfg, 3, CPU)
     plain = bm.build_network(bm.quick_configs()["tiny2d"], seed=0)

@@ -11,7 +11,7 @@ import torch
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 
 _SPEC = importlib.util.spec_from_file_location(
-    "finetune_displacement", Path(__file__).parent.parent / "benchmarks" / "finetune_displacement.py")
+    "finetune_displacement", Path(__file__).resolve().parents[2] / "benchmarks" / "finetune_displacement.py")
 fd = importlib.util.module_from_spec(_SPEC)
 _SPEC.loader.exec_module(fd)
 

@@ -157,7 +157,7 @@ def test_advise_core_does_not_import_nnunetv2() -> None:
 REFERENCE = """
 import json, sys, torch
 from nnunetv2.run.run_training import get_trainer_from_args
-from nnunet_dp.nnunet.finetune import select_trainable
+from nnunet_dp.nnunet.selection import select_trainable
 t = get_trainer_from_args(sys.argv[1], "2d", 0, "nnUNetTrainerDP", device=torch.device("cpu"))
 t.initialize()
 net = t._plain_network()

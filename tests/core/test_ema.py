@@ -9,7 +9,8 @@ from torch import nn
 
 from nnunet_dp.ema import ParameterEMA, applied, check_decay
 from nnunet_dp.errors import DPCheckpointError, DPConfigError
-from nnunet_dp.nnunet.finetune import checkpoint_weights, freeze_, restore_ema, select_trainable
+from nnunet_dp.nnunet.finetune import checkpoint_weights, restore_ema
+from nnunet_dp.nnunet.selection import freeze_, select_trainable
 
 
 def small_model() -> nn.Module:

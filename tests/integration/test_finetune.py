@@ -13,16 +13,10 @@ from torch import nn
 
 from nnunet_dp.config import DPConfig
 from nnunet_dp.errors import DPConfigError
-from nnunet_dp.nnunet import finetune
-from nnunet_dp.nnunet.finetune import (
-    freeze_,
-    pretrained_record,
-    pretrained_weights_arg,
-    report_extra,
-    select_trainable,
-    transfer_heads,
-)
+from nnunet_dp.nnunet import finetune, selection
+from nnunet_dp.nnunet.finetune import pretrained_record, pretrained_weights_arg, report_extra, transfer_heads
 from nnunet_dp.nnunet.plans import dp_architecture
+from nnunet_dp.nnunet.selection import freeze_, select_trainable
 from nnunet_dp.run import DPRun, make_plan
 
 RESENC = {"network_class_name": "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet",
@@ -220,7 +214,7 @@ def test_pretrained_record_is_null_when_the_network_does_not_hold_the_file(tmp_p
 
 
 def test_a_resume_keeps_the_trained_parameters():
-    finetune.check_resume({"dp_config": {"trainable": "decoder"}}, DPConfig(trainable="decoder"))
-    finetune.check_resume({"dp_config": {}}, DPConfig())  # a checkpoint from before the setting trained everything
+    selection.check_resume({"dp_config": {"trainable": "decoder"}}, DPConfig(trainable="decoder"))
+    selection.check_resume({"dp_config": {}}, DPConfig())  # a checkpoint from before the setting trained everything
     with pytest.raises(DPConfigError, match=r"'trainable' = 'all' .*checkpoint's value 'norm_bias'"):
-        finetune.check_resume({"dp_config": {"trainable": "norm_bias"}}, DPConfig())
+        selection.check_resume({"dp_config": {"trainable": "norm_bias"}}, DPConfig())

@@ -13,8 +13,9 @@ from e2e import nnunet_env, prepare, run
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
 from nnunet_dp.config import DPConfig
-from nnunet_dp.nnunet.finetune import PRETRAINED_ASSUMPTION, select_trainable
+from nnunet_dp.nnunet.finetune import PRETRAINED_ASSUMPTION
 from nnunet_dp.nnunet.plans import apply_dp_to_configuration
+from nnunet_dp.nnunet.selection import select_trainable
 from nnunet_dp.optim import FINETUNE_DRIFT, default_lr
 
 DS = 993
