@@ -2,7 +2,7 @@
 
     python benchmarks/finetune_curves.py OUT.png "label=RUN/log.txt" ["label=RUN/log.txt" ...]
 
-Made docs/img/finetune_curves.png from the nnUNetv2_dp_experiment run logs of docs/results.md (issue 11).
+Made docs/img/finetune_curves.png from the nnUNetv2_dp_experiment run logs of docs/results.md.
 """
 from __future__ import annotations
 

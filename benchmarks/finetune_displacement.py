@@ -10,7 +10,7 @@ independent random directions in d dimensions) moved the weights by its noise on
 private cases that the non-private run learned. Compared over the parameters both checkpoints hold, segmentation
 heads excluded (nnU-Net never transfers them) and frozen parameters included (Δ = 0 there). A run with `ema_decay`
 saves the averaged weights, whose Δ is smaller than the noise-alone expectation of the raw weights (not given).
-Made the displacement table of docs/results.md (issue 11).
+Made the displacement table of docs/results.md.
 """
 from __future__ import annotations
 

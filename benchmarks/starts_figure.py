@@ -10,7 +10,7 @@ alone; both are drawn as lines and listed once per folder. Prints the markdown t
 given by --modes, the ratio to the reference of the first start with a public model or else the first start) and
 saves the plot (one panel per mode, a bar per rule and start, error bars = sd).
 
-Made the "three starts" table and figure of docs/results.md (issue 11).
+Made the "three starts" table and figure of docs/results.md.
 """
 from __future__ import annotations
 

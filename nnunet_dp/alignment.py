@@ -3,7 +3,7 @@
 Pure functions over per-case gradients g_1..g_B (a B x d matrix G; per-parameter lists are flattened first) and a
 reference direction g_bar (the batch mean of the unscaled g_i, or a given vector, e.g. a training-set mean).
 Every rule is evaluated on the same gradients. With a = sum_i s_i g_i (s_i = rule.scale(||g_i||)) and noise
-z ~ N(0, (sigma Delta)^2 I_d) as in the private step (DESIGN.md, invariant 5):
+z ~ N(0, (sigma Delta)^2 I_d) as in the private step (docs/invariants.md, invariant 5):
   bias alignment        cos(a, g_bar)
   private alignment     E_z cos(a + z, g_bar); Monte Carlo over z (explicit generator), and the approximation
                         E cos ~= (a.g_bar / ||g_bar||) / sqrt(||a||^2 + d (sigma Delta)^2) = bias * snr / sqrt(1 + snr^2):

@@ -1,7 +1,7 @@
 """Book-keeping helpers on per-row tensors, and the grouping of rows into cases (augmentation multiplicity).
 
 With `augmentations_per_case` K a batch has B*K rows, case-major: rows [i*K, (i+1)*K) are the K patches of case i.
-A case contributes the mean of its K patch gradients, scaled once (DESIGN.md invariant 2). The engines backpropagate
+A case contributes the mean of its K patch gradients, scaled once (docs/invariants.md, invariant 2). The engines backpropagate
 sum_i mean_k loss_ik, so each row's parameter gradient already carries the factor 1/K and a case's gradient is the sum
 of its rows' gradients (`case_sums`), formed before any norm. Per-case values (scales, keep flags) are spread back onto
 the rows with `per_row`: a deferred layer's weighted pass scales each row's output gradient by its case's scale, which

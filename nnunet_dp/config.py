@@ -17,7 +17,7 @@ from typing import Any, Literal
 from nnunet_dp.errors import DPConfigError
 
 ENV_VAR = "nnUNet_dp_config"
-# Only accountants that give an upper bound on epsilon (DESIGN.md invariant 6). opacus' "gdp" (the CLT approximation of
+# Only accountants that give an upper bound on epsilon (docs/invariants.md, invariant 6). opacus' "gdp" (the CLT approximation of
 # Gaussian DP) under-reports: at delta 1e-5, sigma 1, q 0.1, 50 steps it gives 4.01 against PRV's 5.16 and RDP's 5.88.
 AccountantName = Literal["rdp", "prv"]
 NormConversion = Literal["batchnorm", "all"]
@@ -65,7 +65,7 @@ class DPConfig:
     # repr=False: nnU-Net's debug.json stores str() of every trainer attribute; the seed must not reach any file
     seed: int | None = dataclasses.field(default=None, repr=False)
     save_every: int = 10
-    # fine-tuning levers (issue 11); none of them costs privacy: the unit stays the case, the sensitivity C
+    # fine-tuning levers; none of them costs privacy: the unit stays the case, the sensitivity C
     trainable: Trainable = "all"  # which parameters DP-SGD trains; the others stay frozen (no gradient, noise, update)
     lora_rank: int = 4  # trainable lora: rank r of the adapters on every convolution (nnunet_dp.lora)
     # projection public: case gradients projected on the top-projection_dim subspace of public-case gradients at the
@@ -136,7 +136,7 @@ class DPConfig:
 
     def release_dict(self) -> dict[str, Any]:
         """The settings as written to dp_config.json and checkpoints: the seed is replaced by whether one was used
-        (DESIGN.md invariant 8: a seed regenerates all noise, so it never goes into a file)."""
+        (docs/invariants.md, invariant 8: a seed regenerates all noise, so it never goes into a file)."""
         out = {k: v for k, v in self.to_dict().items() if k != "seed"}
         out["private_randomness"] = self.private_randomness
         return out

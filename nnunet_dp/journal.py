@@ -3,7 +3,7 @@
 A checkpoint's ledger only knows the steps up to the moment it was written; a run that crashes after its last
 checkpoint has still released noisy updates (e.g. in a checkpoint_best written later, or in a model someone copied).
 The journal is appended and fsynced *before* each step draws its noise, so that the epsilon reported for a folder
-covers every step whose noise may have been used (DESIGN.md invariant 6).
+covers every step whose noise may have been used (docs/invariants.md, invariant 6).
 
 Format (text, one record per line, append-only):
   {"session": ..., "noise_multiplier": s, "sampling_rate": q, ...}   a start or resume of training (JSON)
@@ -85,7 +85,7 @@ def session_modes(path: str) -> list[bool | None]:
 
 
 def ever_seeded(path: str) -> bool:
-    """Whether any session of the journal at `path` was seeded ("reproducible, not private", DESIGN.md invariant 8).
+    """Whether any session of the journal at `path` was seeded ("reproducible, not private", docs/invariants.md, invariant 8).
     A folder that was ever seeded stays not private: its released weights carry that session's noise, which the
     seed regenerates."""
     return any(mode is False for mode in session_modes(path))

@@ -27,7 +27,7 @@ LR_EFF_MIN = 0.3
 # the public weights that train, without the floor (the floor is for learning from scratch, where a minimum step is
 # needed to learn at all; a pretrained start needs the noise to stay small against the weights it starts from).
 # Set a priori (a quarter of the weights' own scale), not chosen on any dataset; the Dataset904 sweep of fixed lrs in
-# docs/results.md (issue 11) checks it.
+# docs/results.md checks it.
 FINETUNE_DRIFT = 0.25
 # momentum 0.9 (memory ~10 steps) instead of nnU-Net's 0.99 (~100 steps, a quarter of a short DP run)
 DEFAULT_MOMENTUM = 0.9

@@ -13,7 +13,7 @@ A case's gradient is taken over every trainable parameter; a parameter the loss 
 deep-supervision head with weight 0) gets an exact zero, never a skip.
 A case whose gradient norm or loss is not finite (NaN/inf voxels, a diverged network) contributes exactly zero: its
 share is selected away (torch.where), never multiplied by zero (0 * inf = nan), so one such case cannot poison the
-sum and the sensitivity bound holds (DESIGN.md invariant 4). The caller still adds the noise and counts the step.
+sum and the sensitivity bound holds (docs/invariants.md, invariant 4). The caller still adds the noise and counts the step.
 Augmentation multiplicity (`group` K = augmentations_per_case): the batch has B*K rows, case-major (rows
 [i*K, (i+1)*K) are case i's K patches). A case's gradient is the gradient of the mean of its K row losses, i.e. the
 mean of its K patch gradients, formed before the norm and scaled once: the sensitivity stays C (invariant 2). Norms,

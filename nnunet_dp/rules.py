@@ -2,7 +2,7 @@
 
 Each rule is a pure function of the per-case gradient norms (a tensor) and keyword-only constants. Every rule
 here guarantees ||s(||g||) * g|| <= sensitivity, so Gaussian noise with std sigma * sensitivity gives DP.
-Formulas (DESIGN.md, "Rules"):
+Formulas (docs/how_it_works.md, the trainers table):
   flat   (Abadi et al., CCS 2016)             s = min(1, C / ||g||)            Delta = C
   autos  (Bu et al., NeurIPS 2023, Auto-S)     s = C / (||g|| + gamma)          Delta = C
   nsgd   (Yang et al., 2022, NSGD)             s = C / (||g|| + r)              Delta = C

@@ -74,7 +74,7 @@ def make_plan(cfg: DPConfig, *, rule: RuleName, num_training_cases: int, plans_b
 
 class DPRun:
     """One private run. The noise generator is made from fresh OS entropy every time a DPRun is made (every start
-    and every resume): noise is never restored from a checkpoint, so it is never replayed (DESIGN.md invariant 5).
+    and every resume): noise is never restored from a checkpoint, so it is never replayed (docs/invariants.md, invariant 5).
     With an explicit seed ("reproducible, not private") it is seeded from the seed and the number of steps already
     taken, so a resumed run does not replay the noise of the steps it repeats either."""
 

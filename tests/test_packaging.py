@@ -22,7 +22,7 @@ def test_every_package_folder_is_in_setup_py():
     assert on_disk == setup_packages()
 
 
-# The programs users type; their names never change (DESIGN.md "User-facing names").
+# The programs users type; their names never change (docs/layout.md, "User-facing names").
 PROGRAMS = ("demo", "env", "privacy", "determine_postprocessing", "alignment", "benchmark", "experiment", "advise",
             "audit", "plan", "export")
 

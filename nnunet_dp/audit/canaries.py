@@ -82,7 +82,7 @@ def canary_norm(rule: ScalingRule, *, fraction: float = CANARY_FRACTION) -> floa
       psac   C n / (n + r / (n + r)) = f C  <=>  (1 - f) n^2 + (1 - f) r n - f r = 0
              -> its positive root n = 2 f r / ((1 - f) r + sqrt((1 - f)^2 r^2 + 4 (1 - f) f r)) (written without the
                 cancellation of (-b + sqrt(b^2 - 4ac)) / 2a for f near 1)
-    (rules: nnunet_dp/rules.py and DESIGN.md "Rules"; the rules other than flat reach C only as n -> infinity)."""
+    (rules: nnunet_dp/rules.py and docs/how_it_works.md (rules); the rules other than flat reach C only as n -> infinity)."""
     if not 0 < fraction < 1:
         raise DPConfigError("fraction", fraction, "a number in (0, 1), e.g. 0.999", source=_SOURCE)
     c, f, k = float(rule.clip_norm), float(fraction), float(rule.constant or 0.0)

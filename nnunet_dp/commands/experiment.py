@@ -14,7 +14,7 @@ seeds them too (repeatable, not private; the results tables say so). DP runs use
 rate (nnunet_dp.optim.default_lr); --lrs LR ... trains each (rule, ε) once more per LR, and the report marks the lr
 with the best validation Dice (a choice on private cases: not private).
 
-Fine-tuning (issue 11; none of it costs privacy): --public-fraction F draws a seeded public part of the non-test cases,
+Fine-tuning (none of it costs privacy): --public-fraction F draws a seeded public part of the non-test cases,
 trains nnU-Net's ordinary trainer on it once (the budget's epochs, or --public-epochs E) and fine-tunes every run from
 it with its plans on the private rest (data.py, pretrain.py); --pretrained FILE fine-tunes every run from a given
 checkpoint; --trainable, --augmentations-per-case and --ema-decay add the DP runs' levers (their cross product per

@@ -1,7 +1,7 @@
 """nnUNetv2_dp_export: a zip with only the releasable files of a DP model, the release's epsilon and a model card.
 
 nnU-Net's nnUNetv2_export_model_to_zip packs debug.json, progress.png, validation/summary.json,
-dataset_fingerprint.json and the checkpoints as they are: unnoised statistics of the private cases (DESIGN.md
+dataset_fingerprint.json and the checkpoints as they are: unnoised statistics of the private cases (docs/invariants.md,
 invariant 7). This command keeps nnU-Net's zip layout (paths relative to nnUNet_results, so
 nnUNetv2_install_pretrained_model_from_zip installs it and nnUNetv2_predict uses it) and packs only
   <Dataset>/<trainer>__<plans>__<configuration>/plans.json, dataset.json

@@ -1,4 +1,4 @@
-"""nnUNetv2_dp_experiment, the fine-tuning levers of a DP run (issue 11): `trainable`, `augmentations_per_case` and
+"""nnUNetv2_dp_experiment, the fine-tuning levers of a DP run: `trainable`, `augmentations_per_case` and
 `ema_decay`, one or more values each (--trainable, --augmentations-per-case, --ema-decay), and --seeds K.
 
 None of the levers costs privacy: the unit stays the case and the sensitivity C. Each value is checked with the DP

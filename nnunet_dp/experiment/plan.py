@@ -174,7 +174,7 @@ def dp_settings(spec: RunSpec, budget: BudgetSpec, seed: int | None = None) -> d
 
     seed None (the default): no `seed` key, so the DP run draws its noise and Poisson sampling from fresh OS entropy.
     An integer only under --reproducible: the run can be repeated, and its noise regenerated, so it is not private
-    (DESIGN.md invariant 8).
+    (docs/invariants.md, invariant 8).
     Under --seeds K each repeat k gets seed + k - 1 (repeat 1, and a grid without --seeds, get `seed` itself).
     A DP run has `initial_lr` only when spec.lr is set (--lrs); without it the trainer's default rule decides
     (nnunet_dp.optim.default_lr). Momentum is never set here: the DP default (0.9) for every DP run. The levers'

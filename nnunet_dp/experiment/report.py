@@ -35,7 +35,7 @@ from nnunet_dp.experiment.dpmorph import (
 from nnunet_dp.experiment.plots import plot_adaptive_gain, plot_dice_vs_epsilon
 from nnunet_dp.optim import default_lr
 
-# What the results tables say about the DP runs' randomness (DESIGN.md invariant 8).
+# What the results tables say about the DP runs' randomness (docs/invariants.md, invariant 8).
 PRIVATE = "yes"
 SEEDED = "no (reproducible, not private: noise and sampling seeded)"
 __all__ = ["CHOSEN", "DEFAULT", "rows", "table_rows", "write_report"]

@@ -5,7 +5,7 @@ validation loss and pseudo Dice, their moving average, the best of it (`_best_em
 timestamps (whose spacing depends on how many cases were sampled). None of that is noised. `checkpoint_latest.pth`
 keeps it (nnU-Net's `--c` continues the curves from it; it is private, like the training log and progress.png);
 `checkpoint_final.pth` and `checkpoint_best.pth`, the files a user releases, get an empty logger instead
-(DESIGN.md invariant 7). nnU-Net still loads them (`nnUNetv2_predict`, `--val`, `-pretrained_weights`, `--c`).
+(docs/invariants.md, invariant 7). nnU-Net still loads them (`nnUNetv2_predict`, `--val`, `-pretrained_weights`, `--c`).
 """
 from __future__ import annotations
 

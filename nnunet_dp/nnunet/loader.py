@@ -5,7 +5,7 @@ probability q, and yields K = augmentations_per_case patches (default 1). The ba
 [i*K, (i+1)*K) are case i's patches, and batch["keys"] repeats each sampled key K times (len(keys) // K cases).
 nnU-Net's generate_train_batch loads each row on its own: every row gets its own random patch location (or 2D
 slice), its own foreground-oversampling draw (probabilistic, so independent of the row's position) and its own
-augmentation; each uses only that case (DESIGN.md invariant 2). The per-case gradient engine averages a case's K
+augmentation; each uses only that case (docs/invariants.md, invariant 2). The per-case gradient engine averages a case's K
 patch gradients before scaling (nnunet_dp.per_sample.scaled_sum, group=K). The number of cases varies and may be 0,
 in which case 'data' and 'target' are None.
 """
@@ -89,6 +89,6 @@ def dp_dataloaders(trainer: Any) -> tuple[Any, Any]:
                               transforms=val_transforms)
     n = get_allowed_n_proc_DA()
     pin = trainer.device.type == "cuda"
-    # workers read round-robin: which Poisson batch is step t is fixed in advance (DESIGN.md invariant 1)
+    # workers read round-robin: which Poisson batch is step t is fixed in advance (docs/invariants.md, invariant 1)
     return (make_augmenter(dl_tr, num_processes=n, train=True, pin_memory=pin),
             make_augmenter(dl_val, num_processes=n if n == 0 else max(1, n // 2), train=False, pin_memory=pin))

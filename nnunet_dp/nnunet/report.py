@@ -13,7 +13,7 @@ from nnunet_dp.run import DPRun
 PRIVACY_JSON = "privacy.json"
 CONFIG_JSON = "dp_config.json"
 
-# Data-dependent things a standard nnU-Net DP run releases that epsilon does not cover (DESIGN.md invariant 7).
+# Data-dependent things a standard nnU-Net DP run releases that epsilon does not cover (docs/invariants.md, invariant 7).
 ASSUMPTIONS: tuple[str, ...] = (
     ("Plans and preprocessing: the dataset fingerprint (intensity percentiles, mean and std of foreground voxels "
      "used for CT normalisation; image shapes and spacings that set target spacing and patch size) is computed "
@@ -62,7 +62,7 @@ USER_PLANS = ("Plans and preprocessing: the plans '{plans_name}' (configuration 
               "dataset.json's channels, labels and file ending); the trainer neither read nor copied "
               "dataset_fingerprint.json. Preprocessing resamples and normalises each case on its own. The values are "
               "assumed to be chosen without looking at the private cases.")
-# Added when a seed is set (DESIGN.md invariant 8).
+# Added when a seed is set (docs/invariants.md, invariant 8).
 SEEDED = ("Reproducible, not private: the noise and the Poisson sampling were seeded (setting 'seed'). Anyone who "
           "knows or guesses the seed can regenerate the noise and remove it from the released weights: epsilon does "
           "not hold. The seed is written to no file. Use seeds for testing only.")

@@ -100,7 +100,7 @@ def remove_lost_timeline(folder: str, resumed_steps: int, log: Any) -> None:
 
 def check_randomness_mode(folder: str, private_randomness: bool) -> None:
     """Refuse a session whose randomness mode (seeded or fresh OS entropy) differs from the folder's earlier
-    sessions: a folder that was ever seeded stays "reproducible, not private" (DESIGN.md invariant 8), and a seeded
+    sessions: a folder that was ever seeded stays "reproducible, not private" (docs/invariants.md, invariant 8), and a seeded
     session added to a private folder would turn it into one. Every rank checks (no rank waits for a failed one)."""
     earlier = {m for m in session_modes(os.path.join(folder, JOURNAL_FILE)) if m is not None}
     if not earlier or earlier == {private_randomness}:

@@ -2,7 +2,7 @@
 segmentation heads only, or low-rank adapters (nnunet_dp.lora) with norms, biases and heads.
 
 Freezing costs no privacy: frozen parameters get no gradient, no noise and no update, and the sensitivity is still
-the clip norm over the trained ones (DESIGN.md invariant 4; privacy.json records the setting).
+the clip norm over the trained ones (docs/invariants.md, invariant 4; privacy.json records the setting).
 """
 from __future__ import annotations
 

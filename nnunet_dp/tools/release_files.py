@@ -1,6 +1,6 @@
 """What of a trained DP model folder may leave it (nnUNetv2_dp_export): the files, cleaned copies, what stays.
 
-Releasable (DESIGN.md invariant 7): per fold checkpoint_final.pth (checkpoint_best.pth on request), privacy.json and
+Releasable (docs/invariants.md, invariant 7): per fold checkpoint_final.pth (checkpoint_best.pth on request), privacy.json and
 dp_config.json; per model plans.json and dataset.json; a DP-Morph postprocessing.pkl and postprocessing.json. A
 checkpoint that still holds nnU-Net's logger (written by an older nnunet-dp) and a postprocessing.json that lists
 validation scores go into the zip as cleaned copies; the user's files are only read.

@@ -1,4 +1,4 @@
-"""nnUNetv2_dp_plan: plans from user-given values only, and a DP training that reads no fingerprint (issue 12.4)."""
+"""nnUNetv2_dp_plan: plans from user-given values only, and a DP training that reads no fingerprint."""
 from __future__ import annotations
 
 import hashlib

@@ -1,4 +1,4 @@
-"""nnUNetv2_dp_privacy over several folds: the release's epsilon against opacus run directly (issue 12, item 3).
+"""nnUNetv2_dp_privacy over several folds: the release's epsilon against opacus run directly (item 3).
 
 Fake fold folders (privacy.json, plans.json in the model folder, splits_final.json): no training.
 """

@@ -54,7 +54,7 @@ def test_missing_or_mismatched_ledger_is_an_error():
 @pytest.mark.parametrize("sigma", [0.7, 1.0, 2.0])
 @pytest.mark.parametrize("q,steps", [(0.01, 100), (0.1, 50), (0.3, 20)])
 def test_every_offered_accountant_reports_at_least_prvs_upper_bound(sigma, q, steps):
-    """Only upper bounds are offered (DESIGN.md invariant 6): each accountant's epsilon >= opacus PRV's eps_upper."""
+    """Only upper bounds are offered (docs/invariants.md, invariant 6): each accountant's epsilon >= opacus PRV's eps_upper."""
     from opacus.accountants import PRVAccountant
 
     from nnunet_dp.config import ACCOUNTANTS

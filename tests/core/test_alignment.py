@@ -74,7 +74,7 @@ def test_rank_statistics_tie_values_equal_up_to_rounding():
     """Values a few ulps apart (as different BLAS summation orders give) are ties; a relative difference of 1e-6 is
     not. References: scipy.stats.spearmanr on hand-tied values, and the smallest-norm decile averaged over every order
     of the tied cases."""
-    # the rounding seen on one machine for three identical gradients (issue 16): one tie group on each side
+    # the rounding seen on one machine for three identical gradients: one tie group on each side
     norms, cos_others = [2.453568829277059, 2.4535688292770597, 2.453568829277059], [0.9999999999999997, 1.0,
                                                                                       0.9999999999999997]
     assert np.ptp(tie_groups(norms)) == 0 and np.ptp(tie_groups(cos_others)) == 0

@@ -64,7 +64,7 @@ def test_sampling_rate_from_expected_batch_size():
 
 def test_seed_never_in_repr_or_release_dict():
     """debug.json (nnU-Net) stores str() of the trainer's attributes, dp_config.json and checkpoints the release
-    dict: neither may hold the seed (DESIGN.md invariant 8)."""
+    dict: neither may hold the seed (docs/invariants.md, invariant 8)."""
     seeded = DPConfig(seed=918273645)
     assert "918273645" not in repr(seeded) and "918273645" not in str(seeded.release_dict())
     assert seeded.release_dict()["private_randomness"] is False and "seed" not in seeded.release_dict()

@@ -1,4 +1,4 @@
-"""The write-ahead step journal and fresh noise on every start/resume (DESIGN.md invariants 5, 6 and 8)."""
+"""The write-ahead step journal and fresh noise on every start/resume (docs/invariants.md, invariants 5, 6 and 8)."""
 import os
 
 import pytest

@@ -42,7 +42,7 @@ def test_finetune_lr_keeps_the_drift_at_a_fraction_of_the_public_weights(sigma, 
 
 def test_default_lr_on_the_issue_setting_lands_in_the_range_that_learned():
     """Dataset904 tiny at epsilon 8 (sigma 2.61, qN 32, 400 steps): lr 0.02-0.04 with momentum 0.9 learned, 0.005 and
-    0.1 did not (issue 15). Not used to choose tau (that was synthetic data); a check that the rule agrees."""
+    0.1 did not. Not used to choose tau (that was synthetic data); a check that the rule agrees."""
     lr = default_lr(noise_multiplier=2.61, clip_norm=1.0, expected_batch_size=32, steps=400, momentum=0.9)
     assert 0.02 <= lr <= 0.04
 

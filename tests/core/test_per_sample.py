@@ -278,7 +278,7 @@ def test_auto_falls_back_to_the_loop_when_bk_meets_a_layer_called_twice():
 @pytest.mark.parametrize("rule_name", ["flat", "autos", "nsgd", "psac"])
 def test_non_finite_cases_contribute_exactly_zero(strategy, rule_name):
     """One NaN and one inf case in a batch: the sum is finite and equals the sum over the other cases, their scale
-    is 0 and they are counted as dropped (DESIGN.md invariant 4)."""
+    is 0 and they are counted as dropped (docs/invariants.md, invariant 4)."""
     model = tiny_unet(2).double()
     rule = make_rule(rule_name, clip_norm=0.5)
     x, t = batch(2, 4, seed=3)

@@ -1,4 +1,4 @@
-"""Each rule against its closed form (DESIGN.md table), and ||s g|| <= Delta for every norm."""
+"""Each rule against its closed form (docs/how_it_works.md, the trainers table), and ||s g|| <= Delta for every norm."""
 import math
 
 import pytest

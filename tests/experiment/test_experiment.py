@@ -89,7 +89,7 @@ def test_run_grid_and_settings():
 
 
 def test_dp_runs_get_no_seed_unless_reproducible():
-    """DESIGN.md invariant 8: by default no DP run's settings hold a seed (fresh OS entropy); --seed seeds the split
+    """docs/invariants.md, invariant 8: by default no DP run's settings hold a seed (fresh OS entropy); --seed seeds the split
     only. --reproducible passes it to the DP runs, never to the non-private baseline."""
     specs = run_grid(["nonprivate", "flat", "psac"], [1, 8])
     assert all("seed" not in dp_settings(s, BUDGETS["tiny"]) for s in specs)
@@ -565,7 +565,7 @@ def test_dry_run_resolves_tiny_on_a_small_fold(experiment, tmp_path, monkeypatch
 
 
 def test_batch_larger_than_the_fold_stops_before_any_training(experiment, tmp_path, monkeypatch):
-    """Issue 14: a budget file's batch 32 on N = 10 training cases stops before any training, naming the option, the
+    """A budget file's batch 32 on N = 10 training cases stops before any training, naming the option, the
     value, the limit and the fix, for every DP run at once (the trainer's own check)."""
     _in_process_env(experiment, monkeypatch)
     big = tmp_path / "big.json"

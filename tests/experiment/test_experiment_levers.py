@@ -1,4 +1,4 @@
-"""nnUNetv2_dp_experiment for a study of the fine-tuning levers (issue 11 item 6): the grid rule × ε × lr × trainable ×
+"""nnUNetv2_dp_experiment for a study of the fine-tuning levers: the grid rule × ε × lr × trainable ×
 K × EMA and its names, --seeds K (mean ± sd against numpy), the seeded case-level public part of --public-fraction,
 the checks of --public-fraction and --pretrained before any work, and one end-to-end run (public pretraining once,
 DP fine-tuning from it with the moved public plans, two seeds) that a second invocation skips entirely."""

@@ -303,7 +303,7 @@ def _trainer_and_batch(tiny, env, data: torch.Tensor, seg: torch.Tensor, keys: l
 
 
 def test_nan_images_stop_training(tiny, env):
-    """Cases with NaN voxels contribute nothing (DESIGN.md invariant 4); when most of an epoch's cases do, training
+    """Cases with NaN voxels contribute nothing (docs/invariants.md, invariant 4); when most of an epoch's cases do, training
     stops with a message that points at the data (the steps taken stay counted)."""
     data = torch.randn(4, 1, 32, 32)
     data[:, 0, 3, 3] = NAN
@@ -314,7 +314,7 @@ def test_nan_images_stop_training(tiny, env):
 
 
 def test_nan_image_in_training_is_counted_not_named_in_the_log(tiny, env):
-    """Issue 10: the log gives the number of dropped cases, never which (that would say which patient's gradient
+    """The log gives the number of dropped cases, never which (that would say which patient's gradient
     was not finite: data-dependent output outside epsilon)."""
     data = torch.randn(2, 1, 32, 32)
     data[0, 0, 3, 3] = NAN

@@ -1,4 +1,4 @@
-"""Files meant for release carry no unnoised statistic of the private cases (DESIGN.md invariant 7), and a folder that
+"""Files meant for release carry no unnoised statistic of the private cases (docs/invariants.md, invariant 7), and a folder that
 was ever seeded stays "not private" (invariant 8), through nnU-Net's own commands."""
 from __future__ import annotations
 

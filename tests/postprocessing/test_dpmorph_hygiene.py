@@ -1,4 +1,4 @@
-"""DP-Morph hygiene (issue 12, item 5): an earlier postprocessing.pkl is kept as a backup, and the global mode never
+"""DP-Morph hygiene (item 5): an earlier postprocessing.pkl is kept as a backup, and the global mode never
 chooses an operation that deletes every voxel of a class that the validation references contain."""
 from __future__ import annotations
 
