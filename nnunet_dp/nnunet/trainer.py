@@ -34,7 +34,7 @@ from nnunet_dp.nnunet.augmenter import make_augmenter
 from nnunet_dp.nnunet.case_loss import make_case_loss
 from nnunet_dp.nnunet.loader import nnUNetPoissonDataLoader
 from nnunet_dp.nnunet.plans import apply_dp_to_configuration, plans_provenance, start_without_fingerprint
-from nnunet_dp.nnunet.projection import setup_projection
+from nnunet_dp.nnunet.projection import shared_projection
 from nnunet_dp.nnunet.report import CONFIG_JSON, PRIVACY_JSON, privacy_report, write_json_atomic
 from nnunet_dp.nnunet.resume import attach_journal, check_dropped, check_labels, load_dp_config, read_checkpoint
 from nnunet_dp.nnunet.threads import apply_cpu_threads
@@ -170,9 +170,14 @@ class nnUNetTrainerDP(nnUNetTrainer):
 
     # ---- data ---------------------------------------------------------------------------------------------------
     def _set_batch_size_and_oversample(self) -> None:
-        """nnU-Net splits its batch over DDP ranks and recomputes oversampling per rank; under DP each case decides
-        oversampling for itself with the configured probability, on every rank."""
-        super()._set_batch_size_and_oversample()
+        """nnU-Net splits the plans' batch over DDP ranks (and refuses fewer cases than ranks) and recomputes
+        oversampling per rank. Under DP the training batch is Poisson (q global, each rank samples its shard): the
+        plans' batch size only sets the validation batch, split over the ranks with at least one case each; each
+        case decides oversampling for itself with the configured probability, on every rank."""
+        if self.is_ddp:
+            self.batch_size = max(1, self.configuration_manager.batch_size // dist.get_world_size())
+        else:
+            super()._set_batch_size_and_oversample()
         self.oversample_foreground_percent = self.dp_config.oversample_foreground_percent
 
     def get_dataloaders(self):
@@ -265,14 +270,14 @@ class nnUNetTrainerDP(nnUNetTrainer):
         self.on_train_start()
         for _ in range(self.current_epoch, self.num_epochs):
             if not self.dp_run.can_step():
-                self.dp_status = "stopped: privacy budget spent"
-                self.print_to_log_file(f"DP: budget of epsilon={self.dp_run.plan.target_epsilon} reached after "
-                                       f"{self.dp_run.steps} steps; training stops.")
+                self._stop_for_budget()
                 break
             self.on_epoch_start()
             self.on_train_epoch_start()
             outputs = [self.train_step(next(self.dataloader_train))
                        for _ in range(self.num_iterations_per_epoch) if self.dp_run.can_step()]
+            if len(outputs) < self.num_iterations_per_epoch:  # the budget ends this epoch early, the last one too
+                self._stop_for_budget()
             self.on_train_epoch_end(outputs or [{"loss": np.array(np.nan), "batch_size": np.array(0),
                                                  "dropped": np.array(0)}])
             with torch.no_grad(), applied(self.dp_ema, self._plain_network()):  # validate the average
@@ -283,6 +288,13 @@ class nnUNetTrainerDP(nnUNetTrainer):
                     self.on_validation_epoch_end(val_outputs)
             self.on_epoch_end()
         self.on_train_end()
+
+    def _stop_for_budget(self) -> None:
+        """privacy.json's status and the log line, once, when the target epsilon leaves no further step."""
+        if self.dp_status == "training":
+            self.dp_status = "stopped: privacy budget spent"
+            self.print_to_log_file(f"DP: budget of epsilon={self.dp_run.plan.target_epsilon} reached after "
+                                   f"{self.dp_run.steps} steps; training stops.")
 
     # ---- reporting ----------------------------------------------------------------------------------------------
     def on_train_start(self) -> None:
@@ -304,7 +316,7 @@ class nnUNetTrainerDP(nnUNetTrainer):
         """projection public: the public subspace (nnunet_dp.nnunet.projection), before the first step."""
         if self.dp_config.projection != "public":
             return
-        self.dp_run.projection, self.dp_projection = setup_projection(self)
+        self.dp_run.projection, self.dp_projection = shared_projection(self)  # rank 0's under DDP
         r = self.dp_projection
         self.print_to_log_file(f"DP projection=public: k={r['projection_dim']} dimensions of {r['projected_parameters']} "
                                f"projected parameters ({r['public_energy_captured']:.1%} of the {r['public_gradients']} "
