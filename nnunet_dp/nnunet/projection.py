@@ -11,6 +11,9 @@ The mechanism is in nnunet_dp.projection. Here, from public inputs only:
   for every trained parameter that the public network has with the same name and shape. Trained parameters without
   one (the segmentation heads when the labels differ) are not projected: their noise stays full-dimensional.
 The private cases are never read here: nothing of them reaches the subspace.
+Under DDP (nnUNetv2_train -num_gpus N) rank 0 computes the subspace and every rank uses its V (`shared_projection`):
+each rank projects its own sum before the all-reduce (nnunet_dp.step), which adds up to the projection of the total
+only with one V on every rank; ranks that computed their own could differ (GPU kernels, thread counts).
 """
 from __future__ import annotations
 
@@ -21,10 +24,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import distributed as dist
 from torch import nn
 
 from nnunet_dp.config import DPConfig
-from nnunet_dp.errors import DPConfigError
+from nnunet_dp.errors import DPConfigError, DPError
 from nnunet_dp.nnunet.resume import read_checkpoint
 from nnunet_dp.projection import Projection, top_subspace
 
@@ -172,3 +176,27 @@ def setup_projection(trainer: Any) -> tuple[Projection, dict[str, Any]]:
               "public_gradients": int(gradients.shape[0]), "public_data": folder,
               "public_energy_captured": captured}
     return Projection(basis=basis, projected=projected), record
+
+
+def shared_projection(trainer: Any) -> tuple[Projection, dict[str, Any]]:
+    """`setup_projection`, under DDP computed on rank 0 only and broadcast: every rank gets rank 0's basis (bit for
+    bit) and record. A failure on rank 0 stops every rank (the others with a DPError that quotes it)."""
+    if not trainer.is_ddp:
+        return setup_projection(trainer)
+    result, failure = None, None
+    if dist.get_rank() == 0:
+        try:
+            result = setup_projection(trainer)
+        except Exception as e:  # noqa: BLE001 (re-raised below, once the other ranks heard of it)
+            failure = e
+    box = [None if result is None else (result[0].projected, tuple(result[0].basis.shape), result[1]),
+           None if failure is None else f"{type(failure).__name__}: {failure}"]
+    dist.broadcast_object_list(box, src=0)
+    if failure is not None:
+        raise failure
+    if box[1] is not None:
+        raise DPError(f"projection public: rank 0 could not compute the public subspace ({box[1]})")
+    projected, shape, record = box[0]
+    basis = (result[0].basis if result is not None else torch.empty(shape, dtype=torch.float32)).to(trainer.device)
+    dist.broadcast(basis, src=0)  # a device tensor: NCCL broadcasts only those
+    return Projection(basis=basis.cpu(), projected=tuple(projected)), record

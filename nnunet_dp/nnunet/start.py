@@ -13,7 +13,7 @@ from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunet_dp.advise import training_advice
 from nnunet_dp.errors import DPConfigError
 from nnunet_dp.nnunet import finetune, selection
-from nnunet_dp.nnunet.projection import setup_projection
+from nnunet_dp.nnunet.projection import shared_projection
 from nnunet_dp.optim import default_lr, noise_per_coordinate
 from nnunet_dp.run import DPRun, make_plan
 
@@ -91,7 +91,7 @@ def attach_projection(trainer: Any) -> None:
     for the noise's new dimension."""
     if trainer.dp_config.projection != "public":
         return
-    trainer.dp_run.projection, trainer.dp_projection = setup_projection(trainer)
+    trainer.dp_run.projection, trainer.dp_projection = shared_projection(trainer)  # rank 0's under DDP
     r = trainer.dp_projection
     trainer.print_to_log_file(
         f"DP projection=public: k={r['projection_dim']} dimensions of {r['projected_parameters']} projected parameters "

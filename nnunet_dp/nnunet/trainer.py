@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from torch import distributed as dist
 from torch._dynamo import OptimizedModule
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -106,9 +107,14 @@ class nnUNetTrainerDP(nnUNetTrainer):
 
     # ---- data ---------------------------------------------------------------------------------------------------
     def _set_batch_size_and_oversample(self) -> None:
-        """nnU-Net splits its batch over DDP ranks and recomputes oversampling per rank; under DP each case decides
-        oversampling for itself with the configured probability, on every rank."""
-        super()._set_batch_size_and_oversample()
+        """nnU-Net splits the plans' batch over DDP ranks (and refuses fewer cases than ranks) and recomputes
+        oversampling per rank. Under DP the training batch is Poisson (q global, each rank samples its shard): the
+        plans' batch size only sets the validation batch, split over the ranks with at least one case each; each
+        case decides oversampling for itself with the configured probability, on every rank."""
+        if self.is_ddp:
+            self.batch_size = max(1, self.configuration_manager.batch_size // dist.get_world_size())
+        else:
+            super()._set_batch_size_and_oversample()
         self.oversample_foreground_percent = self.dp_config.oversample_foreground_percent
 
     def get_dataloaders(self):
@@ -150,14 +156,14 @@ class nnUNetTrainerDP(nnUNetTrainer):
         self.on_train_start()
         for _ in range(self.current_epoch, self.num_epochs):
             if not self.dp_run.can_step():
-                self.dp_status = "stopped: privacy budget spent"
-                self.print_to_log_file(f"DP: budget of epsilon={self.dp_run.plan.target_epsilon} reached after "
-                                       f"{self.dp_run.steps} steps; training stops.")
+                self._stop_for_budget()
                 break
             self.on_epoch_start()
             self.on_train_epoch_start()
             outputs = [self.train_step(next(self.dataloader_train))
                        for _ in range(self.num_iterations_per_epoch) if self.dp_run.can_step()]
+            if len(outputs) < self.num_iterations_per_epoch:  # the budget ends this epoch early, the last one too
+                self._stop_for_budget()
             self.on_train_epoch_end(outputs or [_EMPTY_EPOCH])
             with torch.no_grad(), applied(self.dp_ema, self._plain_network()):  # validate the average
                 self.on_validation_epoch_start()
@@ -167,6 +173,13 @@ class nnUNetTrainerDP(nnUNetTrainer):
                     self.on_validation_epoch_end(val_outputs)
             self.on_epoch_end()
         self.on_train_end()
+
+    def _stop_for_budget(self) -> None:
+        """privacy.json's status and the log line, once, when the target epsilon leaves no further step."""
+        if self.dp_status == "training":
+            self.dp_status = "stopped: privacy budget spent"
+            self.print_to_log_file(f"DP: budget of epsilon={self.dp_run.plan.target_epsilon} reached after "
+                                   f"{self.dp_run.steps} steps; training stops.")
 
     # ---- start, epochs, end ---------------------------------------------------------------------------------------
     def on_train_start(self) -> None:

@@ -1,4 +1,5 @@
-"""Under torch.distributed (gloo, 2 CPU processes) the noise is drawn once across ranks and the sums add up."""
+"""Under torch.distributed (gloo, 2 CPU processes) the noise is drawn once across ranks and the sums add up, in one
+all-reduce per step (docs/multi_gpu.md: the per-step communication)."""
 import os
 import socket
 
@@ -19,10 +20,14 @@ def _free_port() -> int:
 def _worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
+    calls, all_reduce = [], dist.all_reduce
+    dist.all_reduce = lambda t, *a, **k: calls.append(t.numel()) or all_reduce(t, *a, **k)
     summed = [torch.full((3, 4), float(rank + 1), dtype=torch.float64), torch.full((5,), 10.0 * (rank + 1),
                                                                                   dtype=torch.float64)]
     privatize_(summed, noise_multiplier=2.0, sensitivity=0.5, expected_batch_size=4.0,
                generator=make_generator(torch.device("cpu"), seed=11 + rank))
+    dist.all_reduce = all_reduce
+    assert calls == [12 + 5], calls  # one all-reduce of all d numbers, not one per tensor
     torch.save(summed, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
 
