@@ -7,6 +7,7 @@ the clip norm over the trained ones (docs/invariants.md, invariant 4; privacy.js
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
@@ -19,6 +20,7 @@ _NORMS: tuple[type, ...] = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.Lay
                             *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()))
 
 
+@dataclass(frozen=True)
 class Selection:
     mode: Trainable
     trained: list[nn.Parameter]  # in model.parameters() order
