@@ -40,13 +40,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("-p", default="nnUNetPlans", help="plans identifier (default: nnUNetPlans)")
     ap.add_argument("-tr", default="nnUNetTrainerDP", help="DP trainer (its rule and settings; default: nnUNetTrainerDP)")
     ap.add_argument("-f", type=fold_arg, default=0, help="fold whose training cases count (default: 0; or 'all')")
-    ap.add_argument("--target-epsilon", type=_positive(float), nargs="+", metavar="E",
+    ap.add_argument("--target-epsilon", "--epsilons", dest="target_epsilon", type=_positive(float), nargs="+",
+                    metavar="EPS",
                     help="target epsilons (default: target_epsilon of nnUNet_dp_config, else 8)")
     ap.add_argument("--trainable", choices=TRAINABLE,
                     help="which parameters DP-SGD trains (default: the settings' `trainable`, else all)")
     ap.add_argument("--batch-sizes", type=_positive(float), nargs="+", metavar="B",
                     help="expected batch sizes qN (default: the plans' batch size B, 2B, 4B and N/4, at most N)")
-    ap.add_argument("--epochs", type=_positive(int), nargs="+", metavar="E",
+    ap.add_argument("--epochs", type=_positive(int), nargs="+", metavar="EPOCHS",
                     help="numbers of epochs (default: the settings' num_epochs, 2x and 4x)")
     ap.add_argument("--pretrained", metavar="FILE",
                     help="the public checkpoint you will give nnUNetv2_train as -pretrained_weights: the lr column "

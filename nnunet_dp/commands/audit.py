@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from nnunet_dp.commands._args import fold_arg
+from nnunet_dp.commands._args import add_device, device_of, fold_arg
 from nnunet_dp.errors import DPError
 from nnunet_dp.tools.audit.mia_run import run_mia
 from nnunet_dp.tools.audit.one_run import run_one_run
@@ -56,20 +56,22 @@ def build_parser() -> argparse.ArgumentParser:
     mia.add_argument("--tta", action="store_true", help="predict with mirroring, as nnUNetv2_predict (slower)")
     mia.add_argument("--seed", type=int, default=0, help="seed of the calibration split of the threshold attack "
                      "(the attacker's choice, not private; default 0)")
-    mia.add_argument("-device", choices=("cpu", "cuda"), default="cuda", help="default cuda, as nnUNetv2_train")
+    add_device(mia)
     one = sub.add_parser("one-run", help="one-run canary audit of a DP fold's mechanism (privacy.json's settings)")
     _common(one)
     one.add_argument("--canaries", type=_positive_int, default=1000, metavar="M", help="number of canaries "
                      "(default 1000)")
     one.add_argument("--confidence", type=_confidence, default=0.95, help="confidence of the bound (default 0.95)")
-    one.add_argument("-device", choices=("cpu", "cuda"), default=None, help="accepted as in every nnU-Net command; "
-                     "one-run always runs on the CPU (it replays the mechanism on canary gradients, no network)")
+    one.add_argument("-device", choices=("cuda", "cpu"), default=None, help="accepted as in every command; one-run "
+                     "always runs on the CPU (it replays the mechanism on canary gradients, no network)")
     return ap
 
 
 def main(argv: list[str] | None = None) -> None:
     """The console script (returns None: a console script's return value becomes its exit status)."""
     args = build_parser().parse_args(argv)
+    if args.command == "mia":
+        args.device = device_of(args)
     if args.command == "one-run" and args.device == "cuda":
         print("nnUNetv2_dp_audit one-run: -device cuda ignored: the audit replays the DP mechanism on canary "
               "gradients (no network) and runs on the CPU")

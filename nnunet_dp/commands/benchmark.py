@@ -29,6 +29,7 @@ from dataclasses import replace
 import torch
 
 from nnunet_dp import benchmark as core
+from nnunet_dp.commands._args import add_device, device_of
 from nnunet_dp.config import TRAINABLE
 from nnunet_dp.tools.bench_methods import (
     METHODS,
@@ -38,16 +39,17 @@ from nnunet_dp.tools.bench_methods import (
 from nnunet_dp.tools.benchmark import DEFAULT_CONFIGS, PLANS_DIR, bench_config, probe_memory
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nnUNetv2_dp_benchmark", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", nargs="+", default=None, help=f"configurations to run (default: "
                    f"{' '.join(DEFAULT_CONFIGS)}; --quick: tiny2d, or tiny3d)")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
+                   help="methods to time (default: all); nnunet is the reference every ratio divides by")
     p.add_argument("--plans", nargs="+", default=[str(PLANS_DIR / "Dataset902_Hippocampus_nnUNetPlans.json"),
                                                    str(PLANS_DIR / "large_2d_256.json")],
                    help="nnU-Net plans files (default: the committed copies under benchmarks/plans)")
-    p.add_argument("-device", default="cpu", choices=("cpu", "cuda"))
+    add_device(p)
     p.add_argument("--trainable", nargs="+", default=["all"], choices=TRAINABLE,
                    help="DP setting trainable for every method; several values run each configuration once per value "
                         "(default: all)")
@@ -62,11 +64,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per method before the rounds (>= 1)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     p.add_argument("--no-memory", dest="memory", action="store_false", help="CPU: skip the memory subprocesses")
-    p.add_argument("--probe-timeout", type=float, default=600)
+    p.add_argument("--probe-timeout", type=float, default=600,
+                   help="seconds a CPU memory probe (a fresh process per method) may take (default 600)")
     p.add_argument("--json", default=None, help="write the rows as a JSON list to this file")
     p.add_argument("--verbose", action="store_true", help="print every timed step")
     p.add_argument("--probe-memory", default=None, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    args.device = device_of(args)
     if args.quick:
         args.rounds = min(args.rounds, 2)
     return args

@@ -37,10 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="in_plane (per slice along the coarsest axis) and/or volumetric. Default: both")
     parser.add_argument("-margin", type=float, default=0.001,
                         help="a choice is kept only if its mean Dice beats 'none' by more than this. Default: 0.001")
-    parser.add_argument("-epsilon_select", type=float, default=None,
+    parser.add_argument("--epsilon-select", "-epsilon_select", dest="epsilon_select", type=float, default=None,
+                        metavar="EPS",
                         help="choose privately with the exponential mechanism at this epsilon (recorded in "
                              "postprocessing.json; add it to the training epsilon). Default: not private")
-    parser.add_argument("-seed", type=int, default=None,
+    parser.add_argument("--seed", "-seed", dest="seed", type=int, default=None,
                         help="seed the private selection (needs -epsilon_select): reproducible but NOT private, so "
                              "epsilon_select no longer holds; postprocessing.json says private_randomness false "
                              "(the seed itself is not written). Default: fresh OS entropy, private")

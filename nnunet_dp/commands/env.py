@@ -8,9 +8,13 @@ from collections.abc import Sequence
 from nnunet_dp.locations import trainer_folder
 
 
+def build_parser() -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(prog="nnUNetv2_dp_env", description="Print `export nnUNet_extTrainer=...` for the "
+                                   "nnunet-dp trainers. Use: eval \"$(nnUNetv2_dp_env)\"")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    argparse.ArgumentParser(prog="nnUNetv2_dp_env", description="Print `export nnUNet_extTrainer=...` for the "
-                            "nnunet-dp trainers. Use: eval \"$(nnUNetv2_dp_env)\"").parse_args(argv)
+    build_parser().parse_args(argv)
     folder = trainer_folder()
     current = os.environ.get("nnUNet_extTrainer", "")
     paths = [p for p in current.split(os.pathsep) if p and p != folder]

@@ -39,6 +39,7 @@ import subprocess
 import sys
 from collections.abc import Sequence
 
+from nnunet_dp.commands._args import add_device
 from nnunet_dp.config import TRAINABLE
 from nnunet_dp.errors import DPError
 from nnunet_dp.experiment.main import run_experiment
@@ -51,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-d", required=True, help="dataset id or name (nnUNet_raw must hold it)")
     p.add_argument("-c", default="2d", help="nnU-Net configuration. Default: 2d")
     p.add_argument("--rules", nargs="+", default=list(RULES), help=f"runs, from {list(RULES)}. Default: all")
-    p.add_argument("--epsilons", nargs="+", type=float, default=[1.0, 8.0], help="target ε of the DP runs. "
+    p.add_argument("--epsilons", "--target-epsilon", dest="epsilons", nargs="+", type=float, default=[1.0, 8.0],
+                   metavar="EPS", help="target ε of the DP runs. "
                                                                                 "Default: 1 8")
     p.add_argument("--lrs", nargs="+", type=float, default=[], metavar="LR",
                    help="learning-rate sweep: each (rule, ε) DP run is trained once with the DP default rule "
@@ -67,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "candidate, no noise, for comparison: every refined row, plot point and text says 'selection "
                         "not private'). A folder's finished runs whose choice was made otherwise choose again. "
                         "Default: private")
-    p.add_argument("--epsilon-select", type=float, default=None, metavar="E",
+    p.add_argument("--epsilon-select", type=float, default=None, metavar="EPS",
                    help=f"ε of each private DP-Morph choice (one per refined row; adaptive splits it over the classes)."
                         f" Default: {DEFAULT_EPSILON_SELECT:g} (docs/dp_morph.md says why)")
     p.add_argument("--budget", default="tiny", help=f"one of {list(BUDGETS)} (tiny: 2 CPU cores; small, full: a GPU) "
@@ -89,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "trainer, same budget and network, trained once) gives the pretrained weights and the plans, "
                         "and every run fine-tunes from them on the private rest. An in-distribution split of the same "
                         "dataset: the most favourable public data there can be. Default: none (from scratch)")
-    p.add_argument("--public-epochs", type=int, default=None, metavar="E",
+    p.add_argument("--public-epochs", type=int, default=None, metavar="EPOCHS",
                    help="with --public-fraction: train the public model E epochs (of the budget's steps per epoch) "
                         "instead of the budget's epochs. Costs no privacy (public cases only), and the DP runs keep "
                         "what the public model knows: on Hippocampus at ε = 1 and 8 DP fine-tuning ended within 0.002 "
@@ -111,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DP setting ema_decay, one or more of 'none' and numbers in (0, 1), e.g. none 0.999. "
                         "Default: none")
     p.add_argument("-o", default=None, help="output folder. Default: ./dp_experiment_<dataset>_<c>_<budget>")
-    p.add_argument("-device", default=None, help="cpu or cuda. Default: cuda if available")
+    add_device(p)
     p.add_argument("-np", type=int, default=2, help="processes for DP-Morph and evaluation. Default: 2")
     p.add_argument("--dry-run", action="store_true",
                    help="check the whole grid against the dataset (plans it if it has no plans, fingerprint and plans "

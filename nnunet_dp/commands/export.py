@@ -25,7 +25,7 @@ from nnunet_dp.release import format_release
 from nnunet_dp.tools.export import Request, export
 
 
-def parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="nnUNetv2_dp_export", description=(
         "Export a DP model as a zip for nnUNetv2_install_pretrained_model_from_zip, with only its releasable files "
         "(no debug.json, progress.png, logs, fingerprint, splits, journal, checkpoint_latest or validation), its "
@@ -50,7 +50,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     request = Request(output=args.o, dataset=args.d, configurations=tuple(args.c), folds=tuple(args.f),
                       trainer=args.tr, plans=args.p, with_best=args.with_best, postprocessing=args.postprocessing,
                       splits=args.splits, delta=args.delta, overwrite=args.overwrite,

@@ -21,7 +21,7 @@ from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_datas
 from nnunet_dp.tools.dp_plan import ALLOWED_NORM, DPPlanError, build_plans, write_plans
 
 
-def parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nnUNetv2_dp_plan", description=(
         "Write nnU-Net plans from user-given values only: no dataset fingerprint, no image. Then run "
         "nnUNetv2_preprocess -d D -plans_name PLANS -c C and nnUNetv2_train D C F -tr nnUNetTrainerDP -p PLANS."))
@@ -39,7 +39,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
 
     if not nnUNet_raw or not nnUNet_preprocessed:
