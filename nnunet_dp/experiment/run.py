@@ -21,6 +21,7 @@ from typing import Any
 from nnunet_dp.experiment.dpmorph import evaluate, refine_all, validation_dice
 from nnunet_dp.experiment.plan import ExperimentError, RunSpec
 from nnunet_dp.experiment.progress import last_error
+from nnunet_dp.locations import trainer_hint
 from nnunet_dp.tools.demo import console_script
 from nnunet_dp.tools.morph_selection import DEFAULT as DEFAULT_SELECTION
 from nnunet_dp.tools.morph_selection import MorphSelection
@@ -103,7 +104,7 @@ def run_command(cmd: list[str], env: dict[str, str], log: str, watch: Callable[[
         with open(log, "rb") as r:
             r.seek(start)
             output = r.read().decode("utf-8", errors="replace")
-        reason = last_error(output)
+        reason = last_error(output) + trainer_hint(output)
         if proc.returncode < 0:  # no traceback: the process was killed (the kernel's OOM killer sends SIGKILL)
             name = signal.Signals(-proc.returncode).name if -proc.returncode in signal.valid_signals() else "?"
             reason = (f"killed by signal {-proc.returncode} ({name}; SIGKILL often means out of memory). Its last "

@@ -18,7 +18,7 @@ from os.path import join
 import numpy as np
 import SimpleITK as sitk
 
-from nnunet_dp.locations import trainer_folder
+from nnunet_dp.locations import trainer_folder, trainer_hint
 from nnunet_dp.synthetic import make_dataset
 from nnunet_dp.tools.morph_selection import NOT_PRIVATE, selection_privacy
 
@@ -81,7 +81,8 @@ def _run(cmd: list[str], env: dict[str, str], log: str) -> None:
     if proc.returncode != 0:
         with open(log) as f:
             tail = f.read()[-3000:]
-        sys.exit(f"Command failed ({proc.returncode}): {' '.join(cmd)}\n--- last lines of {log} ---\n{tail}")
+        sys.exit(f"Command failed ({proc.returncode}): {' '.join(cmd)}\n--- last lines of {log} ---\n{tail}"
+                 + trainer_hint(tail))
 
 
 def shrink_network(plans_file: str, features: list[int]) -> None:

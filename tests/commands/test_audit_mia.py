@@ -151,10 +151,10 @@ def test_roc_plot_says_it_is_private(tmp_path: Path) -> None:
 
 
 def test_readme_lists_the_mia_json_and_plot_as_private() -> None:
-    """The README's audit section says that audit_mia.json and its plot, not only the CSV, are private."""
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    start = readme.index("### Audits: `nnUNetv2_dp_audit`")
-    section = " ".join(readme[start:readme.index("\n### ", start + 1)].split())
+    """The audit documentation says that audit_mia.json and its plot, not only the CSV, are private."""
+    readme = (Path(__file__).resolve().parents[2] / "docs" / "privacy.md").read_text()
+    start = readme.index("## Audits: `nnUNetv2_dp_audit`")
+    section = " ".join(readme[start:readme.index("\n## ", start + 1)].split())
     at = section.index("`audit_mia.json` (")
     near = section[at:at + 900]
     assert "**All three are private: never release them.**" in near

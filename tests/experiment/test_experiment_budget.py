@@ -307,3 +307,15 @@ def test_busy_cores_sees_a_spinning_process_and_the_warning_names_the_cure():
     assert busy_warning(None, 2) is None and busy_warning(BUSY_WARN_CORES * 0.99, 2) is None
     text = busy_warning(1.4, 2)
     assert "1.4 of 2 CPU cores busy" in text and "OMP_NUM_THREADS" in text and "many-fold" in text
+
+
+def test_a_trainer_nnunet_cannot_find_gets_the_env_hint(tmp_path):
+    """nnU-Net's 'Could not find requested nnunet trainer' gets the fix: nnUNetv2_dp_env (the harness's commands)."""
+    import sys
+
+    from nnunet_dp.experiment.run import CommandError, run_command
+
+    code = "import sys; print('Could not find requested nnunet trainer nnUNetTrainerDP in x'); sys.exit(1)"
+    with pytest.raises(CommandError) as error:
+        run_command([sys.executable, "-c", code], dict(os.environ), str(tmp_path / "log.txt"))
+    assert 'eval "$(nnUNetv2_dp_env)"' in str(error.value)
