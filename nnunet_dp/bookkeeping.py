@@ -24,6 +24,9 @@ are the sums of each case's K row gradients, formed before the norms (a conv's i
 Frozen parameters (requires_grad False) get no per-case gradient: not computed, not returned. The layer structure is
 read once per model and cached; `refresh_structure` (called by per_sample.scaled_sum every step) reads it again when
 the set of trainable parameters changed, and `forget_structure` drops it explicitly (with any `mark_unsupported`).
+
+Longer than ~300 lines on purpose: the engine's exactness guards, the per-case conv paths and the deferred
+second pass share one cached structure per model; split, each part would need the others' internals.
 """
 from __future__ import annotations
 

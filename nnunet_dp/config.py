@@ -2,6 +2,9 @@
 
 Validation happens here, at the boundary: each bad value stops with the key, the value and what is allowed.
 Checks that need the dataset (delta < 1/N, sampling rate <= 1) run in ``DPConfig.check_against_dataset``.
+
+Longer than ~300 lines on purpose: every setting, its default and its check sit in this one file, so that a new
+setting cannot be added without its validation.
 """
 from __future__ import annotations
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from os.path import isdir
 from typing import Any
 
@@ -74,6 +75,9 @@ def main(argv: list[str] | None = None) -> None:
         except OSError as e:
             ap.error(f"--json {args.json}: cannot write it ({e.strerror}); give a path in an existing folder")
         print(f"\nwritten: {args.json}")
+    if not any(row["feasible"] for row in [*report["rows"], *report["current"]]):
+        sys.exit("nnUNetv2_dp_advise: no setting in the table is feasible for this dataset (each row says why); "
+                 "change --target-epsilon, --batch-sizes or --epochs, or the settings file")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@
 results.csv: one row per run and refinement; under --seeds K > 1 (`row` = 'repeat') followed by one row per cell
 (rule, ε, lr, levers) and refinement with the mean over its repeats (`row` = 'mean ± sd', `dice_mean_sd`, `n`).
 results.md shows the cells: mean ± sd (n) where a cell has several repeats.
+
+Longer than ~300 lines: results.csv and results.md are one table seen twice; their columns are kept together.
 """
 from __future__ import annotations
 

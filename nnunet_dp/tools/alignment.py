@@ -4,6 +4,10 @@ Draws Poisson batches of training cases through the trainer's own data pipeline 
 oversampling as in training), takes each case's gradient, and writes alignment.csv (one row per step and rule),
 alignment_cases.csv (one row per case), summary.json and PNG plots. The output is computed from unnoised per-case
 gradients: it is not covered by epsilon (see docs/alignment.md).
+
+Longer than ~300 lines: the command's whole pipeline (locating the fold, rebuilding the trainer, drawing batches,
+analysing each checkpoint, writing the outputs) in the order it runs; the metrics themselves are in the core
+(nnunet_dp.alignment, nnunet_dp.alignment_report).
 """
 
 from __future__ import annotations

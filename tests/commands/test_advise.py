@@ -208,6 +208,15 @@ def test_cli_table_json_and_parameter_count(root: Path, tmp_path: Path) -> None:
         assert report["num_training_cases_source"] == "splits_final.json, fold 0"
         assert [r["feasible"] for r in report["rows"]] == [True, False, True, False]  # 12 > N = 9
         assert "infeasible: expected_batch_size = 12.0" in proc.stdout
+    # nothing feasible (a batch above N in every row and in the settings): the table, then a non-zero exit
+    settings = tmp_path / "dp.json"
+    settings.write_text(json.dumps({"expected_batch_size": 12}))
+    exe = BIN / "nnUNetv2_dp_advise"
+    proc = subprocess.run([str(exe), "-d", str(DS), "-c", "2d", "--batch-sizes", "12", "--epochs", "2"],
+                          env={**nnunet_env(root, OMP_NUM_THREADS="1"), "nnUNet_dp_config": str(settings)},
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode != 0 and "no setting in the table is feasible" in proc.stderr, proc.stderr
+    assert "infeasible: expected_batch_size = 12.0" in proc.stdout
 
 
 @pytest.mark.parametrize("args,words", [
