@@ -91,6 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "trainer, same budget and network, trained once) gives the pretrained weights and the plans, "
                         "and every run fine-tunes from them on the private rest. An in-distribution split of the same "
                         "dataset: the most favourable public data there can be. Default: none (from scratch)")
+    p.add_argument("--public-dataset", default=None, metavar="DATASET",
+                   help="the public model trains on this other nnU-Net dataset (in nnUNet_raw; e.g. other labels of the "
+                        "same images, or another site) instead of a part of -d: the realistic case of a public model "
+                        "trained elsewhere. Its labels may differ (the segmentation heads then start random). If it "
+                        "shares case identifiers with -d (a derived dataset), give --public-fraction too: the public "
+                        "cases are then round(F x M) identifiers of -d's non-test cases, taken from this dataset, and "
+                        "the private training, validation and test cases are none of them (checked, counts printed). "
+                        "Without shared identifiers every case of it is public")
     p.add_argument("--public-epochs", type=int, default=None, metavar="EPOCHS",
                    help="with --public-fraction: train the public model E epochs (of the budget's steps per epoch) "
                         "instead of the budget's epochs. Costs no privacy (public cases only), and the DP runs keep "
@@ -102,6 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trainable", nargs="+", default=["all"], metavar="T",
                    help=f"DP setting trainable, one or more of {list(TRAINABLE)} (each value a run per rule, ε, lr). "
                         "Default: all")
+    p.add_argument("--lora-ranks", nargs="+", type=int, default=[], metavar="R",
+                   help="with 'lora' in --trainable: one run per rank R of the adapters (DP setting lora_rank). "
+                        "Default: the trainers' default rank")
+    p.add_argument("--projection-dims", nargs="+", type=int, default=[], metavar="K",
+                   help="add DP runs that train every parameter with the case gradients projected on the top-K "
+                        "subspace of public-case gradients (DP settings projection public, projection_dim K), one "
+                        "per K; needs --public-fraction or --public-dataset (the public model and its cases)")
     p.add_argument("--reference-trainable", nargs="+", default=["all"], metavar="T",
                    help=f"non-private references beside the ordinary one (trainable all, which every ratio divides "
                         f"by): one more per other value of {list(TRAINABLE)}, trained without noise from the same "

@@ -312,6 +312,10 @@ def start_lines(summary: dict[str, Any]) -> list[str]:
                      f"and network) on {start['num_public_cases']} public cases = --public-fraction "
                      f"{start['public_fraction']:g} of the non-test cases (an in-distribution split of the same "
                      "dataset); the public pretraining runs first; the ETA is measured on the first DP run after it")
+    elif start["from"] == "public dataset":
+        labels = "the same labels" if start.get("labels_match") else "other labels (the segmentation heads start random)"
+        lines.append(f"  start: every run fine-tunes from a public model trained once (ordinary nnU-Net, same budget "
+                     f"and network) on {start['public_dataset']}, {labels}; {start['note']}")
     elif start["from"] == "file":
         lines.append(f"  start: every run fine-tunes from {start['path']} (sha256 {start['sha256'][:12]}...)")
     if seeds > 1:

@@ -20,6 +20,7 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from os.path import isdir, isfile, join
+from typing import Any
 
 import numpy as np
 
@@ -113,6 +114,68 @@ def split_public(split: dict[str, list[str]], *, public_fraction: float, seed: i
             "train": pick(private[n_val:])}
 
 
+def public_mode(args: Any) -> bool:
+    """The runs fine-tune from a public model trained inside the experiment (--public-fraction / --public-dataset)."""
+    return args.public_fraction is not None or getattr(args, "public_dataset", None) is not None
+
+
+def raw_dataset(option: str, name_or_id: str) -> tuple[str, str]:
+    """(DatasetXXX_Name, its folder in nnUNet_raw) of -d or --public-dataset, with an error naming the option."""
+    from nnunetv2.paths import nnUNet_raw
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    try:
+        name = maybe_convert_to_dataset_name(name_or_id if not name_or_id.isdigit() else int(name_or_id))
+    except RuntimeError as error:
+        raise ExperimentError(option, name_or_id, "a dataset in nnUNet_raw", str(error).splitlines()[0]) from error
+    raw = join(nnUNet_raw, name)
+    if not isfile(join(raw, "dataset.json")) or not isdir(join(raw, "labelsTr")):
+        raise ExperimentError(option, name_or_id, f"a raw dataset with dataset.json and labelsTr in {raw}")
+    return name, raw
+
+
+def raw_cases(raw: str) -> list[str]:
+    """The case identifiers of a raw dataset (its labelsTr)."""
+    with open(join(raw, "dataset.json")) as f:
+        ending = json.load(f)["file_ending"]
+    return sorted(f[:-len(ending)] for f in os.listdir(join(raw, "labelsTr")) if f.endswith(ending))
+
+
+def split_public_dataset(split: dict[str, list[str]], public_cases: list[str], *, public_fraction: float | None,
+                         seed: int, public_name: str, dataset: str) -> dict[str, list[str]]:
+    """--public-dataset P: the public part's identifiers. Without shared identifiers every case of P is public; with
+    them (P derived from the same patients, e.g. other labels), --public-fraction draws the public patients from -d's
+    non-test cases (split_public) and P must hold them. Either way no public identifier is a private training,
+    validation or test case (checked: disjoint_counts)."""
+    private_side = set(split["train"]) | set(split["val"]) | set(split["test"])
+    shared = sorted(set(public_cases) & private_side)
+    if public_fraction is None:
+        if shared:
+            raise ExperimentError("--public-dataset", public_name, f"a dataset none of whose case identifiers is one of "
+                                  f"{dataset}'s ({len(shared)} are, e.g. {shared[:3]})", "It holds the same patients: "
+                                  "give --public-fraction F too, to draw the public patients from them by identifier.")
+        return {**split, "public": sorted(public_cases)}
+    parts = split_public(split, public_fraction=public_fraction, seed=seed)
+    missing = sorted(set(parts["public"]) - set(public_cases))
+    if missing:
+        raise ExperimentError("--public-dataset", public_name, f"a dataset holding the {len(parts['public'])} public "
+                              f"identifiers drawn from {dataset} ({len(missing)} missing, e.g. {missing[:3]})",
+                              "Give a public dataset with the same case identifiers, or leave out --public-fraction.")
+    return parts
+
+
+def disjoint_counts(parts: dict[str, list[str]]) -> str:
+    """The check that no public case is a private or test case, as a line to print; raises on an overlap."""
+    public = set(parts["public"])
+    overlap = {k: sorted(public & set(parts[k])) for k in ("train", "val", "test")}
+    if any(overlap.values()):
+        bad = {k: v[:3] for k, v in overlap.items() if v}
+        raise ExperimentError("public part", sorted(public)[:3], f"identifiers in none of the private training, "
+                              f"validation or test cases (shared: {bad})")
+    return (f"public cases: {len(public)}, in none of the {len(parts['train'])} private training, "
+            f"{len(parts['val'])} validation and {len(parts['test'])} test cases (checked by identifier)")
+
+
 # ---- the derived datasets ------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class PublicData:
@@ -172,14 +235,19 @@ def write_raw_dataset(source: str, target: str, cases: Sequence[str], file_endin
 
 
 def plan_public(data: PublicData, dataset: str, raw: str, parts: dict[str, list[str]], file_ending: str,
-                configuration: str, env: dict[str, str], log: str) -> str:
+                configuration: str, env: dict[str, str], log: str, public_raw: str | None = None) -> str:
     """The derived raw datasets, and the public dataset's plans as nnU-Net makes them (fingerprint and plans, no
     preprocessing; kept as PLANNED_COPY). Returns that plans file."""
     os.makedirs(data.raw, exist_ok=True)
     link = join(data.raw, dataset)
     if not os.path.lexists(link):
         os.symlink(os.path.abspath(raw), link)
-    write_raw_dataset(raw, join(data.raw, data.public), parts["public"], file_ending)
+    if public_raw is None:
+        write_raw_dataset(raw, join(data.raw, data.public), parts["public"], file_ending)
+    else:  # --public-dataset: its images and labels, its dataset.json (labels, file ending)
+        with open(join(public_raw, "dataset.json")) as f:
+            public_ending = json.load(f)["file_ending"]
+        write_raw_dataset(public_raw, join(data.raw, data.public), parts["public"], public_ending)
     write_raw_dataset(raw, join(data.raw, data.private), parts["train"] + parts["val"], file_ending)
     planned = join(data.preprocessed, data.public, PLANNED_COPY)
     if not isfile(planned):

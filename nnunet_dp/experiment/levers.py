@@ -26,12 +26,18 @@ class Levers:
     trainable: str = _DEFAULT.trainable
     augmentations_per_case: int = _DEFAULT.augmentations_per_case
     ema_decay: float | None = _DEFAULT.ema_decay
+    lora_rank: int | None = None  # with trainable lora (None: the trainers' default rank)
+    projection_dim: int | None = None  # projection public with this k (None: no projection)
 
     def settings(self) -> dict[str, Any]:
         """The nnUNet_dp_config keys of the levers that differ from the trainers' defaults."""
         out: dict[str, Any] = {}
         if self.trainable != _DEFAULT.trainable:
             out["trainable"] = self.trainable
+        if self.trainable == "lora" and self.lora_rank is not None:
+            out["lora_rank"] = self.lora_rank
+        if self.projection_dim is not None:
+            out.update(projection="public", projection_dim=self.projection_dim)
         if self.augmentations_per_case != _DEFAULT.augmentations_per_case:
             out["augmentations_per_case"] = self.augmentations_per_case
         if self.ema_decay != _DEFAULT.ema_decay:
@@ -42,7 +48,8 @@ class Levers:
     def suffix(self) -> str:
         """Run-name part of the non-default levers: '_norm_bias_k4_ema0.999' ('' for the defaults)."""
         s = self.settings()
-        parts = [s["trainable"]] if "trainable" in s else []
+        parts = [s["trainable"] + (str(s["lora_rank"]) if "lora_rank" in s else "")] if "trainable" in s else []
+        parts += [f"proj{s['projection_dim']}"] if "projection_dim" in s else []
         parts += [f"k{s['augmentations_per_case']}"] if "augmentations_per_case" in s else []
         parts += [f"ema{s['ema_decay']:g}"] if "ema_decay" in s else []
         return "".join(f"_{p}" for p in parts)
@@ -51,7 +58,8 @@ class Levers:
     def label(self) -> str:
         """'defaults', or e.g. 'norm_bias, K=4, EMA 0.999' (tables)."""
         s = self.settings()
-        parts = [s["trainable"]] if "trainable" in s else []
+        parts = [s["trainable"] + (f" r={s['lora_rank']}" if "lora_rank" in s else "")] if "trainable" in s else []
+        parts += [f"projection k={s['projection_dim']}"] if "projection_dim" in s else []
         parts += [f"K={s['augmentations_per_case']}"] if "augmentations_per_case" in s else []
         parts += [f"EMA {s['ema_decay']:g}"] if "ema_decay" in s else []
         return ", ".join(parts) or "defaults"
@@ -90,7 +98,8 @@ def _distinct(option: str, values: Sequence[Any], label: Any) -> list[Any]:
 
 
 def lever_grid(trainable: Sequence[str] = (_DEFAULT.trainable,), augmentations: Sequence[int] = (1,),
-               ema: Sequence[str | float | None] = (None,), *, dp_rules: bool = True) -> list[Levers]:
+               ema: Sequence[str | float | None] = (None,), *, dp_rules: bool = True, lora_ranks: Sequence[int] = (),
+               projection_dims: Sequence[int] = ()) -> list[Levers]:
     """The cross product trainable × augmentations_per_case × ema_decay, in the given orders, every value checked
     through DPConfig. Non-default values need DP rules (the non-private reference is never given DP levers)."""
     for value in trainable:
@@ -103,7 +112,16 @@ def lever_grid(trainable: Sequence[str] = (_DEFAULT.trainable,), augmentations: 
     trainable = _distinct("--trainable", trainable, str)
     augmentations = _distinct("--augmentations-per-case", augmentations, int)
     decays = _distinct("--ema-decay", decays, lambda d: "none" if d is None else f"{d:g}")
-    grid = [Levers(t, k, d) for t in trainable for k in augmentations for d in decays]
+    for rank in lora_ranks:
+        _through_dpconfig("--lora-ranks", "lora_rank", rank, "one or more integers >= 1")
+    for dim in projection_dims:
+        _through_dpconfig("--projection-dims", "projection_dim", dim, "one or more integers >= 1")
+    ranks = [None] if not lora_ranks else _distinct("--lora-ranks", lora_ranks, int)
+    grid = [Levers(t, k, d, lora_rank=r) for t in trainable for r in (ranks if t == "lora" else [None])
+            for k in augmentations for d in decays]
+    # projection: every parameter trained, the noise in the public subspace (and on the heads the public model lacks)
+    dims = _distinct("--projection-dims", projection_dims, int) if projection_dims else []
+    grid += [Levers("all", k, d, projection_dim=p) for p in dims for k in augmentations for d in decays]
     if not dp_rules and any(lev != DEFAULT_LEVERS for lev in grid):
         option = next(o for o, vals, default in (("--trainable", trainable, _DEFAULT.trainable),
                                                  ("--augmentations-per-case", augmentations, 1),
@@ -113,7 +131,8 @@ def lever_grid(trainable: Sequence[str] = (_DEFAULT.trainable,), augmentations: 
     return grid
 
 
-def reference_grid(trainable: Sequence[str] = (_DEFAULT.trainable,), *, reference: bool = True) -> list[Levers]:
+def reference_grid(trainable: Sequence[str] = (_DEFAULT.trainable,), *, reference: bool = True,
+                   lora_rank: int | None = None) -> list[Levers]:
     """--reference-trainable: the non-private references, always `all` first (nnU-Net's ordinary training, the
     reference every ratio divides by), then one per other value, e.g. `norm_bias` (the DP setting's selection trained
     without noise: what that subset can hold at all). Checked through DPConfig like --trainable; values other than
@@ -126,7 +145,7 @@ def reference_grid(trainable: Sequence[str] = (_DEFAULT.trainable,), *, referenc
         raise ExperimentError("--reference-trainable", list(trainable), "'nonprivate' in --rules too (it names the "
                               "non-private reference's trained parameters)", "Add nonprivate to --rules, or drop the "
                               "option.")
-    return [Levers(trainable=t) for t in unique]
+    return [Levers(trainable=t, lora_rank=lora_rank if t == "lora" else None) for t in unique]
 
 
 def check_seeds(seeds: Any) -> int:

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import argparse
 import os
-from os.path import isdir, isfile, join
+from os.path import isdir, join
 
 from nnunet_dp.experiment.budget import inference_voxels
+from nnunet_dp.experiment.data import public_mode, raw_dataset
 from nnunet_dp.experiment.grid import run_all
 from nnunet_dp.experiment.levers import check_seeds, lever_grid, reference_grid
 from nnunet_dp.experiment.plan import REFINEMENTS, ExperimentError, resolve_budget, run_grid
@@ -30,32 +31,21 @@ def _check(args: argparse.Namespace) -> None:
     if args.public_fraction is not None and not 0 < args.public_fraction < 1:
         raise ExperimentError("--public-fraction", args.public_fraction, "a number strictly between 0 and 1 (the share "
                               "of the non-test cases drawn as public data)", "E.g. --public-fraction 0.3.")
-    if args.public_epochs is not None and (args.public_fraction is None or isinstance(args.public_epochs, bool)
+    if args.public_epochs is not None and (not public_mode(args) or isinstance(args.public_epochs, bool)
                                            or args.public_epochs < 1):
         raise ExperimentError("--public-epochs", args.public_epochs, "an integer >= 1, together with --public-fraction "
                               "(it sets how long the public model trains)",
                               "E.g. --public-fraction 0.3 --public-epochs 32.")
-    if args.public_fraction is not None and args.pretrained is not None:
+    if args.projection_dims and not public_mode(args):
+        raise ExperimentError("--projection-dims", args.projection_dims, "together with --public-fraction or "
+                              "--public-dataset (the subspace comes from the public model and its cases)")
+    if public_mode(args) and args.pretrained is not None:
         raise ExperimentError("--pretrained", args.pretrained, "no file together with --public-fraction (that option "
                               "trains the public model the runs start from)", "Give one of the two.")
     for var in ("nnUNet_raw", "nnUNet_preprocessed"):
         if not os.environ.get(var):
             raise ExperimentError(f"environment variable {var}", os.environ.get(var), "a folder",
                                   "Set nnUNet_raw and nnUNet_preprocessed as for nnU-Net.")
-
-
-def _dataset(name_or_id: str) -> tuple[str, str]:
-    from nnunetv2.paths import nnUNet_raw
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
-
-    try:
-        name = maybe_convert_to_dataset_name(name_or_id if not name_or_id.isdigit() else int(name_or_id))
-    except RuntimeError as error:
-        raise ExperimentError("-d", name_or_id, "a dataset in nnUNet_raw", str(error).splitlines()[0]) from error
-    raw = join(nnUNet_raw, name)
-    if not isfile(join(raw, "dataset.json")) or not isdir(join(raw, "labelsTr")):
-        raise ExperimentError("-d", name_or_id, f"a raw dataset with dataset.json and labelsTr in {raw}")
-    return name, raw
 
 
 def _environment() -> dict[str, str]:
@@ -82,14 +72,17 @@ def run_experiment(args: argparse.Namespace, command: str) -> tuple[str, list, l
     _check(args)
     selection = morph_selection(args.dpmorph_selection, args.epsilon_select)
     levers = lever_grid(args.trainable, args.augmentations_per_case, args.ema_decay,
-                        dp_rules=any(r != "nonprivate" for r in args.rules))
-    references = reference_grid(args.reference_trainable, reference="nonprivate" in args.rules)
+                        dp_rules=any(r != "nonprivate" for r in args.rules), lora_ranks=args.lora_ranks,
+                        projection_dims=args.projection_dims)
+    references = reference_grid(args.reference_trainable, reference="nonprivate" in args.rules,
+                                lora_rank=args.lora_ranks[0] if args.lora_ranks else None)
     specs = run_grid(args.rules, args.epsilons, args.lrs, levers, check_seeds(args.seeds), references)
     budget_name, budget = resolve_budget(args.budget)  # before preprocessing: a bad file fails at once
     out = os.path.abspath(args.o or f"dp_experiment_{args.d}_{args.c}_{budget_name}")
     if os.path.exists(out) and not isdir(out):
         raise ExperimentError("-o", out, "a folder (new or from an earlier invocation); it is a file")
-    dataset = _dataset(str(args.d))
+    dataset = raw_dataset("-d", str(args.d))
+    args.public_raw = None if args.public_dataset is None else raw_dataset("--public-dataset", str(args.public_dataset))
     os.makedirs(out, exist_ok=True)
     env = _environment()
     exp = plan_experiment(args, out, env, specs, budget_name, budget, dataset)

@@ -31,11 +31,15 @@ from nnunet_dp.experiment.data import (
     PUBLIC_PLANS,
     PublicData,
     derived_datasets,
+    disjoint_counts,
     ensure_plans,
     ensure_preprocessed,
     plan_public,
     prepare_public,
+    public_mode,
+    raw_cases,
     split_public,
+    split_public_dataset,
 )
 from nnunet_dp.experiment.errors import ExperimentError
 from nnunet_dp.experiment.plan import (
@@ -85,10 +89,17 @@ def _parts(args: argparse.Namespace, cases: list[str], problems: list[str]) -> d
     except ExperimentError as error:
         problems.append(f"{error} A test, a validation and a training case at least: use a dataset with more cases.")
         return None
-    if args.public_fraction is None:
+    if not public_mode(args):
         return split
     try:
-        return split_public(split, public_fraction=args.public_fraction, seed=args.seed)
+        if args.public_dataset is not None:
+            name, raw = args.public_raw
+            parts = split_public_dataset(split, raw_cases(raw), public_fraction=args.public_fraction, seed=args.seed,
+                                         public_name=name, dataset=args.d)
+        else:
+            parts = split_public(split, public_fraction=args.public_fraction, seed=args.seed)
+        print(disjoint_counts(parts), flush=True)
+        return parts
     except ExperimentError as error:
         problems.append(str(error))
         return None
@@ -99,6 +110,8 @@ def _record(args: argparse.Namespace, parts: dict[str, list[str]]) -> dict[str, 
     record = {"seed": args.seed, "test_fraction": args.test_fraction, "val_fraction_of_rest": 0.2}
     if args.public_fraction is not None:
         record["public_fraction"] = args.public_fraction
+    if args.public_dataset is not None:
+        record["public_dataset"] = args.public_raw[0]
     if args.pretrained is not None:
         from nnunet_dp.nnunet.finetune import sha256_of
 
@@ -108,6 +121,10 @@ def _record(args: argparse.Namespace, parts: dict[str, list[str]]) -> dict[str, 
 
 
 def _start(args: argparse.Namespace, parts: dict[str, list[str]], record: dict[str, Any]) -> dict[str, Any]:
+    if args.public_dataset is not None:
+        return {"from": "public dataset", "public_dataset": args.public_raw[0], "public_fraction": args.public_fraction,
+                "num_public_cases": len(parts["public"]), "public_epochs": args.public_epochs,
+                "labels_match": _labels(args.public_raw[1]) == _labels(args.raw), "note": disjoint_counts(parts)}
     if args.public_fraction is not None:
         return {"from": "public part", "public_fraction": args.public_fraction, "num_public_cases":
                 len(parts["public"]), "public_epochs": args.public_epochs,
@@ -115,6 +132,11 @@ def _start(args: argparse.Namespace, parts: dict[str, list[str]], record: dict[s
     if args.pretrained is not None:
         return {"from": "file", **record["pretrained"]}
     return {"from": "scratch"}
+
+
+def _labels(raw: str) -> Any:
+    with open(join(raw, "dataset.json")) as f:
+        return json.load(f).get("labels")
 
 
 def _public_settings(budget: ResolvedBudget, epochs: int | None = None) -> dict[str, Any]:
@@ -147,10 +169,11 @@ def _plans(args: argparse.Namespace, out: str, env: dict[str, str], dataset: tup
     public derived dataset's (made here, with the private one)."""
     name, raw = dataset
     log = join(out, "preprocess_log.txt")
-    if args.public_fraction is None:
+    if not public_mode(args):
         return ensure_plans(name, args.c, env, log), None
     data = derived_datasets(out, name)
-    return plan_public(data, name, raw, parts, file_ending, args.c, env, log), data
+    public_raw = None if args.public_dataset is None else args.public_raw[1]
+    return plan_public(data, name, raw, parts, file_ending, args.c, env, log, public_raw), data
 
 
 def _announce(out: str, summary: dict[str, Any], args: argparse.Namespace, runs: list[RunPlan]) -> None:
@@ -159,7 +182,7 @@ def _announce(out: str, summary: dict[str, Any], args: argparse.Namespace, runs:
         json.dump(summary, f, indent=2)
     print(format_budget(summary) + f"\n  (saved: {join(out, 'budget.json')})", flush=True)
     frozen = sorted({r.spec.levers.trainable for r in runs} - {"all"})
-    if frozen and args.public_fraction is None and args.pretrained is None:
+    if frozen and not public_mode(args) and args.pretrained is None:
         print(f"  NOTE: --trainable {' '.join(frozen)} without --public-fraction or --pretrained: the frozen "
               "parameters keep their random initialisation (the DP trainer's log says so too).", flush=True)
 
@@ -171,6 +194,7 @@ def plan_experiment(args: argparse.Namespace, out: str, env: dict[str, str], spe
     (the private part's), earlier run folders, --pretrained. Plans the dataset (fingerprint and plans only; under
     --public-fraction the public dataset) if it has no plans. Prints and writes OUT/budget.json."""
     name, raw = dataset
+    args.raw = raw
     with open(join(raw, "dataset.json")) as f:
         file_ending = json.load(f)["file_ending"]
     cases = [f[:-len(file_ending)] for f in os.listdir(join(raw, "labelsTr")) if f.endswith(file_ending)]

@@ -211,6 +211,16 @@ def start_line(header: dict[str, Any]) -> str:
                 "and the non-private reference) fine-tuned from them on the private part. Test cases are in neither "
                 "part. Real public data (another hospital, scanner or population) will be further from the private "
                 "cases.")
+    if start["from"] == "public dataset":
+        labels = ("the same labels as the private task: its segmentation heads are transferred" if start.get("labels_match")
+                  else "other labels than the private task: the runs start from its features with random "
+                  "segmentation heads, and the public model alone predicts its own classes, scored against the "
+                  "private labels label by label (the best a user can do without private training is no better: "
+                  "no model of the private classes exists without private labels)")
+        return (f"**Start: fine-tuned from a public model trained on another dataset, {start['public_dataset']}** "
+                f"({start['num_public_cases']} cases, {_public_length(start)} and network, trained once), with "
+                f"{labels}. {start['note']}. Every run (DP and the non-private reference) fine-tuned from it on the "
+                "private part.")
     if start["from"] == "file":
         return (f"**Start: fine-tuned from {start['path']}** (sha256 {start['sha256']}), every run (DP and the "
                 "non-private reference). Its training data must not contain the private cases.")

@@ -579,3 +579,47 @@ def test_batch_larger_than_the_fold_stops_before_any_training(experiment, tmp_pa
                  "flat_eps8, psac_eps8", "Set batch_size <= 10", "nothing was trained"):
         assert part in message, part
     assert os.listdir(out) == []
+
+
+def test_public_dataset_parts_are_disjoint_from_every_private_and_test_case():
+    """--public-dataset: the disjoint-identifier check refuses an overlap; a derived dataset (same identifiers) needs
+    --public-fraction, which draws the public patients by identifier; an unrelated one is public whole."""
+    from nnunet_dp.experiment.data import disjoint_counts, split_public_dataset
+    from nnunet_dp.experiment.errors import ExperimentError
+
+    cases = [f"case_{i:03d}" for i in range(20)]
+    split = split_cases(cases, test_fraction=0.2, seed=0)
+    with pytest.raises(ExperimentError, match="give --public-fraction F too"):
+        split_public_dataset(split, cases, public_fraction=None, seed=0, public_name="P", dataset="D")
+    parts = split_public_dataset(split, cases, public_fraction=0.3, seed=0, public_name="P", dataset="D")
+    assert len(parts["public"]) == 5 and parts["test"] == split["test"]
+    line = disjoint_counts(parts)
+    assert "public cases: 5, in none of the" in line and "4 test cases" in line
+    other = split_public_dataset(split, ["site2_a", "site2_b"], public_fraction=None, seed=0, public_name="P",
+                                 dataset="D")
+    assert other["public"] == ["site2_a", "site2_b"]
+    with pytest.raises(ExperimentError, match="none of the private training"):
+        disjoint_counts({**parts, "public": parts["public"] + parts["train"][:1]})
+    with pytest.raises(ExperimentError, match="missing"):
+        split_public_dataset(split, cases[:3], public_fraction=0.3, seed=0, public_name="P", dataset="D")
+
+
+def test_dry_run_with_a_public_dataset_of_other_labels(experiment, tmp_path, monkeypatch, capsys):
+    """The label-shift scenario's plan: a binary dataset of the same cases as public data, drawn by identifier
+    (--public-fraction), printed with the disjointness counts; without --public-fraction it is refused."""
+    _in_process_env(experiment, monkeypatch)
+    make_dataset(str(experiment["root"] / "raw"), dataset_id=DATASET_ID + 1, name="ExpTestWhole", num_train=16,
+                 num_test=0, shape=(32, 32), seed=DATASET_ID, binary=True)
+    base = ["-d", str(DATASET_ID), "--rules", "flat", "--epsilons", "8", "--budget", "tiny", "--public-dataset",
+            str(DATASET_ID + 1), "--trainable", "heads", "lora", "--lora-ranks", "2", "--projection-dims", "4"]
+    with pytest.raises(SystemExit) as refused:
+        experiment_cli.main([*base, "--dry-run", "-o", str(tmp_path / "no")])
+    assert "give --public-fraction F too" in str(refused.value)
+    out = tmp_path / "dry"
+    experiment_cli.main([*base, "--public-fraction", "0.3", "--dry-run", "-o", str(out)])
+    budget = json.loads((out / "budget.json").read_text())
+    start = budget["start"]
+    assert start["from"] == "public dataset" and start["labels_match"] is False and start["num_public_cases"] == 4
+    assert {r["run"] for r in budget["runs"]} == {"flat_eps8_heads", "flat_eps8_lora2", "flat_eps8_proj4"}
+    printed = capsys.readouterr().out
+    assert "public cases: 4, in none of the" in printed and "other labels" in printed

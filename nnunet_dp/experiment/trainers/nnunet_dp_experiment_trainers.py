@@ -11,7 +11,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 BUDGET_ENV = "nnUNet_dp_experiment_budget"
 BUDGET_KEYS = ("num_epochs", "num_iterations_per_epoch", "num_val_iterations_per_epoch", "initial_lr", "batch_size",
-               "save_every", "trainable")
+               "save_every", "trainable", "lora_rank")
 
 
 class nnUNetTrainerNonPrivateBudget(nnUNetTrainer):
@@ -42,13 +42,18 @@ class nnUNetTrainerNonPrivateBudget(nnUNetTrainer):
         self.save_every = int(budget.get("save_every", self.save_every))
         self.experiment_batch_size = int(budget["batch_size"])
         self.experiment_trainable = str(budget.get("trainable", "all"))
+        self.experiment_lora_rank = budget.get("lora_rank")
 
     def initialize(self):
         super().initialize()
         if self.experiment_trainable != "all":
-            from nnunet_dp.nnunet.selection import freeze_, select_trainable
+            from nnunet_dp.config import DPConfig
+            from nnunet_dp.nnunet.selection import add_lora_, freeze_, select_trainable
 
             net = self._plain_network()
+            rank = self.experiment_lora_rank or DPConfig().lora_rank
+            if add_lora_(net, DPConfig(trainable=self.experiment_trainable, lora_rank=rank)):  # the factors train
+                self.optimizer, self.lr_scheduler = self.configure_optimizers()
             selection = select_trainable(net, self.experiment_trainable)  # type: ignore[arg-type]
             freeze_(net, selection)  # SGD skips parameters without a gradient; pretrained weights load afterwards
             self.print_to_log_file("non-private reference: " + selection.summary().replace("DP trainable", "trainable"))
