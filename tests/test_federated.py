@@ -133,7 +133,7 @@ def test_site_rounds_continue_one_ledger_with_fresh_noise_and_stop_at_the_budget
 def test_a_site_killed_mid_round_counts_its_steps_and_rejoins_with_fresh_noise(tiny, tmp_path):
     """SIGKILL while a round runs: the journal already holds every step whose noise was drawn; the rejoining
     site's next round starts a new session (fresh OS entropy) and its ledger continues from all of them."""
-    root, pre, site_map = tiny
+    root, pre, _ = tiny
     site = Site("site_1", str(root / "sites" / "site_1"))
     g = _global(pre)
     np.savez(tmp_path / "g.npz", **g)

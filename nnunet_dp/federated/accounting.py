@@ -29,17 +29,17 @@ FEDERATION_JSON = "federation.json"  # the server's record: mode, rounds, which 
 FEDERATED_PRIVACY_JSON = "federated_privacy.json"
 
 ASSUMPTIONS = (
-    "Privacy unit: one patient's record (image and label) at one site. A patient whose records are at two or more "
-    "sites is not covered: each site's epsilon protects only its own records, and records of one person at several "
-    "sites compose (up to the sum of those sites' epsilons), which no site can see.",
-    "Each site's epsilon comes from its own write-ahead journal (dp_journal.txt in its fold folder) over every step it "
-    "ever ran in this federation, crashed or lost rounds included; no amplification by sampling sites is claimed.",
-    "Plans are data-independent (nnUNetv2_dp_plan) and sent by the server; no fingerprint, intensity statistic, "
-    "shape, case count, loss or Dice leaves a site. Each reply carries the update arrays, the site's declared name and "
-    "its aggregation weight (1, or the number of patients its operator declared: a public value listed below).",
-    "Each site's number of training cases N (its q = expected batch / N) and its hyperparameters are assumed public at "
-    "that site, as in a single-site release (privacy.json of each site).",
-    "Hospital-level (client-level) DP is not claimed: Flower's client-level DP wrappers are not used.",
+    ("Privacy unit: one patient's record (image and label) at one site. A patient whose records are at two or more "
+     "sites is not covered: each site's epsilon protects only its own records, and records of one person at several "
+     "sites compose (up to the sum of those sites' epsilons), which no site can see."),
+    ("Each site's epsilon comes from its own write-ahead journal (dp_journal.txt in its fold folder) over every step it "
+     "ever ran in this federation, crashed or lost rounds included; no amplification by sampling sites is claimed."),
+    ("Plans are data-independent (nnUNetv2_dp_plan) and sent by the server; no fingerprint, intensity statistic, "
+     "shape, case count, loss or Dice leaves a site. Each reply carries the update arrays, the site's declared name and "
+     "its aggregation weight (1, or the number of patients its operator declared: a public value listed below)."),
+    ("Each site's number of training cases N (its q = expected batch / N) and its hyperparameters are assumed public at "
+     "that site, as in a single-site release (privacy.json of each site)."),
+    ("Hospital-level (client-level) DP is not claimed: Flower's client-level DP wrappers are not used."),
 )
 
 

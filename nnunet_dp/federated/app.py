@@ -51,6 +51,7 @@ class FederationConfig:
     secagg_clipping_range: float = 8.0
     secagg_shares: float = 1.0
     secagg_threshold: float = 0.67
+    sites_root: str | None = None  # `flwr run` in the simulation runtime: the sites' folders (read by the ClientApp)
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> FederationConfig:
@@ -62,7 +63,7 @@ class FederationConfig:
         values = {names[k]: v for k, v in run_config.items()}
         if isinstance(values.get("settings"), str):
             values["settings"] = json.loads(values["settings"])
-        for key in ("pretrained", "sampling_rate", "normaliser"):
+        for key in ("pretrained", "sampling_rate", "normaliser", "sites_root"):
             if values.get(key) in ("", 0, 0.0):
                 values[key] = None
         return cls(**values)

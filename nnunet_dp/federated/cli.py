@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--arms", nargs="+", default=None, help="(simulate) subset of: site federated_local "
                        "federated_distributed central nonprivate public. Default: all")
         s.add_argument("--device", default="cpu", help="cpu or cuda. Default cpu")
+        s.add_argument("--sampling-rate", type=float, default=None, help="(app, distributed) the common q")
+        s.add_argument("--sites-root", default=None, help="(app) site folders for `flwr run` in simulation")
     r = sub.add_parser("report")
     r.add_argument("--federation", required=True, help="the server's federation.json")
     r.add_argument("--site", nargs="+", required=True, metavar="NAME=FOLDER", help="each site's fold folder")
@@ -118,13 +120,16 @@ def _app(args: argparse.Namespace, source: str) -> None:
               "num-sites": args.sites, "rounds": args.rounds, "local-steps": args.local_steps, "mode": args.mode,
               "settings": json.dumps({"target_epsilon": args.epsilon, "delta": args.delta,
                                       "expected_batch_size": args.expected_batch_size}),
-              "pretrained": args.pretrained or ""}
+              "pretrained": args.pretrained or "", "sampling-rate": args.sampling_rate or 0.0,
+              "sites-root": os.path.abspath(args.sites_root) if args.sites_root else ""}
+    if args.mode == "distributed" and not args.sampling_rate:
+        raise FederatedError("--sampling-rate", None, "the sites' common q for --mode distributed")
     lines = "\n".join(f"{k} = {json.dumps(v)}" for k, v in config.items())
     os.makedirs(args.o, exist_ok=True)
     with open(os.path.join(args.o, "pyproject.toml"), "w") as f:
         f.write(APP_TOML.format(config=lines))
-    print(f"Flower app written to {args.o}/pyproject.toml. Distributed noise also needs sampling-rate = q in it.\n"
-          f"Start: flwr run {args.o} <federation> (docs/federated.md)")
+    print(f"Flower app written to {args.o}/pyproject.toml.\nStart: flwr run {args.o} <superlink connection> "
+          "(docs/federated.md)")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -136,7 +141,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             federation = json.load(f)
         sites = dict(s.split("=", 1) for s in args.site)
         text = json.dumps(federated_report(federation, sites, delta=args.delta, colluding=args.colluding), indent=1)
-        print(text) if args.o is None else open(os.path.join(args.o, "federated_privacy.json"), "w").write(text)
+        if args.o is None:
+            print(text)
+            return
+        with open(os.path.join(args.o, "federated_privacy.json"), "w") as f:
+            f.write(text)
         return
     source, identifier = _source(args)
     if args.command == "app":
@@ -158,7 +167,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     exp = _experiment(args, source, site_map)
     run_experiment(exp)
-    print(open(os.path.join(args.o, "results.md")).read())
+    with open(os.path.join(args.o, "results.md")) as f:
+        print(f.read())
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -9,6 +9,7 @@ which quantises and masks it; the site first refuses an update that is not finit
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -29,8 +30,13 @@ SiteResolver = Callable[[Context], Site]
 
 
 def site_from_node_config(context: Context) -> Site:
-    """A deployed SuperNode's site, from its --node-config."""
+    """A deployed SuperNode's site, from its --node-config; under `flwr run` in the simulation runtime (node config
+    partition-id only) site_<id> in the run config's sites-root (the folders `nnUNetv2_dp_federated split` writes)."""
     cfg = context.node_config
+    root = context.run_config.get("sites-root")
+    if "site-folder" not in cfg and "partition-id" in cfg and root:
+        name = f"site_{int(cfg['partition-id'])}"
+        return Site(name=name, folder=os.path.join(str(root), name))
     if "site-folder" not in cfg or "site-name" not in cfg:
         raise FederatedError("node config", dict(cfg), "site-name and site-folder (flower-supernode --node-config "
                              "\"site-name='A' site-folder='/data/A'\")")
@@ -85,9 +91,11 @@ def secagg_when_asked(msg: Message, context: Context, call_next: Callable) -> Me
     return call_next(msg, context)
 
 
-def make_client_app(resolve: SiteResolver = site_from_node_config, mods: Sequence[Callable] = ()) -> ClientApp:
-    """The sites' ClientApp. `mods`: extra Flower mods (outermost first), e.g. a message inspector in tests."""
-    app = ClientApp(mods=[*mods, secagg_when_asked])
+def make_client_app(resolve: SiteResolver = site_from_node_config, mods: Sequence[Callable] = (),
+                    inner_mods: Sequence[Callable] = ()) -> ClientApp:
+    """The sites' ClientApp. `mods`: extra Flower mods around it (outermost first; they see what leaves the site),
+    `inner_mods`: inside SecAgg+ (they see the plain reply before it is masked), e.g. message inspectors in tests."""
+    app = ClientApp(mods=[*mods, secagg_when_asked, *inner_mods])
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:

@@ -37,7 +37,7 @@ def run_experiment(exp: Experiment, log: Callable[[str], None] = print) -> list[
             try:
                 result = run_job(exp, folder, job)
                 error = ""
-            except Exception as e:  # one failed run is reported, the others go on
+            except Exception as e:  # noqa: BLE001 (one failed run is reported in the table, the others go on)
                 result, error = {}, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                 with open(os.path.join(folder, "error.txt"), "w") as f:
                     f.write(traceback.format_exc())
@@ -78,12 +78,13 @@ def write_tables(exp: Experiment, rows: list[dict[str, Any]]) -> None:
         writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    lines = [f"# Federated DP: {os.path.basename(os.path.normpath(exp.source))} ({exp.configuration}), "
-             f"{len(exp.site_map.sites)} sites, epsilon {exp.epsilon} per site, delta {exp.delta}",
-             "", f"Sites: {exp.site_map.counts()}. Rounds {exp.rounds} x {exp.local_steps} local steps (distributed: "
+    title = (f"# Federated DP: {os.path.basename(os.path.normpath(exp.source))} ({exp.configuration}), "
+             f"{len(exp.site_map.sites)} sites, epsilon {exp.epsilon} per site, delta {exp.delta}")
+    setup = (f"Sites: {exp.site_map.counts()}. Rounds {exp.rounds} x {exp.local_steps} local steps (distributed: "
              f"{exp.rounds * exp.local_steps} rounds of 1 step); expected batch {exp.expected_batch_size} per site; "
              f"{exp.repeats} repeat(s); start: {exp.pretrained or 'from scratch'}. Dice: mean over foreground labels "
-             "and test cases (preprocessed space). Non-private rows carry no epsilon.", "",
+             "and test cases (preprocessed space). Non-private rows carry no epsilon.")
+    lines = [title, "", setup, "",
              "| arm | what | test Dice (mean ± sd) | release ε (local trust) | ε (secagg trust) | runs | wall s |",
              "|---|---|---|---|---|---|---|"]
     for s in summary(rows):

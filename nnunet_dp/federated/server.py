@@ -112,6 +112,10 @@ class LocalNoiseAvg(FedAvg):
                 rejected[site] = why
             else:
                 good.append((site, update, float(weight)))
+        for site, _, weight in good:  # an operator-declared N: a public value the report lists
+            if weight != 1.0:
+                self.record.declared_cases[site] = weight
+                self.record.aggregation = "weighted by the sites' declared number of patients"
         self.record.add(server_round, [s for s, _, _ in good], rejected, failures)
         if len(good) < self.min_sites:
             raise FederatedError("min_sites", self.min_sites, f"at most the {len(good)} usable replies of round "

@@ -12,14 +12,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
 from nnunet_dp.config import DPConfig
-from nnunet_dp.federated.accounting import FEDERATION_JSON, FEDERATED_PRIVACY_JSON, federated_report
+from nnunet_dp.federated.accounting import FEDERATED_PRIVACY_JSON, FEDERATION_JSON, federated_report
 from nnunet_dp.federated.evaluate import test_dice
 from nnunet_dp.federated.model import average_updates, build_network, load_pretrained, state_of, write_model_folder
 from nnunet_dp.federated.site import FOLD, RoundTask, Site, run_round
@@ -66,7 +65,7 @@ def _sites(exp: Experiment, folder: str, names: list[str], settings: dict[str, A
     """Fresh site folders (new journals) for one run: symlinked cases, the plans, dataset.json."""
     out = []
     for name in names:
-        cases = sum(exp.site_map.sites.values(), []) if name == POOLED else exp.site_map.sites[name]
+        cases = [c for v in exp.site_map.sites.values() for c in v] if name == POOLED else exp.site_map.sites[name]
         root = os.path.join(folder, "sites", name)
         shutil.rmtree(root, ignore_errors=True)
         materialise_site(exp.source, root, cases, data_identifier=exp.data_identifier, plans_name=exp.plans_name)
