@@ -17,6 +17,8 @@ os.environ.setdefault("nnUNet_def_n_proc", "1")
 # pytest.ini's loadfile scheduling starts them at once on different workers instead of leaving one for last.
 SLOWEST_FIRST = {  # clean-clone .ci/run of 965eb2a: 533 tests in 22 min with 2 workers
     "test_e2e_nnunet.py": 11.0,
+    "test_federated_flower.py": 1.8,  # ray actors import torch and nnU-Net (measured alone on 2 busy cores)
+    "test_federated.py": 1.0,
     "test_experiment_levers.py": 9.0,
     "test_experiment.py": 6.5,
     "test_e2e_finetune.py": 3.2,

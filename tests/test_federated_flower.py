@@ -131,7 +131,11 @@ def test_local_noise_only_the_update_leaves_and_bad_or_lost_updates_never_reach_
         assert federated_report(record, {site.name: _fold(site)}, delta=1e-5)["sites"][0]["steps"] == 2
     report = federated_report(record, {s.name: _fold(s) for s in sites}, delta=1e-5)
     assert 0 < report["release_epsilon_local_trust"] <= 8.0
-    assert (tmp_path / "server" / f"nnUNetTrainer__{PLANS}__{CONF}" / "fold_all" / "checkpoint_final.pth").is_file()
+    model = tmp_path / "server" / f"nnUNetTrainer__{PLANS}__{CONF}"
+    from nnunet_dp.federated.evaluate import held_out_dice
+
+    data = pre / json.loads((pre / f"{PLANS}.json").read_text())["configurations"][CONF]["data_identifier"]
+    assert 0.0 <= held_out_dice(str(model), str(data), ["case_000", "case_001"]) <= 1.0  # nnU-Net's predictor loads it
 
 
 def test_distributed_noise_secagg_sum_equals_the_sites_plain_sum(fed, tmp_path):

@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
         _common(s)
         s.add_argument("--site-map", default=None, help='JSON {"sites": {"A": [case, ...]}, "test": [...]}')
         s.add_argument("--test-fraction", type=float, default=0.2, help="patients held out centrally. Default 0.2")
+        s.add_argument("--public-fraction", type=float, default=0.0, help="(simulate) part of the other patients "
+                       "taken as public data: a non-private model trained on them starts every arm. Default 0")
         s.add_argument("--seed", type=int, default=0, help="seed of the split (public). Default 0")
         s.add_argument("--rounds", type=int, default=10, help="federated rounds. Default 10")
         s.add_argument("--local-steps", type=int, default=5, help="DP steps per site per round. Default 5")
@@ -98,7 +100,8 @@ def _site_map(args: argparse.Namespace, source: str, identifier: str):
     cases = preprocessed_cases(source, identifier)
     if args.site_map:
         return read_site_map(args.site_map, cases)
-    return split_sites(cases, num_sites=args.sites, test_fraction=args.test_fraction, seed=args.seed)
+    return split_sites(cases, num_sites=args.sites, test_fraction=args.test_fraction, seed=args.seed,
+                       public_fraction=args.public_fraction)
 
 
 def _experiment(args: argparse.Namespace, source: str, site_map):

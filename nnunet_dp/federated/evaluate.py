@@ -22,7 +22,7 @@ def dice(pred: np.ndarray, ref: np.ndarray, labels: Sequence[int]) -> float:
     return float(np.mean(scores))
 
 
-def test_dice(model_folder: str, preprocessed_data: str, cases: Sequence[str], device: str = "cpu") -> float:
+def held_out_dice(model_folder: str, preprocessed_data: str, cases: Sequence[str], device: str = "cpu") -> float:
     """Mean Dice of the model in `model_folder` (fold 'all') over `cases` of the preprocessed data folder."""
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from nnunet_dp.federated.simulate import Experiment, _jobs, run_job
+from nnunet_dp.federated.simulate import Experiment, _jobs, pretrain_public, run_job
 
 COLUMNS = ("arm", "repeat", "dice", "epsilon", "epsilon_secagg", "steps", "wall_s", "error")
 EXPLAIN = {"alone_": "DP, this site's patients alone", "federated_local": "Flower, each site's own noise (local trust)",
@@ -24,6 +24,9 @@ EXPLAIN = {"alone_": "DP, this site's patients alone", "federated_local": "Flowe
 
 def run_experiment(exp: Experiment, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     rows = []
+    if exp.site_map.public and not exp.pretrained:
+        exp.pretrained = pretrain_public(exp)
+        log(f"public model (non-private, {len(exp.site_map.public)} public patients): {exp.pretrained}")
     for repeat in range(exp.repeats):
         for arm, job in _jobs(exp):
             folder = os.path.join(exp.output, "runs", arm, f"r{repeat}")

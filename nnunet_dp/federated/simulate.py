@@ -19,10 +19,10 @@ import numpy as np
 
 from nnunet_dp.config import DPConfig
 from nnunet_dp.federated.accounting import FEDERATED_PRIVACY_JSON, FEDERATION_JSON, federated_report
-from nnunet_dp.federated.evaluate import test_dice
+from nnunet_dp.federated.evaluate import held_out_dice
 from nnunet_dp.federated.model import average_updates, build_network, load_pretrained, state_of, write_model_folder
 from nnunet_dp.federated.site import FOLD, RoundTask, Site, run_round
-from nnunet_dp.federated.split import POOLED, SiteMap, materialise_site
+from nnunet_dp.federated.split import POOLED, PUBLIC, SiteMap, materialise_site
 
 ARMS: tuple[str, ...] = ("site", "federated_local", "federated_distributed", "central", "nonprivate", "public")
 NONPRIVATE = {"target_epsilon": None, "noise_multiplier": 1e-12, "clip_norm": 1e6}
@@ -65,7 +65,8 @@ def _sites(exp: Experiment, folder: str, names: list[str], settings: dict[str, A
     """Fresh site folders (new journals) for one run: symlinked cases, the plans, dataset.json."""
     out = []
     for name in names:
-        cases = [c for v in exp.site_map.sites.values() for c in v] if name == POOLED else exp.site_map.sites[name]
+        cases = [c for v in exp.site_map.sites.values() for c in v] if name == POOLED else \
+            exp.site_map.public if name == PUBLIC else exp.site_map.sites[name]
         root = os.path.join(folder, "sites", name)
         shutil.rmtree(root, ignore_errors=True)
         materialise_site(exp.source, root, cases, data_identifier=exp.data_identifier, plans_name=exp.plans_name)
@@ -86,7 +87,7 @@ def _finish(exp: Experiment, folder: str, state: dict[str, np.ndarray], cfg: DPC
     with open(os.path.join(exp.source, "dataset.json")) as f:
         dataset_json = json.load(f)
     model = write_model_folder(folder, state, exp.plans, dataset_json, exp.configuration, cfg)
-    return test_dice(model, os.path.join(exp.source, exp.data_identifier), exp.site_map.test, exp.device)
+    return held_out_dice(model, os.path.join(exp.source, exp.data_identifier), exp.site_map.test, exp.device)
 
 
 def _site_output(site: Site, exp: Experiment) -> str:
@@ -137,7 +138,7 @@ def run_federated(exp: Experiment, folder: str, mode: str) -> dict[str, Any]:
     with open(os.path.join(folder, FEDERATED_PRIVACY_JSON), "w") as f:
         json.dump(report, f, indent=1)
     model = os.path.join(cfg.output, f"nnUNetTrainer__{exp.plans_name}__{exp.configuration}")
-    dice = test_dice(model, os.path.join(exp.source, exp.data_identifier), exp.site_map.test, exp.device)
+    dice = held_out_dice(model, os.path.join(exp.source, exp.data_identifier), exp.site_map.test, exp.device)
     return {"dice": dice, "epsilon": report["release_epsilon_local_trust"],
             "epsilon_secagg": report.get("release_epsilon_secagg_trust"),
             "steps": max(r["steps"] for r in report["sites"])}
@@ -159,6 +160,18 @@ def _jobs(exp: Experiment) -> list[tuple[str, Any]]:
         elif arm == "public" and exp.pretrained:
             jobs.append(("public_alone", ("public", None, None)))
     return jobs
+
+
+def pretrain_public(exp: Experiment) -> str:
+    """The public model of an experiment (its split's public part): the non-private pooled trainer on the public
+    cases for the same rounds x local steps, from scratch, once. Returns its checkpoint (the arms' --pretrained)."""
+    folder = os.path.join(exp.output, "public")
+    checkpoint = os.path.join(folder, f"nnUNetTrainer__{exp.plans_name}__{exp.configuration}", "fold_all",
+                              "checkpoint_final.pth")
+    if not os.path.isfile(checkpoint):
+        settings = {**NONPRIVATE, "initial_lr": exp.nonprivate_lr, "expected_batch_size": exp.expected_batch_size}
+        run_alone(replace(exp, pretrained=None), folder, _sites(exp, folder, [PUBLIC], settings)[0])
+    return checkpoint
 
 
 def run_job(exp: Experiment, folder: str, job: tuple[str, Any]) -> dict[str, Any]:

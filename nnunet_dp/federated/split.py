@@ -1,12 +1,14 @@
 """Sites from one nnU-Net dataset (experiments on one machine): a seeded split by patient, or a site map file.
 
-A site map is JSON: {"sites": {"site_a": [case, ...], ...}, "test": [case, ...]}. Sites are disjoint (a patient at
+A site map is JSON: {"sites": {"site_a": [case, ...], ...}, "test": [case, ...], "public": [case, ...]} ("public":
+optional, cases treated as public data for pretraining a starting model in experiments; in no site). Sites are disjoint (a patient at
 two sites would be protected twice with two budgets: not covered, docs/federated.md). Each site gets its own
 nnUNet_preprocessed folder holding only its cases (symlinks to the preprocessed files), the server's plans and
 dataset.json: what a hospital has after running nnUNetv2_preprocess with the server's plans on its own data.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -19,25 +21,29 @@ import numpy as np
 from nnunet_dp.federated import FederatedError
 
 POOLED = "pooled"  # all sites' cases together: the central-DP and non-private references of an experiment
+PUBLIC = "public"  # an experiment's public part: pretraining of the starting model
 
 
 @dataclass(frozen=True)
 class SiteMap:
     sites: dict[str, list[str]]
     test: list[str]
+    public: list[str] = dataclasses.field(default_factory=list)
 
     def to_json(self) -> dict:
-        return {"sites": self.sites, "test": self.test}
+        return {"sites": self.sites, "test": self.test, "public": self.public}
 
     def counts(self) -> str:
         parts = [f"{name}: {len(cases)} patients" for name, cases in self.sites.items()]
-        return ", ".join(parts) + f"; test (held out centrally): {len(self.test)}"
+        public = f"; public (pretraining): {len(self.public)}" if self.public else ""
+        return ", ".join(parts) + f"; test (held out centrally): {len(self.test)}" + public
 
 
 def split_sites(cases: Sequence[str], *, num_sites: int, test_fraction: float, seed: int,
-                fractions: Sequence[float] | None = None) -> SiteMap:
-    """Seeded, disjoint split of patients into a held-out test part and `num_sites` sites (equal sizes, or the
-    given relative `fractions`). Independent of the order of `cases`."""
+                fractions: Sequence[float] | None = None, public_fraction: float = 0.0) -> SiteMap:
+    """Seeded, disjoint split of patients into a held-out test part, a public part (`public_fraction` of the rest,
+    for pretraining in experiments) and `num_sites` sites (equal sizes, or the given relative `fractions`).
+    Independent of the order of `cases`."""
     ids = sorted(set(cases))
     if not isinstance(num_sites, int) or num_sites < 1:
         raise FederatedError("--sites", num_sites, "an integer >= 1")
@@ -48,14 +54,17 @@ def split_sites(cases: Sequence[str], *, num_sites: int, test_fraction: float, s
         raise FederatedError("--site-fractions", list(weights), f"{num_sites} positive numbers, one per site")
     order = [ids[i] for i in np.random.default_rng(seed).permutation(len(ids))]
     n_test = round(test_fraction * len(ids))
-    rest = order[n_test:]
+    if not 0 <= public_fraction < 1:
+        raise FederatedError("--public-fraction", public_fraction, "a number in [0, 1)")
+    n_public = round(public_fraction * (len(ids) - n_test))
+    public, rest = order[n_test:n_test + n_public], order[n_test + n_public:]
     if len(rest) < 2 * num_sites:
         raise FederatedError("--sites", num_sites, f"at most {len(rest) // 2} for {len(rest)} training patients "
                              "(each site needs at least 2)", "Use fewer sites or a smaller --test-fraction.")
     bounds = np.round(np.cumsum(weights) / weights.sum() * len(rest)).astype(int)
     starts = np.concatenate([[0], bounds[:-1]])
     sites = {f"site_{k}": sorted(rest[a:b]) for k, (a, b) in enumerate(zip(starts, bounds))}
-    return SiteMap(sites=sites, test=sorted(order[:n_test]))
+    return SiteMap(sites=sites, test=sorted(order[:n_test]), public=sorted(public))
 
 
 def read_site_map(path: str, known: Sequence[str]) -> SiteMap:
@@ -65,22 +74,22 @@ def read_site_map(path: str, known: Sequence[str]) -> SiteMap:
     if not isinstance(raw, dict) or not isinstance(raw.get("sites"), dict):
         raise FederatedError("--site-map", path, 'JSON {"sites": {"name": [case, ...]}, "test": [case, ...]}')
     sites = {str(k): sorted(map(str, v)) for k, v in raw["sites"].items()}
-    test = sorted(map(str, raw.get("test", [])))
+    test, public = sorted(map(str, raw.get("test", []))), sorted(map(str, raw.get("public", [])))
     seen: dict[str, str] = {}
-    for name, cases in [*sites.items(), ("test", test)]:
-        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name == POOLED:
-            raise FederatedError("--site-map", name, f"site names of letters, digits, _ . - (not '{POOLED}')")
+    for name, cases in [*sites.items(), ("test", test), ("public", public)]:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name in (POOLED, PUBLIC) and name in sites:
+            raise FederatedError("--site-map", name, f"site names of letters, digits, _ . - (not '{POOLED}' or '{PUBLIC}')")
         for case in cases:
             if case in seen:
                 raise FederatedError("--site-map", case, f"each patient at one site only (also in {seen[case]})",
                                      "A patient at two sites is not covered by either site's epsilon.")
             seen[case] = name
-        if name != "test" and len(cases) < 2:
+        if name not in ("test", "public") and len(cases) < 2:
             raise FederatedError("--site-map", f"{name}: {len(cases)} cases", "at least 2 cases per site")
     unknown = sorted(set(seen) - set(known))
     if unknown:
         raise FederatedError("--site-map", unknown[:5], "case identifiers of the preprocessed dataset")
-    return SiteMap(sites=sites, test=test)
+    return SiteMap(sites=sites, test=test, public=public)
 
 
 def case_files(folder: str, case: str) -> list[str]:
