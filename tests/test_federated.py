@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -229,3 +230,24 @@ def test_importing_nnunet_dp_needs_no_flower():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "nnunet-dp[federated]" in out
 
+
+
+def test_a_site_refuses_plans_other_than_its_data_were_made_with(tiny):
+    root, pre, _ = tiny
+    other = plans(pre)
+    other["configurations"][CONF]["patch_size"] = [16, 16]
+    with pytest.raises(FederatedError, match="'plans'"):
+        run_round(Site("site_0", str(root / "sites" / "site_0")), replace(_task(pre), plans=other), _global(pre))
+
+
+def test_report_command_writes_the_sites_epsilons(tiny, tmp_path):
+    from nnunet_dp.federated import cli
+
+    root, pre, _ = tiny
+    fold = _fold(Site("s", str(root / "sites" / "site_0")), pre)
+    (tmp_path / "federation.json").write_text(json.dumps({"mode": "local", "rounds": []}))
+    cli.main(["report", "--federation", str(tmp_path / "federation.json"), "--site", f"site_0={fold}",
+              "-o", str(tmp_path)])
+    report = json.loads((tmp_path / "federated_privacy.json").read_text())
+    assert report["sites"][0]["epsilon_local_trust"] == pytest.approx(
+        json.loads(Path(fold, "privacy.json").read_text())["epsilon"])
