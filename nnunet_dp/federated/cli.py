@@ -15,9 +15,13 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from nnunet_dp.federated import FederatedError, require_flwr
-from nnunet_dp.federated.split import materialise_site, preprocessed_cases, read_site_map, split_sites
+from nnunet_dp.federated.split import SiteMap, materialise_site, preprocessed_cases, read_site_map, split_sites
+
+if TYPE_CHECKING:
+    from nnunet_dp.federated.simulate import Experiment
 
 APP_TOML = """[build-system]
 requires = ["hatchling"]
@@ -96,7 +100,7 @@ def _source(args: argparse.Namespace) -> tuple[str, str]:
         return source, json.load(f)["configurations"][args.c]["data_identifier"]
 
 
-def _site_map(args: argparse.Namespace, source: str, identifier: str):
+def _site_map(args: argparse.Namespace, source: str, identifier: str) -> SiteMap:
     cases = preprocessed_cases(source, identifier)
     if args.site_map:
         return read_site_map(args.site_map, cases)
@@ -104,7 +108,7 @@ def _site_map(args: argparse.Namespace, source: str, identifier: str):
                        public_fraction=args.public_fraction)
 
 
-def _experiment(args: argparse.Namespace, source: str, site_map):
+def _experiment(args: argparse.Namespace, source: str, site_map: SiteMap) -> Experiment:
     from nnunet_dp.federated.simulate import ARMS, Experiment
 
     arms = tuple(args.arms or ARMS)
