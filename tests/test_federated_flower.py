@@ -29,8 +29,13 @@ def fed(tmp_path_factory):
     root = tmp_path_factory.mktemp("flower")
     pre = preprocess(root)
     site_map = make_sites(root, pre, num_sites=3)
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(HERE), *filter(None, [os.environ.get("PYTHONPATH")])])
-    return root, pre, [Site(n, str(root / "sites" / n)) for n in site_map.sites]
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(HERE), *filter(None, [old])])  # ray workers import the mods
+    yield root, pre, [Site(n, str(root / "sites" / n)) for n in site_map.sites]
+    if old is None:
+        os.environ.pop("PYTHONPATH", None)
+    else:
+        os.environ["PYTHONPATH"] = old
 
 
 def _round(msg) -> int:
