@@ -24,7 +24,7 @@ from nnunet_dp.federated.accounting import distributed_history, federated_report
 from nnunet_dp.federated.audit import run_federated_audit
 from nnunet_dp.federated.model import average_updates, check_arrays
 from nnunet_dp.federated.site import RoundTask, Site, effective_settings, run_round
-from nnunet_dp.federated.split import read_site_map, split_sites
+from nnunet_dp.federated.split import materialise_site, read_site_map, split_sites
 from nnunet_dp.journal import read_history, session_modes
 from nnunet_dp.run import DPPlan, DPRun
 
@@ -243,8 +243,13 @@ def test_a_site_refuses_plans_other_than_its_data_were_made_with(tiny):
 def test_report_command_writes_the_sites_epsilons(tiny, tmp_path):
     from nnunet_dp.federated import cli
 
-    root, pre, _ = tiny
-    fold = _fold(Site("s", str(root / "sites" / "site_0")), pre)
+    _, pre, site_map = tiny
+    identifier = plans(pre)["configurations"][CONF]["data_identifier"]
+    materialise_site(str(pre), str(tmp_path / "site_r"), site_map.sites["site_0"], data_identifier=identifier,
+                     plans_name="nnUNetPlans_dp")
+    site = Site("site_r", str(tmp_path / "site_r"))
+    run_round(site, _task(pre, local_steps=1), _global(pre))
+    fold = _fold(site, pre)
     (tmp_path / "federation.json").write_text(json.dumps({"mode": "local", "rounds": []}))
     cli.main(["report", "--federation", str(tmp_path / "federation.json"), "--site", f"site_0={fold}",
               "-o", str(tmp_path)])
