@@ -9,6 +9,7 @@ setup(
     packages=[
         "nnunet_dp",
         "nnunet_dp.audit",
+        "nnunet_dp.federated",
         "nnunet_dp.nnunet",
         "nnunet_dp.tools",
         "nnunet_dp.tools.audit",
@@ -38,7 +39,9 @@ setup(
         "matplotlib",
         "tqdm",
     ],
-    extras_require={"test": ["pytest", "pytest-xdist", "hypothesis", "ruff==0.17.6"]},
+    # federated: Flower's Message API and simulation engine (ray); in `test` too, so that CI runs the federated tests
+    extras_require={"federated": ["flwr[simulation]>=1.42,<2"],
+                    "test": ["pytest", "pytest-xdist", "hypothesis", "ruff==0.17.6", "flwr[simulation]>=1.42,<2"]},
     entry_points={
         "console_scripts": [
             "nnUNetv2_dp_demo=nnunet_dp.commands.demo:main",
@@ -52,6 +55,7 @@ setup(
             "nnUNetv2_dp_audit=nnunet_dp.commands.audit:main",
             "nnUNetv2_dp_plan=nnunet_dp.commands.plan:main",
             "nnUNetv2_dp_export=nnunet_dp.commands.export:main",
+            "nnUNetv2_dp_federated=nnunet_dp.commands.federated:main",
         ],
     },
 )

@@ -2,9 +2,9 @@ import os
 import sys
 
 # tests/ holds the shared helpers (e2e.py, nets.py); its subfolders (core, integration, commands, experiment,
-# postprocessing: the code's rooms) hold the tests, which may import each other's reference helpers
+# federated, postprocessing: the code's rooms) hold the tests, which may import each other's reference helpers
 _HERE = os.path.dirname(os.path.abspath(__file__))
-for _sub in ("", "core", "integration", "commands", "experiment", "postprocessing"):
+for _sub in ("", "core", "integration", "commands", "experiment", "federated", "postprocessing"):
     sys.path.insert(0, os.path.join(_HERE, _sub))
 os.environ.setdefault("nnUNet_n_proc_DA", "0")
 # Under pytest-xdist every worker, and every nnU-Net command it starts (tests/e2e.py passes this on), uses one OpenMP
@@ -21,6 +21,8 @@ os.environ.setdefault("nnUNet_def_n_proc", "1")
 # pytest.ini's loadfile scheduling starts them at once on different workers instead of leaving one for last.
 SLOWEST_FIRST = {  # clean-clone .ci/run of 965eb2a: 533 tests in 22 min with 2 workers
     "test_e2e_nnunet.py": 11.0,
+    "test_federated_flower.py": 1.8,  # ray actors import torch and nnU-Net (measured alone on 2 busy cores)
+    "test_federated.py": 1.0,
     "test_experiment_levers.py": 9.0,
     "test_experiment.py": 6.5,
     "test_ddp_e2e.py": 4.0,  # not in the .ci/run above: measured alone under load (docs/multi_gpu.md)

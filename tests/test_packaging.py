@@ -24,7 +24,7 @@ def test_every_package_folder_is_in_setup_py():
 
 # The programs users type; their names never change (docs/layout.md, "User-facing names").
 PROGRAMS = ("demo", "env", "privacy", "determine_postprocessing", "alignment", "benchmark", "experiment", "advise",
-            "audit", "plan", "export")
+            "audit", "plan", "export", "federated")
 
 
 def test_every_program_is_a_thin_command_module_with_main():
