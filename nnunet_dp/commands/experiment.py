@@ -75,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", default="tiny", help=f"one of {list(BUDGETS)} (tiny: 2 CPU cores; small, full: a GPU) "
                    "or a JSON file with the budget's fields. Default: tiny")
     p.add_argument("--test-fraction", type=float, default=0.2, help="held-out share of the cases. Default: 0.2")
+    p.add_argument("--val-fraction", type=float, default=0.2,
+                   help="share of the non-test (private) cases that validate fold 0. Default: 0.2")
+    p.add_argument("--train-cases", type=int, default=None, metavar="N",
+                   help="train on N of fold 0's training cases: a seeded subsample, nested (the N cases of a smaller N "
+                        "are among those of a larger one, for the same --seed); validation, test and public cases stay "
+                        "as they are. For the utility-vs-N law (benchmarks/n_law.py). Default: all of them")
     p.add_argument("--seed", type=int, default=0, help="seed of the held-out test split only; the DP runs' noise and "
                    "Poisson sampling draw fresh OS entropy (no seed in any file) unless --reproducible. Default: 0")
     p.add_argument("--reproducible", action="store_true",

@@ -26,6 +26,8 @@ def _check(args: argparse.Namespace) -> None:
         raise ExperimentError("-device", args.device, "cpu or cuda")
     if args.np < 1:
         raise ExperimentError("-np", args.np, "an integer >= 1")
+    if not 0 < args.val_fraction < 1:
+        raise ExperimentError("--val-fraction", args.val_fraction, "a number strictly between 0 and 1")
     if not 0 < args.test_fraction < 1:
         raise ExperimentError("--test-fraction", args.test_fraction, "a number strictly between 0 and 1")
     if args.public_fraction is not None and not 0 < args.public_fraction < 1:

@@ -169,6 +169,19 @@ def split_cases(cases: list[str], *, test_fraction: float, val_fraction: float =
     return {"test": pick(order[:n_test]), "val": pick(rest[:n_val]), "train": pick(rest[n_val:])}
 
 
+def subsample_training(parts: dict[str, list[str]], n: int | None, seed: int) -> dict[str, list[str]]:
+    """--train-cases N: N of the training cases, seeded and nested (a fixed order of the training cases, its first N:
+    the cases of a smaller N are among those of a larger one). Validation, test and public cases are unchanged."""
+    if n is None:
+        return parts
+    train = sorted(parts["train"])
+    if isinstance(n, bool) or not isinstance(n, int) or not 2 <= n <= len(train):
+        raise ExperimentError("--train-cases", n, f"an integer in [2, {len(train)}] (fold 0 has {len(train)} training "
+                              "cases)")
+    order = np.random.default_rng([seed, 2]).permutation(len(train))
+    return {**parts, "train": sorted(train[i] for i in order[:n])}
+
+
 def dp_settings(spec: RunSpec, budget: BudgetSpec, seed: int | None = None) -> dict[str, Any]:
     """The nnUNet_dp_config JSON of a DP run, or the nnUNet_dp_experiment_budget JSON of the baseline.
 

@@ -49,6 +49,7 @@ from nnunet_dp.experiment.plan import (
     link_test_cases,
     mirror_preprocessed,
     split_cases,
+    subsample_training,
     write_budget_plans,
 )
 from nnunet_dp.experiment.pretrain import PublicPretraining, pretrained_problems
@@ -85,19 +86,22 @@ def _mismatch(out: str) -> ExperimentError:
 def _parts(args: argparse.Namespace, cases: list[str], problems: list[str]) -> dict[str, list[str]] | None:
     """The test / (public) / val / train parts; None (with the problem noted) when they cannot be made."""
     try:
-        split = split_cases(cases, test_fraction=args.test_fraction, seed=args.seed)
+        split = split_cases(cases, test_fraction=args.test_fraction, seed=args.seed,
+                            val_fraction=args.val_fraction)
     except ExperimentError as error:
         problems.append(f"{error} A test, a validation and a training case at least: use a dataset with more cases.")
         return None
     if not public_mode(args):
-        return split
+        return subsample_training(split, args.train_cases, args.seed)
     try:
         if args.public_dataset is not None:
             name, raw = args.public_raw
             parts = split_public_dataset(split, raw_cases(raw), public_fraction=args.public_fraction, seed=args.seed,
                                          public_name=name, dataset=args.d)
         else:
-            parts = split_public(split, public_fraction=args.public_fraction, seed=args.seed)
+            parts = split_public(split, public_fraction=args.public_fraction, seed=args.seed,
+                                 val_fraction=args.val_fraction)
+        parts = subsample_training(parts, args.train_cases, args.seed)
         print(disjoint_counts(parts), flush=True)
         return parts
     except ExperimentError as error:
@@ -107,7 +111,9 @@ def _parts(args: argparse.Namespace, cases: list[str], problems: list[str]) -> d
 
 def _record(args: argparse.Namespace, parts: dict[str, list[str]]) -> dict[str, Any]:
     """split.json: what every run of the folder shares (keys of the new options only when they are used)."""
-    record = {"seed": args.seed, "test_fraction": args.test_fraction, "val_fraction_of_rest": 0.2}
+    record = {"seed": args.seed, "test_fraction": args.test_fraction, "val_fraction_of_rest": args.val_fraction}
+    if args.train_cases is not None:
+        record["train_cases"] = args.train_cases
     if args.public_fraction is not None:
         record["public_fraction"] = args.public_fraction
     if args.public_dataset is not None:

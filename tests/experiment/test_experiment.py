@@ -623,3 +623,16 @@ def test_dry_run_with_a_public_dataset_of_other_labels(experiment, tmp_path, mon
     assert {r["run"] for r in budget["runs"]} == {"flat_eps8_heads", "flat_eps8_lora2", "flat_eps8_proj4"}
     printed = capsys.readouterr().out
     assert "public cases: 4, in none of the" in printed and "other labels" in printed
+
+
+def test_train_cases_subsample_is_nested_and_leaves_validation_and_test_alone():
+    from nnunet_dp.experiment.plan import subsample_training
+
+    split = split_cases([f"c{i:03d}" for i in range(100)], test_fraction=0.1, val_fraction=0.1, seed=3)
+    assert len(split["test"]) == 10 and len(split["val"]) == 9
+    small, large = subsample_training(split, 10, 3), subsample_training(split, 40, 3)
+    assert set(small["train"]) < set(large["train"]) < set(split["train"]) and len(large["train"]) == 40
+    assert small["val"] == split["val"] and small["test"] == split["test"]
+    assert subsample_training(split, None, 3) == split
+    with pytest.raises(ExperimentError, match="--train-cases"):
+        subsample_training(split, 1000, 3)

@@ -1,0 +1,225 @@
+"""The utility-vs-N law: test Dice and its ratio to non-private training against the number of private training
+cases N, measured with the product's own defaults (the harness's `tiny` budget: 400 steps, batch at most N/4 and 32,
+the DP learning-rate rules), from scratch and from a public model.
+
+    python benchmarks/n_law.py run -o nlaw --dataset synthetic --n 40 100 200 400 800 1600 --epsilons 1 8
+    python benchmarks/n_law.py run -o nlaw902 --dataset 902 --n 40 80 --start scratch public
+    python benchmarks/n_law.py table -o nlaw nlaw902 --md docs/figures/nlaw.md --png docs/figures/nlaw.png
+
+`run` calls nnUNetv2_dp_experiment once per (start, N) with --train-cases N (a nested, seeded subsample of fold 0's
+training cases; validation, test and public cases fixed), each in OUT/<start>_n<N>; the public model is trained once
+(in the first public folder) and copied to the others, so that every N starts from the same public model. Finished
+runs are skipped, so the command resumes. `table` reads every results.csv and writes the law: per (start, rule, ε, N)
+the mean test Dice ± sd (n repeats), the non-private Dice at that N, their ratio, and the signal-to-noise variable
+s = N·ε / sqrt(d·log(1/δ)) (d: the noise's dimensions), as markdown, CSV and a plot.
+
+The synthetic task (nnunet_dp.synthetic.HARD): a disk and a ring of the same weak intensity (0.8 over noise 1.0) on
+32×32 images, so that the classes differ only by shape: small N fails.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from collections import defaultdict
+from collections.abc import Sequence
+from os.path import isdir, isfile, join
+
+SYNTHETIC_ID, SYNTHETIC_NAME = 970, "NLawShapes"
+SYNTHETIC_CASES = 2000  # 1600 private training cases at most, plus validation, test and public
+SPLIT = {"test_fraction": 0.06, "val_fraction": 0.07}  # synthetic: 120 test, 131 validation cases
+PUBLIC_FRACTION = 0.1
+
+
+def synthetic_raw(work: str) -> str:
+    """The synthetic dataset in WORK/raw (made once)."""
+    from nnunet_dp.synthetic import HARD, make_dataset
+
+    raw = join(work, "raw")
+    folder = join(raw, f"Dataset{SYNTHETIC_ID}_{SYNTHETIC_NAME}")
+    if not isfile(join(folder, "dataset.json")):
+        print(f"making {SYNTHETIC_CASES} synthetic cases in {folder}", flush=True)
+        make_dataset(raw, dataset_id=SYNTHETIC_ID, name=SYNTHETIC_NAME, num_train=SYNTHETIC_CASES, num_test=0,
+                     shape=(32, 32), seed=SYNTHETIC_ID, appearance=HARD)
+    return raw
+
+
+def experiment_command(args: argparse.Namespace, dataset: str, n: int, start: str, out: str) -> list[str]:
+    cmd = ["nnUNetv2_dp_experiment", "-d", dataset, "-c", "2d", "--rules", *args.rules, "--epsilons",
+           *map(str, args.epsilons), "--train-cases", str(n), "--seeds", str(args.seeds), "-o", out,
+           "--refine", "none", "-device", "cpu", "-np", "1"]
+    if args.dataset == "synthetic":
+        cmd += ["--test-fraction", str(SPLIT["test_fraction"]), "--val-fraction", str(SPLIT["val_fraction"])]
+    if start == "public":
+        cmd += ["--public-fraction", str(args.public_fraction)]
+    return cmd
+
+
+def share_public_model(first: str, target: str) -> None:
+    """Copy the first public folder's public model (and its derived datasets) so that `target` starts from it."""
+    if isdir(join(target, "public")) or not isdir(join(first, "public")):
+        return
+    os.makedirs(target, exist_ok=True)
+    for sub in ("public", "nnUNet_raw", "nnUNet_preprocessed"):
+        if isdir(join(first, sub)):
+            shutil.copytree(join(first, sub), join(target, sub), symlinks=True,
+                            ignore=shutil.ignore_patterns("splits_final.json"))
+
+
+def run(args: argparse.Namespace) -> None:
+    env = dict(os.environ)
+    if args.dataset == "synthetic":
+        env["nnUNet_raw"] = synthetic_raw(args.o)
+        dataset = str(SYNTHETIC_ID)
+    else:
+        dataset = args.dataset
+    env.setdefault("nnUNet_preprocessed", join(args.o, "preprocessed"))
+    env.setdefault("nnUNet_n_proc_DA", "0")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    for start in args.start:
+        first = None
+        for n in args.n:
+            out = join(args.o, f"{start}_n{n}")
+            if start == "public" and first is not None:
+                share_public_model(first, out)
+            print(f"\n=== {start}, N = {n}: {out}", flush=True)
+            proc = subprocess.run(experiment_command(args, dataset, n, start, out), env=env, check=False)
+            if proc.returncode != 0:
+                print(f"(N = {n}, {start}: the harness reported failures; see {out}/results.md)", flush=True)
+            first = first or out
+
+
+# ---- the table ------------------------------------------------------------------------------------------------
+def signal_to_noise(n: int, epsilon: float, d: int, delta: float = 1e-5) -> float:
+    """s = N·ε / sqrt(d·log(1/δ)): the run's signal to noise up to a constant (docs/results.md)."""
+    return n * epsilon / math.sqrt(d * math.log(1 / delta))
+
+
+def read_cells(folders: Sequence[str]) -> list[dict]:
+    """One row per cell (folder, start, rule, ε, N): the mean test Dice (no refinement) over the finished repeats,
+    from each run's result.json, with d from its privacy record (non-private runs: every parameter)."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for folder in folders:
+        for sub in sorted(os.listdir(folder)):
+            if "_n" not in sub or not isdir(join(folder, sub, "runs")):
+                continue
+            start, n = sub.rsplit("_n", 1)
+            for run_name in sorted(os.listdir(join(folder, sub, "runs"))):
+                path = join(folder, sub, "runs", run_name, "result.json")
+                if not isfile(path):
+                    continue
+                with open(path) as f:
+                    r = json.load(f)
+                if r.get("status") == "failed" or r.get("rule") is None or "none" not in r.get("scores", {}):
+                    continue
+                key = (folder, start, int(n), r["rule"], r.get("target_epsilon"), r.get("levers", "defaults"))
+                groups[key].append(r)
+    cells = []
+    for (folder, start, n, rule, eps, levers), runs in groups.items():
+        dice = [r["scores"]["none"]["dice_mean"] for r in runs]
+        mean = sum(dice) / len(dice)
+        sd = math.sqrt(sum((x - mean) ** 2 for x in dice) / (len(dice) - 1)) if len(dice) > 1 else None
+        cells.append({"folder": folder, "start": start, "n": n, "rule": rule, "epsilon": eps or "",
+                      "levers": levers, "dice": mean, "sd": "–" if sd is None else f"{sd:.3f}",
+                      "repeats": len(dice), "d": runs[0].get("num_trained_parameters")})
+    return cells
+
+
+def law_rows(cells: list[dict]) -> list[dict]:
+    """The DP cells with their non-private reference at the same (folder, start, N), ratio and s."""
+    reference = {(c["folder"], c["start"], c["n"]): c["dice"] for c in cells
+                 if c["rule"] == "nonprivate" and c["levers"] == "defaults"}
+    out = []
+    for c in cells:
+        if c["rule"] == "nonprivate" or not c["epsilon"]:
+            continue
+        ref = reference.get((c["folder"], c["start"], c["n"]))
+        eps = float(c["epsilon"])
+        out.append({**c, "epsilon": eps, "nonprivate": ref, "ratio": None if not ref else c["dice"] / ref,
+                    "s": signal_to_noise(c["n"], eps, int(c["d"])) if c["d"] else None})
+    return sorted(out, key=lambda r: (r["folder"], r["start"], r["rule"], r["epsilon"], r["n"]))
+
+
+def table(args: argparse.Namespace) -> None:
+    rows = law_rows(read_cells(args.o))
+    lines = ["| data | start | rule | ε | N | test Dice (mean ± sd, n) | non-private | ratio | s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ratio = "–" if r["ratio"] is None else f"{r['ratio']:.2f}"
+        lines.append(f"| {os.path.basename(r['folder'])} | {r['start']} | {r['rule']} | {r['epsilon']:g} | {r['n']} | "
+                     f"{r['dice']:.3f} ± {r['sd']} ({r['repeats']}) | {r['nonprivate'] or float('nan'):.3f} | "
+                     f"{ratio} | {r['s']:.3g} |")
+    text = "\n".join(lines)
+    print(text)
+    if args.md:
+        with open(args.md, "w") as f:
+            f.write(text + "\n")
+    if args.csv:
+        with open(args.csv, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    if args.png:
+        plot(rows, args.png)
+
+
+def plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    groups = defaultdict(list)
+    for r in rows:
+        if r["ratio"] is not None:
+            groups[(r["start"], os.path.basename(r["folder"]), r["rule"], r["epsilon"])].append(r)
+    for (start, data, rule, eps), group in sorted(groups.items()):
+        ax = axes[0 if start == "scratch" else 1]
+        group = sorted(group, key=lambda r: r["s"])
+        ax.plot([r["s"] for r in group], [r["ratio"] for r in group], "o-" if rule == "flat" else "s--",
+                label=f"{data} {rule} ε={eps:g}")
+    for ax, title in zip(axes, ("from scratch", "from a public model")):
+        ax.set_xscale("log")
+        ax.set_xlabel("s = N·ε / √(d·log(1/δ))")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("test Dice / non-private at the same N")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="train the grid (resumes)")
+    r.add_argument("-o", required=True, help="work folder")
+    r.add_argument("--dataset", default="synthetic", help="'synthetic' or an nnU-Net dataset id in nnUNet_raw")
+    r.add_argument("--n", nargs="+", type=int, required=True, help="numbers of private training cases")
+    r.add_argument("--epsilons", nargs="+", type=float, default=[1.0, 8.0], help="target ε. Default: 1 8")
+    r.add_argument("--rules", nargs="+", default=["nonprivate", "flat", "psac"], help="Default: nonprivate flat psac")
+    r.add_argument("--start", nargs="+", choices=("scratch", "public"), default=["scratch", "public"],
+                   help="from scratch and/or from a public model (an in-distribution public part)")
+    r.add_argument("--public-fraction", type=float, default=PUBLIC_FRACTION, help="the public part's share")
+    r.add_argument("--seeds", type=int, default=1, help="repeats per run. Default 1")
+    t = sub.add_parser("table", help="the law from the folders' results")
+    t.add_argument("-o", nargs="+", required=True, help="work folders of `run`")
+    t.add_argument("--md", default=None, help="write the markdown table here")
+    t.add_argument("--csv", default=None, help="write the rows as CSV here")
+    t.add_argument("--png", default=None, help="write the plot here")
+    args = ap.parse_args(argv)
+    if args.command == "run":
+        args.o = os.path.abspath(args.o)
+        run(args)
+    else:
+        table(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
