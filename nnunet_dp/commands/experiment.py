@@ -123,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add DP runs that train every parameter with the case gradients projected on the top-K "
                         "subspace of public-case gradients (DP settings projection public, projection_dim K), one "
                         "per K; needs --public-fraction or --public-dataset (the public model and its cases)")
+    p.add_argument("--morph-in-training", nargs="+", default=["none"], metavar="OP",
+                   help="DP setting morph_in_training, one or more of none, close, open (each a run per rule, ε, "
+                        "lever): DP-Morph inside the network, before the loss and at inference. Default: none")
     p.add_argument("--reference-trainable", nargs="+", default=["all"], metavar="T",
                    help=f"non-private references beside the ordinary one (trainable all, which every ratio divides "
                         f"by): one more per other value of {list(TRAINABLE)}, trained without noise from the same "

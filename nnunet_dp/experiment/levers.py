@@ -28,6 +28,7 @@ class Levers:
     ema_decay: float | None = _DEFAULT.ema_decay
     lora_rank: int | None = None  # with trainable lora (None: the trainers' default rank)
     projection_dim: int | None = None  # projection public with this k (None: no projection)
+    morph: str = _DEFAULT.morph_in_training  # DP-Morph inside training (close / open on every foreground class)
 
     def settings(self) -> dict[str, Any]:
         """The nnUNet_dp_config keys of the levers that differ from the trainers' defaults."""
@@ -38,6 +39,8 @@ class Levers:
             out["lora_rank"] = self.lora_rank
         if self.projection_dim is not None:
             out.update(projection="public", projection_dim=self.projection_dim)
+        if self.morph != _DEFAULT.morph_in_training:
+            out["morph_in_training"] = self.morph
         if self.augmentations_per_case != _DEFAULT.augmentations_per_case:
             out["augmentations_per_case"] = self.augmentations_per_case
         if self.ema_decay != _DEFAULT.ema_decay:
@@ -50,6 +53,7 @@ class Levers:
         s = self.settings()
         parts = [s["trainable"] + (str(s["lora_rank"]) if "lora_rank" in s else "")] if "trainable" in s else []
         parts += [f"proj{s['projection_dim']}"] if "projection_dim" in s else []
+        parts += [f"morph{s['morph_in_training']}"] if "morph_in_training" in s else []
         parts += [f"k{s['augmentations_per_case']}"] if "augmentations_per_case" in s else []
         parts += [f"ema{s['ema_decay']:g}"] if "ema_decay" in s else []
         return "".join(f"_{p}" for p in parts)
@@ -60,6 +64,7 @@ class Levers:
         s = self.settings()
         parts = [s["trainable"] + (f" r={s['lora_rank']}" if "lora_rank" in s else "")] if "trainable" in s else []
         parts += [f"projection k={s['projection_dim']}"] if "projection_dim" in s else []
+        parts += [f"DP-Morph in training: {s['morph_in_training']}"] if "morph_in_training" in s else []
         parts += [f"K={s['augmentations_per_case']}"] if "augmentations_per_case" in s else []
         parts += [f"EMA {s['ema_decay']:g}"] if "ema_decay" in s else []
         return ", ".join(parts) or "defaults"
@@ -99,7 +104,7 @@ def _distinct(option: str, values: Sequence[Any], label: Any) -> list[Any]:
 
 def lever_grid(trainable: Sequence[str] = (_DEFAULT.trainable,), augmentations: Sequence[int] = (1,),
                ema: Sequence[str | float | None] = (None,), *, dp_rules: bool = True, lora_ranks: Sequence[int] = (),
-               projection_dims: Sequence[int] = ()) -> list[Levers]:
+               projection_dims: Sequence[int] = (), morph: Sequence[str] = ("none",)) -> list[Levers]:
     """The cross product trainable × augmentations_per_case × ema_decay, in the given orders, every value checked
     through DPConfig. Non-default values need DP rules (the non-private reference is never given DP levers)."""
     for value in trainable:
@@ -116,9 +121,12 @@ def lever_grid(trainable: Sequence[str] = (_DEFAULT.trainable,), augmentations: 
         _through_dpconfig("--lora-ranks", "lora_rank", rank, "one or more integers >= 1")
     for dim in projection_dims:
         _through_dpconfig("--projection-dims", "projection_dim", dim, "one or more integers >= 1")
+    for value in morph:
+        _through_dpconfig("--morph-in-training", "morph_in_training", value, "one or more of none, close, open")
+    morphs = _distinct("--morph-in-training", morph, str)
     ranks = [None] if not lora_ranks else _distinct("--lora-ranks", lora_ranks, int)
-    grid = [Levers(t, k, d, lora_rank=r) for t in trainable for r in (ranks if t == "lora" else [None])
-            for k in augmentations for d in decays]
+    grid = [Levers(t, k, d, lora_rank=r, morph=m) for t in trainable for r in (ranks if t == "lora" else [None])
+            for k in augmentations for d in decays for m in morphs]
     # projection: every parameter trained, the noise in the public subspace (and on the heads the public model lacks)
     dims = _distinct("--projection-dims", projection_dims, int) if projection_dims else []
     grid += [Levers("all", k, d, projection_dim=p) for p in dims for k in augmentations for d in decays]

@@ -75,7 +75,7 @@ def run_experiment(args: argparse.Namespace, command: str) -> tuple[str, list, l
     selection = morph_selection(args.dpmorph_selection, args.epsilon_select)
     levers = lever_grid(args.trainable, args.augmentations_per_case, args.ema_decay,
                         dp_rules=any(r != "nonprivate" for r in args.rules), lora_ranks=args.lora_ranks,
-                        projection_dims=args.projection_dims)
+                        projection_dims=args.projection_dims, morph=args.morph_in_training)
     references = reference_grid(args.reference_trainable, reference="nonprivate" in args.rules,
                                 lora_rank=args.lora_ranks[0] if args.lora_ranks else None)
     specs = run_grid(args.rules, args.epsilons, args.lrs, levers, check_seeds(args.seeds), references)

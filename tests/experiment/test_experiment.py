@@ -636,3 +636,20 @@ def test_train_cases_subsample_is_nested_and_leaves_validation_and_test_alone():
     assert subsample_training(split, None, 3) == split
     with pytest.raises(ExperimentError, match="--train-cases"):
         subsample_training(split, 1000, 3)
+
+
+def test_new_levers_become_settings_names_and_labels_checked_by_the_trainers_config():
+    from nnunet_dp.experiment.levers import lever_grid
+
+    grid = lever_grid(["all", "heads", "lora"], lora_ranks=[2, 8], projection_dims=[16], morph=["none", "close"])
+    names = [lev.suffix for lev in grid]
+    assert names == ["", "_morphclose", "_heads", "_heads_morphclose", "_lora2", "_lora2_morphclose", "_lora8",
+                     "_lora8_morphclose", "_proj16"]
+    for lev in grid:
+        DPConfig.from_mapping(lev.settings())  # every combination is one the trainers accept
+    assert grid[4].settings() == {"trainable": "lora", "lora_rank": 2}
+    assert grid[-1].settings() == {"projection": "public", "projection_dim": 16}
+    with pytest.raises(ExperimentError, match="--morph-in-training"):
+        lever_grid(["all"], morph=["dilate"])
+    with pytest.raises(ExperimentError, match="--lora-ranks"):
+        lever_grid(["lora"], lora_ranks=[0])
