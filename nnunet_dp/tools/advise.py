@@ -23,6 +23,7 @@ from typing import Any
 from nnunet_dp.advise import NOISE_RATIO_SEVERE, NOISE_RATIO_WARN, advice, advise_row, advise_table, noise_summary
 from nnunet_dp.config import DPConfig
 from nnunet_dp.errors import DPConfigError
+from nnunet_dp.tools.prediction import lever_dimensions, predict, render_prediction
 
 _META_FILES = {"dataset.json", "dataset_fingerprint.json", "splits_final.json"}
 
@@ -117,14 +118,30 @@ def find_trainer(name: str) -> type:
     return cls
 
 
-def load_settings(trainer: type, trainable: str | None) -> tuple[DPConfig, str]:
-    """The DP settings the trainer would use in a new output folder (nnUNet_dp_config on the trainer's defaults)."""
+def load_settings(trainer: type, trainable: str | None, fold_folder: str | None = None) -> tuple[DPConfig, str]:
+    """The DP settings the training will use: nnUNet_dp_config on the trainer's defaults; without it the fold
+    folder's dp_config.json when one exists (what a --c would continue with; the trainer reads it the same way);
+    else the defaults."""
+    from nnunet_dp.nnunet.resume import load_dp_config
+
     try:
-        cfg = DPConfig.from_env(**trainer.dp_defaults)
+        if fold_folder is not None:
+            cfg, source = load_dp_config(fold_folder, trainer.dp_defaults)
+        else:
+            cfg = DPConfig.from_env(**trainer.dp_defaults)
+            source = os.environ.get("nnUNet_dp_config") or "defaults (nnUNet_dp_config not set)"
     except DPConfigError as e:
         raise AdviseInputError(str(e)) from e
-    source = os.environ.get("nnUNet_dp_config") or "defaults (nnUNet_dp_config not set)"
     return (dataclasses.replace(cfg, trainable=trainable) if trainable else cfg), source
+
+
+def fold_folder_of(dataset_name: str, trainer: str, plans: str, configuration: str, fold: int | str) -> str | None:
+    """The fold folder nnU-Net would train into, when nnUNet_results is set."""
+    if not os.environ.get("nnUNet_results"):
+        return None
+    from nnunetv2.utilities.file_path_utilities import get_output_folder
+
+    return get_output_folder(dataset_name, trainer, plans, configuration, fold)
 
 
 def default_grid(cfg: DPConfig, *, n: int, plans_batch: int) -> tuple[list[float], list[int]]:
@@ -207,14 +224,23 @@ def count_parameters(trainer: type, plans: dict, dataset_json: dict, configurati
     except (RuntimeError, NotImplementedError):  # an architecture that cannot be built on the meta device
         network = trainer.build_network_architecture(*build_args)
     start = None if pretrained is None else public_start(network, pretrained, dataset_json, cfg)
+    def build() -> Any:
+        with torch.device("meta"):
+            return trainer.build_network_architecture(*build_args)
+
+    if cfg.trainable == "lora":
+        from nnunet_dp.nnunet.selection import add_lora_
+
+        add_lora_(network, cfg)
     try:
         selection = select_trainable(network, cfg.trainable)  # the trainer's own selection
     except DPConfigError as e:
         raise AdviseInputError(f"--trainable / setting trainable = {cfg.trainable!r}: needs {e.allowed}") from e
     if start is not None:
         start["weight_rms"] = trained_rms(selection)
+    heads_projected = bool(start and start["heads_transferred"])
     return {"all": selection.num_parameters, "trained": selection.num_trained, "plans_batch_size": int(conf.batch_size),
-            "pretrained": start}
+            "pretrained": start, "levers": lever_dimensions(build, cfg, heads_projected=heads_projected)}
 
 
 def advise(args: argparse.Namespace) -> dict[str, Any]:
@@ -223,7 +249,8 @@ def advise(args: argparse.Namespace) -> dict[str, Any]:
     plans, dataset_json = read_inputs(folder, args.p, args.c)
     n, n_source = training_cases(folder, dataset_json, args.f)
     trainer = find_trainer(args.tr)
-    cfg, source = load_settings(trainer, args.trainable)
+    cfg, source = load_settings(trainer, args.trainable,
+                                fold_folder_of(os.path.basename(folder), args.tr, args.p, args.c, args.f))
     counts = count_parameters(trainer, plans, dataset_json, args.c, cfg, args.pretrained)
     start = counts["pretrained"]
     plans_batch = counts["plans_batch_size"]
@@ -245,7 +272,9 @@ def advise(args: argparse.Namespace) -> dict[str, Any]:
             "clip_norm": cfg.clip_norm, "delta": cfg.delta, "accountant": cfg.accountant, "momentum": cfg.momentum,
             "num_iterations_per_epoch": cfg.num_iterations_per_epoch, "initial_lr_setting": cfg.initial_lr,
             "warn_above": NOISE_RATIO_WARN, "severe_above": NOISE_RATIO_SEVERE, "pretrained": start,
-            "current": current, "rows": rows}
+            "current": current, "rows": rows, "private_randomness": cfg.private_randomness,
+            "predictions": [predict(levers=counts["levers"], cfg=cfg, num_cases=n, epsilon=c["epsilon"],
+                                    pretrained=start is not None) for c in current if c["feasible"]]}
 
 
 def _context(r: dict[str, Any]) -> list[str]:
@@ -274,6 +303,11 @@ def render(r: dict[str, Any]) -> str:
     lines += ["", "Your settings (*):", HEADER, *(format_row(c, "*") for c in r["current"])]
     if r["initial_lr_setting"] is not None:
         lines.append(f"initial_lr = {r['initial_lr_setting']:g} in your settings overrides the lr column.")
+    if not r["private_randomness"]:
+        lines += ["", ("NOT PRIVATE: your settings set a `seed`. The noise can be regenerated from it and removed from the "
+                  "weights: the training would be reproducible, not private. Remove `seed` for a private training.")]
+    for p in r["predictions"]:
+        lines += ["", *render_prediction(p)]
     for c in r["current"]:
         if c["feasible"] and (text := advice(noise_summary(
                 noise_multiplier=c["noise_multiplier"], clip_norm=r["clip_norm"],
