@@ -42,7 +42,9 @@ Level = Literal["ok", "warn", "severe"]
 # the levers a warning names (docs: README "Fine-tuning and the budget advisor"); none of them costs privacy
 LEVERS = (
     "start from public pretrained weights (nnUNetv2_train ... -pretrained_weights FILE) and fine-tune;",
-    "train fewer parameters: `trainable`: \"norm_bias\" or \"decoder\" (the ratio falls with sqrt(d));",
+    ("fewer noised dimensions (the ratio falls with sqrt(d)): `trainable` \"norm_bias\", \"heads\", \"decoder\" or "
+     "\"lora\" (with `lora_rank`), or `projection` \"public\" (noise in a k-dimensional public subspace, "
+     "`projection_dim`); the prediction table of nnUNetv2_dp_advise shows each one's d;"),
     ("more training cases N at the same expected batch (q = qN/N falls, and sigma with it); a larger "
      "`expected_batch_size` divides the noise by qN, but at a fixed epsilon and step count sigma grows almost in "
      "proportion to q: a larger batch for fewer epochs is what helps (Hippocampus, eps 8: qN 32 x 400 steps -> "
