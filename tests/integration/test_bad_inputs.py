@@ -26,6 +26,7 @@ from e2e import run
 from nnunet_dp.config import ENV_VAR, DPConfig
 from nnunet_dp.errors import DPConfigError
 from nnunet_dp.locations import trainer_folder
+from nnunet_dp.nnunet.report import write_privacy
 from nnunet_dp.synthetic import make_dataset
 
 DS, NAME = 981, "Dataset981_BadInputs"
@@ -334,7 +335,7 @@ def test_dropped_count_is_private_and_survives_a_resume(tiny, env):
     trainer.on_train_start()
     trainer.on_train_epoch_end([trainer.train_step(batch)])
     assert trainer.dp_dropped == 1
-    trainer._write_privacy_json()
+    write_privacy(trainer)
     folder = Path(trainer.output_folder)
     privacy = json.loads((folder / "privacy.json").read_text())
     assert "dropped_cases" not in privacy and not any("1 of 2" in a for a in privacy["assumptions"])

@@ -96,7 +96,8 @@ def test_resume_from_a_release_checkpoint_continues_training(root):
     (folder / "checkpoint_latest.pth").unlink()
     train(root, trainer, cfg, "--c")
     rep = json.loads((folder / "privacy.json").read_text())
-    assert rep["status"] == "finished"
+    # the crashed run's journaled steps count: the resumed run may meet the budget before its last planned step
+    assert rep["status"] in ("finished", "stopped: privacy budget spent") and rep["epsilon"] <= 8.0
     assert "resumed from a release checkpoint" in "".join(p.read_text() for p in folder.glob("training_log_*.txt"))
     assert checkpoints.unreleasable(torch.load(folder / "checkpoint_final.pth", map_location="cpu",
                                                weights_only=False)) == []
