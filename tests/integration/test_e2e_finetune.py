@@ -167,7 +167,7 @@ def test_lora_from_public_weights_resumed_then_predicted_by_stock_nnunet(public)
 def test_projection_public_from_the_public_model_and_its_cases(public, monkeypatch):
     """projection public: the subspace from the public checkpoint and the preprocessed cases of its dataset, recorded
     in privacy.json (k noise dimensions: same labels, so the heads are projected too); the update of a step lies in
-    that subspace; the training finishes and nnU-Net predicts from it."""
+    that subspace; only public cases reach it."""
     from types import SimpleNamespace
 
     from nnunet_dp.nnunet.projection import setup_projection
@@ -233,11 +233,7 @@ def test_projection_public_from_the_public_model_and_its_cases(public, monkeypat
     fake.dp_config = DPConfig(**{**cfg, "projection_data": str(subset), "projection_dim": 2})  # 3 distinct patches
     setup_projection(fake)
     assert opened == [str(subset)] and len(read) == 12 and set(read) <= set(public_cases)
-    out = root / "pred_projection"
-    run(["nnUNetv2_predict", "-i", str(root / "raw" / f"Dataset{DS}_Test{DS}" / "imagesTs"), "-o", str(out),
-         "-d", str(DS), "-c", "2d", "-f", "0", "-tr", trainer, "-device", "cpu", "-npp", "1", "-nps", "1"],
-        nnunet_env(root))
-    assert len(list(out.glob("*.nii.gz"))) == 2
+    # (the saved network is the plain one: the lora and morph tests predict with stock nnUNetv2_predict)
 
 
 def test_morph_in_training_from_public_weights_then_stock_prediction(public, monkeypatch):
