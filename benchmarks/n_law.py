@@ -100,25 +100,48 @@ def signal_to_noise(n: int, epsilon: float, d: int, delta: float = 1e-5) -> floa
     return n * epsilon / math.sqrt(d * math.log(1 / delta))
 
 
-def read_cells(folders: Sequence[str]) -> list[dict]:
-    """One row per cell (folder, start, rule, ε, N): the mean test Dice (no refinement) over the finished repeats,
-    from each run's result.json, with d from its privacy record (non-private runs: every parameter)."""
-    groups: dict[tuple, list[dict]] = defaultdict(list)
+def harness_folders(folders: Sequence[str]) -> list[tuple[str, str, str]]:
+    """(folder, start, harness output) for each given folder: a `run` work folder (its <start>_n<N> subfolders) or a
+    harness output folder itself (its start from budget.json: scratch, or public for any public model)."""
+    out = []
     for folder in folders:
+        if isdir(join(folder, "runs")):
+            with open(join(folder, "budget.json")) as f:
+                start = "scratch" if json.load(f)["start"]["from"] == "scratch" else "public"
+            out.append((folder, start, folder))
+            continue
         for sub in sorted(os.listdir(folder)):
-            if "_n" not in sub or not isdir(join(folder, sub, "runs")):
+            if "_n" in sub and isdir(join(folder, sub, "runs")):
+                out.append((folder, sub.rsplit("_n", 1)[0], join(folder, sub)))
+    return out
+
+
+def noise_dimensions(result: dict) -> int | None:
+    """d of a DP run: the noise's dimensions in its privacy.json (the trained parameters, or k + d_R under projection)."""
+    path = join(result.get("model_folder", ""), "fold_0", "privacy.json")
+    if not isfile(path):
+        return result.get("num_trained_parameters")
+    with open(path) as f:
+        return json.load(f).get("noise", {}).get("num_trained_parameters")
+
+
+def read_cells(folders: Sequence[str]) -> list[dict]:
+    """One row per cell (folder, start, N, rule, ε, levers): the mean test Dice (no refinement) over the finished
+    repeats, from each run's result.json, with N from the harness's budget and d the noise's dimensions."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for folder, start, harness in harness_folders(folders):
+        with open(join(harness, "budget.json")) as f:
+            n = json.load(f)["num_training_cases"]
+        for run_name in sorted(os.listdir(join(harness, "runs"))):
+            path = join(harness, "runs", run_name, "result.json")
+            if not isfile(path):
                 continue
-            start, n = sub.rsplit("_n", 1)
-            for run_name in sorted(os.listdir(join(folder, sub, "runs"))):
-                path = join(folder, sub, "runs", run_name, "result.json")
-                if not isfile(path):
-                    continue
-                with open(path) as f:
-                    r = json.load(f)
-                if r.get("status") == "failed" or r.get("rule") is None or "none" not in r.get("scores", {}):
-                    continue
-                key = (folder, start, int(n), r["rule"], r.get("target_epsilon"), r.get("levers", "defaults"))
-                groups[key].append(r)
+            with open(path) as f:
+                r = json.load(f)
+            if r.get("status") == "failed" or r.get("rule") in (None, "public alone") or "none" not in r.get("scores", {}):
+                continue
+            key = (harness, start, n, r["rule"], r.get("target_epsilon"), r.get("levers", "defaults"))
+            groups[key].append(r)
     cells = []
     for (folder, start, n, rule, eps, levers), runs in groups.items():
         dice = [r["scores"]["none"]["dice_mean"] for r in runs]
@@ -126,14 +149,14 @@ def read_cells(folders: Sequence[str]) -> list[dict]:
         sd = math.sqrt(sum((x - mean) ** 2 for x in dice) / (len(dice) - 1)) if len(dice) > 1 else None
         cells.append({"folder": folder, "start": start, "n": n, "rule": rule, "epsilon": eps or "",
                       "levers": levers, "dice": mean, "sd": "–" if sd is None else f"{sd:.3f}",
-                      "repeats": len(dice), "d": runs[0].get("num_trained_parameters")})
+                      "repeats": len(dice), "d": noise_dimensions(runs[0]) if rule != "nonprivate" else None})
     return cells
 
 
 def law_rows(cells: list[dict]) -> list[dict]:
     """The DP cells with their non-private reference at the same (folder, start, N), ratio and s."""
     reference = {(c["folder"], c["start"], c["n"]): c["dice"] for c in cells
-                 if c["rule"] == "nonprivate" and c["levers"] == "defaults"}
+                 if c["rule"] == "nonprivate" and c["levers"] in ("defaults", "n/a")}
     out = []
     for c in cells:
         if c["rule"] == "nonprivate" or not c["epsilon"]:
@@ -147,11 +170,11 @@ def law_rows(cells: list[dict]) -> list[dict]:
 
 def table(args: argparse.Namespace) -> None:
     rows = law_rows(read_cells(args.o))
-    lines = ["| data | start | rule | ε | N | test Dice (mean ± sd, n) | non-private | ratio | s |",
+    lines = ["| data | start | rule, lever | ε | N | test Dice (mean ± sd, n) | non-private | ratio | s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ratio = "–" if r["ratio"] is None else f"{r['ratio']:.2f}"
-        lines.append(f"| {os.path.basename(r['folder'])} | {r['start']} | {r['rule']} | {r['epsilon']:g} | {r['n']} | "
+        lines.append(f"| {os.path.basename(r['folder'])} | {r['start']} | {r['rule']} {r['levers']} | {r['epsilon']:g} | {r['n']} | "
                      f"{r['dice']:.3f} ± {r['sd']} ({r['repeats']}) | {r['nonprivate'] or float('nan'):.3f} | "
                      f"{ratio} | {r['s']:.3g} |")
     text = "\n".join(lines)
@@ -195,6 +218,45 @@ def plot(rows: list[dict], path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def fit_laws(args: argparse.Namespace) -> None:
+    """Fit the law per start on the cells of the given folders and write nnunet_dp/law_calibration.json; print the
+    fit, every cell's residual and how many cells each interval holds; with --check, the same for held-out folders."""
+    from nnunet_dp import law
+
+    rows = [r for r in law_rows(read_cells(args.o)) if r["ratio"] is not None and r["s"]]
+    laws = []
+    for start in ("scratch", "public"):
+        points = [(r["s"], r["ratio"]) for r in rows if r["start"] == start]
+        if len(points) < 3:
+            print(f"{start}: {len(points)} cells, not fitted")
+            continue
+        floor = 0.0 if start == "scratch" else min(p[1] for p in points)  # fine-tuned: DP keeps the public model
+        source = (f"fitted on {len(points)} {start} cells of {', '.join(os.path.basename(o) for o in args.o)} "
+                  "(benchmarks/n_law.py fit)")
+        fitted = law.fit(points, start=start, source=source, floor=floor)
+        laws.append(fitted)
+        print(f"{start}: slope {fitted.slope:.3f}, midpoint ln s = {fitted.midpoint:.3f} (s = "
+              f"{math.exp(fitted.midpoint):.3g}), floor {fitted.floor:.3f}, interval +-{fitted.half_width:.3f}")
+    law.save(laws, args.calibration)
+    print(f"written: {args.calibration}")
+    for name, folders in (("fitted", args.o), ("held out", args.check or [])):
+        report_coverage(name, law_rows(read_cells(folders)), {x.start: x for x in laws})
+
+
+def report_coverage(name: str, rows: list[dict], laws: dict) -> None:
+    inside, total = 0, 0
+    for r in rows:
+        fitted = laws.get(r["start"])
+        if fitted is None or r["ratio"] is None or not r["s"]:
+            continue
+        lo, hi = fitted.interval(r["s"])
+        ok = lo <= min(r["ratio"], 1.0) <= hi
+        inside, total = inside + ok, total + 1
+        print(f"  {name}: {os.path.basename(r['folder'])} {r['start']} {r['rule']} eps {r['epsilon']:g} N {r['n']}: "
+              f"ratio {r['ratio']:.3f}, predicted [{lo:.2f}, {hi:.2f}] {'in' if ok else 'OUT'}")
+    print(f"{name}: {inside} of {total} cells inside the predicted interval")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
@@ -213,7 +275,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     t.add_argument("--md", default=None, help="write the markdown table here")
     t.add_argument("--csv", default=None, help="write the rows as CSV here")
     t.add_argument("--png", default=None, help="write the plot here")
+    f = sub.add_parser("fit", help="fit the law's calibration on the folders' cells (and check held-out folders)")
+    f.add_argument("-o", nargs="+", required=True, help="work folders of `run` to fit on")
+    f.add_argument("--check", nargs="+", default=None, help="folders held out from the fit, to check the prediction")
+    f.add_argument("--calibration", default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                                          "nnunet_dp", "law_calibration.json"),
+                   help="where to write the calibration (default: the package's nnunet_dp/law_calibration.json)")
     args = ap.parse_args(argv)
+    if args.command == "fit":
+        fit_laws(args)
+        return
     if args.command == "run":
         args.o = os.path.abspath(args.o)
         run(args)
