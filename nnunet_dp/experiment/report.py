@@ -13,6 +13,7 @@ import os
 from os.path import join
 from typing import Any
 
+from nnunet_dp import law
 from nnunet_dp.config import DPConfig
 from nnunet_dp.experiment.aggregate import (
     CHOSEN,
@@ -34,6 +35,7 @@ from nnunet_dp.experiment.dpmorph import (
     selection_fields,
     selection_line,
 )
+from nnunet_dp.experiment.law_cells import predicted_ratio, prediction_label
 from nnunet_dp.experiment.plots import plot_adaptive_gain, plot_dice_vs_epsilon
 from nnunet_dp.optim import default_lr
 
@@ -84,13 +86,14 @@ def rows(results: list[dict[str, Any]], budget_steps: int, reproducible: bool = 
     --reproducible ('n/a' for the non-private run), 'no' where a DP-Morph choice was not private; selection,
     epsilon_select and epsilon_total: how a refined row's choice was made and the composed ε (dpmorph.selection_fields).
     result.json files older than the levers read as the defaults, older than the selection as not private."""
-    out = []
+    out, laws = [], law.load()
     for r in results:
         if failed(r):
             out.append(failed_row(r, budget_steps))
             continue
         lr, default_rule = lr_used(r), is_dp(r) and r.get("initial_lr") is None
         randomness = "n/a" if not is_dp(r) else SEEDED if reproducible else PRIVATE
+        low, high = predicted_ratio(r, laws)
         for refine, s in r["scores"].items():
             val = r.get("validation_dice", {}).get(refine, r.get("validation_dice_mean") if refine == "none" else None)
             row = {"run": r["run"], **_place(r), "rule": r["rule"], "target_epsilon": r["target_epsilon"],
@@ -100,7 +103,8 @@ def rows(results: list[dict[str, Any]], budget_steps: int, reproducible: bool = 
                    "lr_source": _lr_source(r, default_rule),
                    "levers": levers_label(r),
                    "refinement": refine, **{f"dice_{k}": v for k, v in s["dice"].items()},
-                   "dice_mean": s["dice_mean"], "ratio_to_nonprivate": None, "validation_dice": val,
+                   "dice_mean": s["dice_mean"], "ratio_to_nonprivate": None,
+                   "predicted_ratio_low": low, "predicted_ratio_high": high, "validation_dice": val,
                    "train_minutes": r["train_seconds"] / 60, "run_minutes": r["seconds"] / 60, "status": "ok"}
             out.append(row)
     reference = reference_dice(out)
@@ -299,7 +303,8 @@ def _repeats_line(seeds: int) -> str:
 
 def _display(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """results.md's rows: dice_mean as 'mean ± sd' where a cell has several repeats."""
-    return [{**row, "dice_mean": with_sd(row["dice_mean"], row.get("dice_mean_sd"))} for row in cells]
+    return [{**row, "dice_mean": with_sd(row["dice_mean"], row.get("dice_mean_sd")),
+             "predicted ratio": prediction_label(row)} for row in cells]
 
 
 def write_report(out: str, header: dict[str, Any], results: list[dict[str, Any]]) -> str:
@@ -315,7 +320,7 @@ def write_report(out: str, header: dict[str, Any], results: list[dict[str, Any]]
     repeated = ["n"] if any(row.get("n", 1) > 1 for row in cells) else []
     failures = [r for r in results if failed(r)]
     keys = ["run", "refinement", "epsilon", "selection", "epsilon_select", "epsilon_total", "sigma", "steps", "lr", *levers, *dice_keys, "ratio_to_nonprivate",
-            *repeated, *sweep, "train_minutes", "run_minutes", *(["status"] if failures else [])]
+            "predicted ratio", *repeated, *sweep, "train_minutes", "run_minutes", *(["status"] if failures else [])]
     gains = gain_table(results) or [{"run": "–"}]
     refined = any(row["refinement"] not in ("none", "–") for row in cells)
     seeds = header.get("seeds", 1)

@@ -186,6 +186,7 @@ def privacy_summary(fold: str) -> dict[str, Any]:
     return {**{k: rep.get(k) for k in ("epsilon", "delta", "noise_multiplier", "steps", "sampling_rate",
                                        "expected_batch_size", "num_training_cases", "status", "clip_norm",
                                        "planned_steps", "num_trained_parameters", "pretrained_weights")},
+            "noise_dimensions": (rep.get("noise") or {}).get("num_trained_parameters"),
             "lr_used": rep.get("initial_lr"), "lr_rule": rep.get("lr_rule")}
 
 
