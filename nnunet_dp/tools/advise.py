@@ -118,6 +118,10 @@ def find_trainer(name: str) -> type:
     return cls
 
 
+# the prediction for your settings (the first target epsilon) at the JSON's top level, as the docs name them
+TOP_LEVEL = ("predicted_ratio_low", "predicted_ratio_high", "cases_for_ratio_0.5", "cases_for_ratio_0.8")
+
+
 def load_settings(trainer: type, trainable: str | None, fold_folder: str | None = None) -> tuple[DPConfig, str]:
     """The DP settings the training will use: nnUNet_dp_config on the trainer's defaults; without it the fold
     folder's dp_config.json when one exists (what a --c would continue with; the trainer reads it the same way);
@@ -265,6 +269,8 @@ def advise(args: argparse.Namespace) -> dict[str, Any]:
         rows += advise_table(c, **common, batch_sizes=batches, epoch_counts=epochs)
         current.append(advise_row(c, **common, expected_batch_size=c.sampling_rate_for(n, plans_batch) * n,
                                   epochs=c.num_epochs))
+    predictions = [predict(levers=counts["levers"], cfg=cfg, num_cases=n, epsilon=c["epsilon"],
+                           pretrained=start is not None) for c in current if c["feasible"]]
     return {"dataset": os.path.basename(folder), "configuration": args.c, "plans": args.p, "trainer": args.tr,
             "rule": trainer.dp_rule, "fold": args.f, "num_training_cases": n, "num_training_cases_source": n_source,
             "plans_batch_size": plans_batch, "settings_source": source, "trainable": cfg.trainable,
@@ -273,8 +279,7 @@ def advise(args: argparse.Namespace) -> dict[str, Any]:
             "num_iterations_per_epoch": cfg.num_iterations_per_epoch, "initial_lr_setting": cfg.initial_lr,
             "warn_above": NOISE_RATIO_WARN, "severe_above": NOISE_RATIO_SEVERE, "pretrained": start,
             "current": current, "rows": rows, "private_randomness": cfg.private_randomness,
-            "predictions": [predict(levers=counts["levers"], cfg=cfg, num_cases=n, epsilon=c["epsilon"],
-                                    pretrained=start is not None) for c in current if c["feasible"]]}
+            "predictions": predictions, **{k: predictions[0][k] if predictions else None for k in TOP_LEVEL}}
 
 
 def _context(r: dict[str, Any]) -> list[str]:

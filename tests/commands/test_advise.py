@@ -238,3 +238,26 @@ def test_cli_bad_inputs(root: Path, args: list[str], words: list[str], monkeypat
     out, err = capsys.readouterr()
     assert exit_info.value.code != 0 and not out
     assert all(w in err for w in words), err
+
+
+def test_prediction_per_lever_from_the_law_in_closed_form():
+    """The advisor's prediction: the law's interval at s = N eps / sqrt(d ln(1/delta)) for the settings' d and every
+    lever's, the N for ratios 0.5 and 0.8 (the law inverted), and the lever with the highest interval."""
+    import math
+
+    from nnunet_dp import law
+    from nnunet_dp.tools.prediction import predict, render_prediction
+
+    curve = law.Law("scratch", slope=1.5, midpoint=math.log(3.0), floor=0.0, half_width=0.1, num_cells=12, source="t")
+    levers = [{"lever": "all", "settings": {"trainable": "all"}, "d": 100_000},
+              {"lever": "norm_bias", "settings": {"trainable": "norm_bias"}, "d": 1_000},
+              {"lever": "projection k=16", "settings": {"projection": "public", "projection_dim": 16}, "d": 16}]
+    p = predict(levers=levers, cfg=DPConfig(), num_cases=150, epsilon=8.0, pretrained=False,
+                laws={"scratch": curve})
+    s = 150 * 8 / math.sqrt(100_000 * math.log(1e5))
+    assert p["s"] == pytest.approx(s) and (p["predicted_ratio_low"], p["predicted_ratio_high"]) == curve.interval(s)
+    assert p["cases_for_ratio_0.5"] == math.ceil(3.0 * math.sqrt(100_000 * math.log(1e5)) / 8)
+    assert p["best_lever"] == "projection k=16" and len(p["levers"]) == 3
+    assert "no calibrated law" in " ".join(render_prediction(predict(levers=levers, cfg=DPConfig(), num_cases=150,
+                                                                     epsilon=8.0, pretrained=True, laws={})))
+    assert any("the lever that moves it most: projection k=16" in line for line in render_prediction(p))

@@ -81,6 +81,15 @@ def test_decoder_picks_decoder_stages_transposed_convs_and_heads_not_the_encoder
     assert select_trainable(net, "all").num_trained == sel.num_parameters
 
 
+@pytest.mark.parametrize("make", [lambda: tiny_unet(2), plans_network], ids=["PlainConvUNet", "ResidualEncoderUNet"])
+def test_heads_pick_the_segmentation_heads_only(make):
+    net = make()
+    sel = select_trainable(net, "heads")
+    assert ids(sel.trained) == ids(net.decoder.seg_layers.parameters())
+    assert all(isinstance(m, (nn.Conv2d, nn.Conv3d)) for m in net.decoder.seg_layers)  # 1x1 convolutions
+    assert sel.num_trained == sum(p.numel() for p in net.decoder.seg_layers.parameters()) < sel.num_parameters
+
+
 def test_unknown_layout_is_refused_naming_the_setting():
     net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.GroupNorm(1, 2))
     with pytest.raises(DPConfigError, match=r"'trainable' = 'decoder'.*`\.encoder` and `\.decoder`"):
