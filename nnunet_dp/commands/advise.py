@@ -1,11 +1,6 @@
 """nnUNetv2_dp_advise: before training, how loud the DP noise will be for a dataset, and what changes it.
 
-Reads only nnUNet_preprocessed's plans, dataset.json and splits_final.json (never an image or a label; with
---pretrained also that public checkpoint, for the fine-tuning lr), builds the
-network from the plans exactly as the DP trainer does (DP plan changes, the trainer's build_network_architecture) to
-count its parameters, and prints, per target epsilon, expected batch size and number of epochs: q, sigma (calibrated as
-training calibrates it), epsilon, the noise-to-signal ratio sigma * sqrt(d) / (qN), and the default learning rate.
-"""
+This module parses the options; the work is nnunet_dp.tools.advise's (its docstring says how)."""
 
 from __future__ import annotations
 

@@ -1,10 +1,6 @@
 """nnUNetv2_dp_alignment: gradient alignment of every scaling rule on a trained (or freshly initialised) DP fold.
 
-Draws Poisson batches of training cases through the trainer's own data pipeline (patches, augmentation, foreground
-oversampling as in training), takes each case's gradient, and writes alignment.csv (one row per step and rule),
-alignment_cases.csv (one row per case), summary.json and PNG plots. The output is computed from unnoised per-case
-gradients: it is not covered by epsilon (see docs/alignment.md).
-"""
+This module parses the options; the work is nnunet_dp.tools.alignment's (its docstring says how)."""
 
 from __future__ import annotations
 

@@ -1,22 +1,6 @@
 """nnUNetv2_dp_benchmark: time per optimizer step and peak memory of nnU-Net's own step vs our DP step vs opacus.
 
-    nnUNetv2_dp_benchmark                       # 2d, 3d_fullres (Dataset902 plans) and 2d_256, on CPU
-    nnUNetv2_dp_benchmark -device cuda --json bench_gpu.json
-    nnUNetv2_dp_benchmark --quick --json q.json # CI smoke test: tiny plans-like networks, seconds, no data needed
-    nnUNetv2_dp_benchmark --trainable all norm_bias   # each configuration twice: all parameters, then norm_bias only
-
-Networks are built from nnU-Net plans exactly as nnUNetTrainerDP builds them (nnU-Net's get_network_from_plans after
-the DP changes of nnunet_dp.nnunet.plans), with nnU-Net's deep-supervision DC_and_CE loss; batches are random tensors
-of the plans' patch size. Methods, alternated round by round (nnunet_dp.benchmark):
-- nnunet: nnU-Net's nnUNetTrainer.train_step (autocast + GradScaler on CUDA, clip_grad_norm_ 12, SGD step);
-- dp-<strategy>: nnUNetTrainerDP.train_step (per-case gradients, rule, noise, accountant, SGD step), for each
-  per-case strategy and 'auto' (bf16 autocast without GradScaler on CUDA, fp32 norms and accumulator);
-- opacus: GradSampleModule hooks + DPOptimizer on the same network and loss, where it runs.
---trainable: every method (nnU-Net's step included) trains only that subset (the DP setting `trainable`; frozen
-parameters exactly as the DP trainers freeze them); rows are labelled `2d/norm_bias` and compared with nnU-Net's step
-on the same subset. The CPU batch size is the plans' batch size capped at --max-batch-voxels (nnU-Net's 2d batch of 366 would take
-minutes per method on 2 cores); on CUDA the plans' batch size is used. --batch-size overrides both.
-"""
+This module parses the options; the work is nnunet_dp.tools.benchmark's (its docstring says how)."""
 
 from __future__ import annotations
 

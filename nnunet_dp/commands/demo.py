@@ -1,9 +1,6 @@
 """nnUNetv2_dp_demo: synthetic dataset -> plan/preprocess -> DP training -> predict -> DP-Morph -> Dice and epsilon.
 
-Everything runs through nnU-Net's own commands, exactly as a user would type them; the commands are printed. The
-DP-Morph choice is private (-epsilon_select, default morph_selection.DEFAULT_EPSILON_SELECT), and the numbers with
-DP-Morph carry the training epsilon, the selection's and their composition (as nnUNetv2_dp_privacy composes them).
-"""
+This module parses the options; the work is nnunet_dp.tools.demo's (its docstring says how)."""
 
 from __future__ import annotations
 

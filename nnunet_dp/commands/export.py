@@ -1,16 +1,6 @@
 """nnUNetv2_dp_export: a zip with only the releasable files of a DP model, the release's epsilon and a model card.
 
-nnU-Net's nnUNetv2_export_model_to_zip packs debug.json, progress.png, validation/summary.json,
-dataset_fingerprint.json and the checkpoints as they are: unnoised statistics of the private cases (docs/invariants.md,
-invariant 7). This command keeps nnU-Net's zip layout (paths relative to nnUNet_results, so
-nnUNetv2_install_pretrained_model_from_zip installs it and nnUNetv2_predict uses it) and packs only
-  <Dataset>/<trainer>__<plans>__<configuration>/plans.json, dataset.json
-  .../fold_X/checkpoint_final.pth, privacy.json, dp_config.json (checkpoint_best.pth with --with-best)
-  .../crossval_results_folds_<folds>/postprocessing.pkl, postprocessing.json (with --postprocessing)
-  release_privacy.json and MODEL_CARD.md next to the model folder (the dataset folder for several configurations).
-Checkpoints that still hold nnU-Net's logger (written by an older nnunet-dp) and postprocessing.json files with
-validation scores go into the zip as cleaned copies; the user's files are only read.
-"""
+This module parses the options; the work is nnunet_dp.tools.export's (its docstring says how)."""
 
 from __future__ import annotations
 

@@ -1,13 +1,6 @@
 """nnUNetv2_dp_federated: federated DP training of nnU-Net on Flower (docs/federated.md).
 
-    nnUNetv2_dp_federated split    -d D -c 2d -p PLANS --sites K -o OUT     sites by patient (or --site-map FILE)
-    nnUNetv2_dp_federated simulate -d D -c 2d -p PLANS --sites K -o OUT     every arm, repeats, results table
-    nnUNetv2_dp_federated app      -d D -c 2d -p PLANS --sites K -o APPDIR  a Flower app for `flwr run`
-    nnUNetv2_dp_federated report   --federation F.json --site NAME=FOLD_FOLDER ...   federated_privacy.json
-
-The dataset must be planned without data (nnUNetv2_dp_plan) and preprocessed with those plans (nnUNetv2_preprocess
--plans_name PLANS) before `split` and `simulate`. Flower itself (`simulate`, `app`) needs nnunet-dp[federated].
-"""
+This module parses the options; the work is nnunet_dp.federated.command's (its docstring says how)."""
 
 from __future__ import annotations
 

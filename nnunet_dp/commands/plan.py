@@ -1,12 +1,6 @@
 """nnUNetv2_dp_plan: an nnU-Net plans file from user-given values only (no fingerprint, no image).
 
-nnU-Net's planner sets spacing, patch size and CT normalisation from the dataset fingerprint (all cases, no noise).
-This command writes the same plans format from values the user gives: spacing, patch size, normalisation per
-channel. The topology comes from nnU-Net's own get_pool_and_conv_props for that patch size and spacing. It reads only
-dataset.json (channels, labels, file ending; copied to nnUNet_preprocessed as nnU-Net's planner does) and a
-splits_final.json in the raw folder if there is one. The axes are nnU-Net's array axes as its reader returns them
-(no transposition: transpose_forward [0, 1, 2], like nnU-Net's `suppress_transpose`).
-"""
+This module parses the options; the work is nnunet_dp.tools.dp_plan's (its docstring says how)."""
 
 from __future__ import annotations
 
