@@ -34,32 +34,42 @@ DEFAULT_MOMENTUM = 0.9
 DEFAULT_NESTEROV = True
 
 
-def noise_per_coordinate(*, noise_multiplier: float, clip_norm: float, expected_batch_size: float) -> float:
-    """Std of the noise on each coordinate of the averaged update: sigma * C / (qN)."""
-    return noise_multiplier * clip_norm / expected_batch_size
+def noise_per_coordinate(*, noise_multiplier: float, clip_norm: float, expected_batch_size: float,
+                         noise_share: float = 1.0) -> float:
+    """Std of the noise on each trained coordinate of the averaged update: sigma * C / (qN), times sqrt(noise_share)
+    when the noise lives in D of the d trained dimensions (noise_share = D / d: a public projection draws it in k + d_R
+    dimensions and V spreads it over all d, so each trained weight gets sqrt(D / d) of it on average)."""
+    if not 0 < noise_share <= 1:
+        raise ValueError(f"noise_share = D / d must be in (0, 1], got {noise_share}")
+    return noise_multiplier * clip_norm / expected_batch_size * math.sqrt(noise_share)
 
 
 def default_lr(*, noise_multiplier: float, clip_norm: float, expected_batch_size: float, steps: int,
-               momentum: float = DEFAULT_MOMENTUM, tau: float = LR_NOISE_TAU) -> float:
+               momentum: float = DEFAULT_MOMENTUM, tau: float = LR_NOISE_TAU, noise_share: float = 1.0) -> float:
     """The initial learning rate of the rule above (for SGD with this momentum; the poly schedule decays it)."""
     if steps < 1 or not 0 <= momentum < 1:
         raise ValueError(f"default_lr needs steps >= 1 and 0 <= momentum < 1, got steps={steps}, momentum={momentum}")
     noise = noise_per_coordinate(noise_multiplier=noise_multiplier, clip_norm=clip_norm,
-                                 expected_batch_size=expected_batch_size)
+                                 expected_batch_size=expected_batch_size, noise_share=noise_share)
     lo, hi = LR_EFF_MIN / clip_norm, LR_EFF_MAX / clip_norm
     lr_eff = min(max(tau / (noise * math.sqrt(steps)), lo), hi) if noise > 0 else hi  # tau * qN / (sigma C sqrt(T))
     return (1.0 - momentum) * lr_eff
 
 
 def finetune_lr(*, noise_multiplier: float, clip_norm: float, expected_batch_size: float, steps: int,
-                weight_rms: float, momentum: float = DEFAULT_MOMENTUM, drift: float = FINETUNE_DRIFT) -> float:
+                weight_rms: float | None, momentum: float = DEFAULT_MOMENTUM, drift: float = FINETUNE_DRIFT,
+                noise_share: float = 1.0) -> float:
     """The initial learning rate for fine-tuning from public weights whose trained parameters have RMS `weight_rms`:
-    lr = (1 - beta) * drift * weight_rms / (n * sqrt(T)), never above the from-scratch default_lr. The weights are
+    lr = (1 - beta) * drift * weight_rms / (n * sqrt(T)), never above the from-scratch default_lr, n the noise per
+    trained coordinate (noise_per_coordinate, with the noise's share of the dimensions). No trained weight from the
+    public file (weight_rms None: e.g. only new segmentation heads train): the from-scratch rule. The weights are
     public, so the rule costs no privacy."""
     scratch = default_lr(noise_multiplier=noise_multiplier, clip_norm=clip_norm, expected_batch_size=expected_batch_size,
-                         steps=steps, momentum=momentum)
+                         steps=steps, momentum=momentum, noise_share=noise_share)
+    if weight_rms is None:
+        return scratch
     noise = noise_per_coordinate(noise_multiplier=noise_multiplier, clip_norm=clip_norm,
-                                 expected_batch_size=expected_batch_size)
+                                 expected_batch_size=expected_batch_size, noise_share=noise_share)
     if noise <= 0 or not weight_rms > 0:
         return scratch
     return min(scratch, (1.0 - momentum) * drift * weight_rms / (noise * math.sqrt(steps)))

@@ -22,6 +22,7 @@ from typing import Any, NoReturn
 import torch
 from torch import nn
 
+from nnunet_dp import lora
 from nnunet_dp.config import DPConfig
 from nnunet_dp.ema import ParameterEMA
 from nnunet_dp.nnunet.resume import read_checkpoint
@@ -152,11 +153,26 @@ def transfer_heads(path: str, model: nn.Module, dataset_json: dict[str, Any]) ->
                    "labels; transfer_heads=true; nnU-Net itself never transfers them)")
 
 
-def trained_rms(selection: Selection) -> float:
-    """Root mean square of the values of the trained parameters (after the public weights were loaded)."""
+def trained_rms(selection: Selection, exclude: Any = ()) -> float | None:
+    """Root mean square of the values of the trained parameters (after the public weights were loaded), leaving out
+    `exclude` (parameters that did not come from the public file); None when nothing is left."""
+    left = {id(p) for p in exclude}
+    params = [p for p in selection.trained if id(p) not in left]
+    if not params:
+        return None
     with torch.no_grad():
-        total = sum(float(p.detach().double().pow(2).sum()) for p in selection.trained)
-    return math.sqrt(total / max(selection.num_trained, 1))
+        total = sum(float(p.detach().double().pow(2).sum()) for p in params)
+    return math.sqrt(total / sum(p.numel() for p in params))
+
+
+def not_from_public(model: nn.Module, heads_transferred: bool) -> list[nn.Parameter]:
+    """Trained parameters that the public file did not provide: the segmentation heads when they were not transferred
+    (other labels: random initialisation) and the LoRA factors (new)."""
+    out = list(lora.factor_parameters(model))
+    if not heads_transferred:
+        out += list(model.decoder.seg_layers.parameters()) if hasattr(getattr(model, "decoder", None),
+                                                                      "seg_layers") else []
+    return out
 
 
 def set_initial_lr(trainer: Any, lr: float, rule: str) -> None:
@@ -169,20 +185,27 @@ def set_initial_lr(trainer: Any, lr: float, rule: str) -> None:
 
 def apply_finetune_lr(trainer: Any) -> str:
     """A fresh start from public weights without an initial_lr setting: optim.finetune_lr from the RMS of the trained
-    public weights (no privacy cost). Returns the log line."""
+    weights that came from the public file (no privacy cost), with the noise per trained coordinate of this run (a
+    public projection draws it in fewer dimensions). Returns the log line."""
     plan, cfg = trainer._dp_setup().plan, trainer.dp_config
-    rms = trained_rms(trainer.dp_selection)
-    scratch = trainer.initial_lr
+    net, record = trainer._plain_network(), trainer.dp_pretrained or {}
+    rms = trained_rms(trainer.dp_selection, not_from_public(net, bool(record.get("heads_transferred"))))
+    dims = (trainer.dp_projection or {}).get("noise_dimensions") or trainer.dp_selection.num_trained
+    share = min(1.0, dims / trainer.dp_selection.num_trained)
     lr = finetune_lr(noise_multiplier=plan.noise_multiplier, clip_norm=plan.clip_norm,
                      expected_batch_size=plan.expected_batch_size, steps=plan.planned_steps, weight_rms=rms,
-                     momentum=cfg.momentum)
+                     momentum=cfg.momentum, noise_share=share)
+    if rms is None:
+        set_initial_lr(trainer, lr, "from-scratch rule (no trained weight from the public file)")
+        return (f"DP lr: {lr:.4g}, the from-scratch rule: none of the trained parameters came from the public file "
+                "(new segmentation heads), so there is no public weight to keep")
     set_initial_lr(trainer, lr, "fine-tuning rule")
-    noise = plan.noise_multiplier * plan.clip_norm / plan.expected_batch_size
+    noise = plan.noise_multiplier * plan.clip_norm / plan.expected_batch_size * math.sqrt(share)
     drift = lr / (1 - cfg.momentum) * noise * math.sqrt(plan.planned_steps)
-    return (f"DP fine-tuning lr: {lr:.4g} (fine-tuning rule, nnunet_dp.optim.finetune_lr; the from-scratch rule gave "
-            f"{scratch:.4g}): accumulated noise per trained weight ~{drift:.3g} = {drift / max(rms, 1e-12):.2f} x the "
-            f"RMS {rms:.3g} of the public weights that train (the rule keeps it at most {FINETUNE_DRIFT:g} x). Set "
-            "initial_lr to override")
+    return (f"DP fine-tuning lr: {lr:.4g} (fine-tuning rule, nnunet_dp.optim.finetune_lr): accumulated noise per "
+            f"trained weight ~{drift:.3g} = {drift / max(rms, 1e-12):.2f} x the RMS {rms:.3g} of the trained weights "
+            f"that came from the public file (the rule keeps it at most {FINETUNE_DRIFT:g} x; the noise lives in "
+            f"{dims} of the {trainer.dp_selection.num_trained} trained dimensions). Set initial_lr to override")
 
 
 def restore_lr(trainer: Any, checkpoint: dict) -> None:
@@ -262,8 +285,6 @@ def start_finetuning(trainer: Any) -> None:
                                                         if k not in copied]
         elif trainer.dp_pretrained is not None:
             trainer.dp_pretrained["heads_transferred"] = False
-        if trainer.dp_pretrained is not None and cfg.initial_lr is None:
-            lines.append(apply_finetune_lr(trainer))
         for line in lines:
             trainer.print_to_log_file(line)
     if cfg.trainable != "all" and trainer.dp_pretrained is None and path is None:

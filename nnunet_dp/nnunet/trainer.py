@@ -190,6 +190,8 @@ class nnUNetTrainerDP(nnUNetTrainer):
             super().on_train_start()
         self.dp_status = "training"
         start.attach_projection(self)
+        if self.dp_resumed_steps is None and self.dp_pretrained is not None and self.dp_config.initial_lr is None:
+            self.print_to_log_file(finetune.apply_finetune_lr(self))  # after the projection: its noise dimensions
         attach_journal(self)
         if self.local_rank == 0:
             write_json_atomic(join(self.output_folder, CONFIG_JSON),

@@ -207,7 +207,7 @@ def count_parameters(trainer: type, plans: dict, dataset_json: dict, configurati
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from nnunet_dp.nnunet.finetune import trained_rms
+    from nnunet_dp.nnunet.finetune import not_from_public, trained_rms
     from nnunet_dp.nnunet.plans import apply_dp_to_configuration
     from nnunet_dp.nnunet.selection import select_trainable
 
@@ -241,7 +241,7 @@ def count_parameters(trainer: type, plans: dict, dataset_json: dict, configurati
     except DPConfigError as e:
         raise AdviseInputError(f"--trainable / setting trainable = {cfg.trainable!r}: needs {e.allowed}") from e
     if start is not None:
-        start["weight_rms"] = trained_rms(selection)
+        start["weight_rms"] = trained_rms(selection, not_from_public(network, start["heads_transferred"]))
     heads_projected = bool(start and start["heads_transferred"])
     return {"all": selection.num_parameters, "trained": selection.num_trained, "plans_batch_size": int(conf.batch_size),
             "pretrained": start, "levers": lever_dimensions(build, cfg, heads_projected=heads_projected)}

@@ -68,3 +68,40 @@ def test_optimizer_settings_are_validated(key, value, allowed):
     with pytest.raises(DPConfigError, match="Nesterov needs momentum"):
         DPConfig(momentum=0.0)
     assert DPConfig(momentum=0.0, nesterov=False).release_dict()["momentum"] == 0.0
+
+
+def test_noise_in_fewer_dimensions_allows_a_proportionally_larger_step():
+    """A public projection draws the noise in D of the d trained dimensions: each trained weight gets sqrt(D / d) of
+    the per-coordinate noise, so the fine-tuning lr (the same drift) is sqrt(d / D) larger, never above the
+    from-scratch rule; with no public weight to keep (weight_rms None) the from-scratch rule itself."""
+    kw = {"noise_multiplier": 3.289, "clip_norm": 1.0, "expected_batch_size": 29.0, "steps": 400}
+    share = 193 / 121_553
+    assert noise_per_coordinate(**{k: kw[k] for k in ("noise_multiplier", "clip_norm", "expected_batch_size")},
+                                noise_share=share) == pytest.approx(3.289 / 29.0 * math.sqrt(share))
+    plain = finetune_lr(**kw, weight_rms=0.137)
+    projected = finetune_lr(**kw, weight_rms=0.137, noise_share=share)
+    scratch = default_lr(**kw, noise_share=share)
+    assert projected == pytest.approx(min(plain * math.sqrt(1 / share), scratch), rel=1e-12)
+    assert finetune_lr(**kw, weight_rms=None) == default_lr(**kw)
+    with pytest.raises(ValueError, match="noise_share"):
+        noise_per_coordinate(noise_multiplier=1, clip_norm=1, expected_batch_size=1, noise_share=0)
+
+
+def test_the_rms_leaves_out_what_the_public_file_did_not_provide():
+    """New segmentation heads (other labels) and LoRA factors are not public weights: the fine-tuning rule's RMS is
+    over the others, and when only new heads train there is none (the from-scratch rule applies)."""
+    from nets import tiny_unet
+
+    from nnunet_dp import lora
+    from nnunet_dp.nnunet.finetune import not_from_public, trained_rms
+    from nnunet_dp.nnunet.selection import select_trainable
+
+    net = tiny_unet(2)
+    heads = select_trainable(net, "heads")
+    assert trained_rms(heads, not_from_public(net, heads_transferred=False)) is None
+    assert trained_rms(heads, not_from_public(net, heads_transferred=True)) == pytest.approx(trained_rms(heads))
+    lora.add_adapters_(net, 2, skip=list(net.decoder.seg_layers.modules()))
+    sel = select_trainable(net, "lora")
+    public = [p for p in sel.trained if id(p) not in {id(q) for q in not_from_public(net, False)}]
+    expected = math.sqrt(sum(float(p.double().pow(2).sum()) for p in public) / sum(p.numel() for p in public))
+    assert trained_rms(sel, not_from_public(net, False)) == pytest.approx(expected)
