@@ -131,7 +131,7 @@ def advise_row(cfg: DPConfig, *, rule: RuleName, num_training_cases: int, plans_
                num_trained_parameters: int, expected_batch_size: float, epochs: int,
                weight_rms: float | None = None) -> dict[str, Any]:
     """One setting, calibrated as training would calibrate it; an infeasible one says why instead. `weight_rms`: the
-    RMS of the public weights that train (a fine-tuning start): lr then follows the trainer's fine-tuning rule
+    RMS of the trained weights that came from the public file (a fine-tuning start): lr then follows the trainer's fine-tuning rule
     (nnunet_dp.optim.finetune_lr), else the from-scratch rule (default_lr)."""
     row: dict[str, Any] = {"rule": rule, "target_epsilon": cfg.target_epsilon,
                            "expected_batch_size": float(expected_batch_size), "epochs": int(epochs),
