@@ -1,0 +1,75 @@
+"""benchmarks/n_law.py: the law's cells, ratios and s from made-up harness folders, checked against numpy, and the
+fit written as the calibration the advisor reads."""
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nnunet_dp import law
+
+_SPEC = importlib.util.spec_from_file_location(
+    "n_law", Path(__file__).resolve().parents[2] / "benchmarks" / "n_law.py")
+nl = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(nl)
+
+
+def _run(folder: Path, name: str, rule: str, eps: float | None, dice: float, d: int | None) -> None:
+    run = folder / "runs" / name
+    model = folder / "models" / name
+    (model / "fold_0").mkdir(parents=True)
+    if d is not None:
+        (model / "fold_0" / "privacy.json").write_text(json.dumps({"noise": {"num_trained_parameters": d}}))
+    run.mkdir(parents=True)
+    (run / "result.json").write_text(json.dumps({"run": name, "rule": rule, "target_epsilon": eps, "levers": "defaults",
+                                                 "scores": {"none": {"dice_mean": dice}}, "model_folder": str(model)}))
+
+
+def _grid(root: Path, start: str, n: int, dice_by_eps: dict, reference: list[float], d: int = 10_000) -> None:
+    folder = root / f"{start}_n{n}"
+    folder.mkdir(parents=True)
+    (folder / "budget.json").write_text(json.dumps({"num_training_cases": n, "start": {"from": start}}))
+    for eps, values in dice_by_eps.items():
+        for k, v in enumerate(values, 1):
+            _run(folder, f"flat_eps{eps:g}_s{k}", "flat", eps, v, d)
+    for k, v in enumerate(reference, 1):
+        _run(folder, f"nonprivate_s{k}", "nonprivate", None, v, None)
+
+
+@pytest.fixture()
+def work(tmp_path):
+    rng = np.random.default_rng(1)
+    truth = {}
+    for n in (40, 200, 1000):
+        dice = {8.0: list(rng.uniform(0.1, 0.6, 3)), 1.0: list(rng.uniform(0.0, 0.2, 2))}
+        ref = list(rng.uniform(0.6, 0.8, 2))
+        _grid(tmp_path, "scratch", n, dice, ref)
+        truth[n] = (dice, ref)
+    return tmp_path, truth
+
+
+def test_cells_ratios_and_s_against_numpy(work):
+    root, truth = work
+    rows = nl.law_rows(nl.read_cells([str(root)]))
+    assert len(rows) == 6
+    for r in rows:
+        dice, ref = truth[r["n"]]
+        assert r["dice"] == pytest.approx(np.mean(dice[r["epsilon"]]))
+        assert r["nonprivate"] == pytest.approx(np.mean(ref))
+        assert r["ratio"] == pytest.approx(np.mean(dice[r["epsilon"]]) / np.mean(ref))
+        assert r["s"] == pytest.approx(r["n"] * r["epsilon"] / math.sqrt(10_000 * math.log(1e5)))
+        if len(dice[r["epsilon"]]) > 1:
+            assert float(r["sd"]) == pytest.approx(np.std(dice[r["epsilon"]], ddof=1), abs=5e-4)
+
+
+def test_fit_writes_the_calibration_the_advisor_reads(work, capsys):
+    root, _ = work
+    calibration = root / "cal.json"
+    nl.main(["fit", "-o", str(root), "--calibration", str(calibration)])
+    laws = law.load(str(calibration))
+    assert set(laws) == {"scratch"} and laws["scratch"].num_cells == 6
+    out = capsys.readouterr().out
+    inside = int(out.split("fitted: ")[-1].split(" of ")[0])
+    assert inside >= 4  # the band holds 80 % of the fitted cells (5 of 6 here, up to ties)
