@@ -82,9 +82,10 @@ def run(args: argparse.Namespace) -> None:
     env.setdefault("nnUNet_n_proc_DA", "0")
     env.setdefault("OMP_NUM_THREADS", "1")
     for start in args.start:
-        first = None
+        first = next((join(args.o, d) for d in sorted(os.listdir(args.o)) if d.startswith(f"{start}_n")
+                      and isdir(join(args.o, d, "public", "nnUNet_results"))), None) if isdir(args.o) else None
         for n in args.n:
-            out = join(args.o, f"{start}_n{n}")
+            out = join(args.o, f"{start}_n{n}" + (f"_{args.tag}" if args.tag else ""))
             if start == "public" and first is not None:
                 share_public_model(first, out)
             print(f"\n=== {start}, N = {n}: {out}", flush=True)
@@ -111,7 +112,7 @@ def harness_folders(folders: Sequence[str]) -> list[tuple[str, str, str]]:
             out.append((folder, start, folder))
             continue
         for sub in sorted(os.listdir(folder)):
-            if "_n" in sub and isdir(join(folder, sub, "runs")):
+            if "_n" in sub and isdir(join(folder, sub, "runs")):  # <start>_n<N>, or <start>_n<N>_<tag> (more repeats)
                 out.append((folder, sub.rsplit("_n", 1)[0], join(folder, sub)))
     return out
 
@@ -140,7 +141,8 @@ def read_cells(folders: Sequence[str]) -> list[dict]:
                 r = json.load(f)
             if r.get("status") == "failed" or r.get("rule") in (None, "public alone") or "none" not in r.get("scores", {}):
                 continue
-            key = (harness, start, n, r["rule"], r.get("target_epsilon"), r.get("levers", "defaults"))
+            group = folder if harness != folder else harness  # the repeats of sibling <start>_n<N>_<tag> folders join
+            key = (group, start, n, r["rule"], r.get("target_epsilon"), r.get("levers", "defaults"))
             groups[key].append(r)
     cells = []
     for (folder, start, n, rule, eps, levers), runs in groups.items():
@@ -270,6 +272,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                    help="from scratch and/or from a public model (an in-distribution public part)")
     r.add_argument("--public-fraction", type=float, default=PUBLIC_FRACTION, help="the public part's share")
     r.add_argument("--seeds", type=int, default=1, help="repeats per run. Default 1")
+    r.add_argument("--tag", default=None, help="more repeats of cells run before: folders <start>_n<N>_<tag> (the "
+                   "table joins their runs to the same cells)")
     t = sub.add_parser("table", help="the law from the folders' results")
     t.add_argument("-o", nargs="+", required=True, help="work folders of `run`")
     t.add_argument("--md", default=None, help="write the markdown table here")
