@@ -51,7 +51,9 @@ def top_subspace(gradients: torch.Tensor, k: int, *, chunk: int = 1 << 20) -> to
     """The top-k right singular vectors of the m x d matrix G of public gradients (d x k, orthonormal columns): the
     subspace that holds most of the public gradients' second moment G^T G (PDP-SGD eq. 5; GEP's anchor subspace).
     Through the m x m Gram matrix K = G G^T = U L U^T (float64, accumulated over column chunks, so G is never copied
-    whole in float64): V = G^T U_k L_k^(-1/2), the same vectors as the SVD's for m << d."""
+    whole in float64): V = G^T U_k L_k^(-1/2), the same vectors as the SVD's for m << d. Each column's sign is fixed
+    (its entry of largest magnitude is positive): eigh may return v or -v, e.g. for the same G with other threads,
+    and the noise V z depends on the sign (the projection V V^T does not)."""
     if gradients.ndim != 2:
         raise ValueError(f"public gradients must be an m x d matrix, got shape {tuple(gradients.shape)}")
     m, d = gradients.shape
@@ -71,7 +73,8 @@ def top_subspace(gradients: torch.Tensor, k: int, *, chunk: int = 1 << 20) -> to
     basis = torch.empty(d, k, dtype=torch.float64)
     for start in range(0, d, chunk):
         basis[start:start + chunk] = gradients[:, start:start + chunk].double().T @ vectors / values.sqrt()
-    return basis
+    peaks = basis.gather(0, basis.abs().argmax(dim=0, keepdim=True))
+    return basis * torch.where(peaks < 0, -1.0, 1.0)
 
 
 def _split(tensors: Sequence[torch.Tensor], projected: Sequence[bool]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

@@ -40,6 +40,21 @@ def test_top_subspace_is_numpys_top_eigenspace_of_the_second_moment():
             top_subspace(g, bad)
 
 
+def test_top_subspace_columns_have_a_fixed_sign():
+    """-G has the same Gram matrix as G, so eigh returns the same U and G^T U flips sign: without a sign rule the
+    basis (and the noise V z) would depend on it. Reference: numpy's SVD with the same sign rule."""
+    g = torch.randn(12, 50, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    v = top_subspace(g, 4)
+    torch.testing.assert_close(top_subspace(-g, 4), v, rtol=0, atol=1e-12)
+    torch.testing.assert_close(top_subspace(g[torch.randperm(12, generator=torch.Generator().manual_seed(4))], 4), v,
+                               rtol=0, atol=1e-10)
+    _, _, vt = np.linalg.svd(g.numpy(), full_matrices=False)
+    reference = vt[:4].T
+    reference = reference * np.sign(reference[np.abs(reference).argmax(axis=0), range(4)])
+    np.testing.assert_allclose(v.numpy(), reference, atol=1e-10)
+    assert (v.gather(0, v.abs().argmax(dim=0, keepdim=True)) > 0).all()
+
+
 def test_projected_sum_and_noise_in_closed_form():
     """The P part becomes V V^T sum + V (sigma Delta z_k), the R part sum + sigma Delta z_R, divided by qN; the noise
     never depends on the sum; a projected case gradient is never longer than the case gradient."""

@@ -6,13 +6,17 @@ Environment:
   step, the projection basis it uses, and its step count and status at the end of training.
 - NNUNET_DP_TEST_REPLAY=DIR (one process): starts from DIR's recorded start network and trains step t on the
   cases all ranks sampled at step t (their recorded batches, concatenated); the fresh batches of its own loader are
-  discarded. Stops (without nnU-Net's final validation) after the last recorded step.
+  discarded; with projection public it records the basis it computed, then uses rank 0's recorded one (the public
+  gradients are float32 convolutions, not bit-reproducible across processes, so a near-tie of eigenvalues can
+  rotate the computed basis and with it the noise V z). Stops (without nnU-Net's final validation) after the last
+  recorded step.
 - NNUNET_DP_TEST_KILL_RANK="R:T": rank R SIGKILLs itself just before its T-th step, once rank 0 has journaled that
   step (rank 0 then waits in the step's all-reduce, its noise not yet added).
 - NNUNET_DP_TEST_SKIP_VALIDATION=1: no final validation (nnU-Net's perform_actual_validation), to save time.
 Under DDP, ranks other than 0 would draw other public patches for projection public (another public seed), so a
 rank that computed its own subspace would use another one than rank 0.
 """
+import dataclasses
 import json
 import os
 import signal
@@ -73,6 +77,10 @@ class nnUNetTrainerDP_DDPRecord(nnUNetTrainerDP):
             torch.save({n: p.detach().clone() for n, p in self._plain_network().named_parameters()}, path)
         if (path := self._out("projection_rank{rank}.pt")) is not None and self.dp_run.projection is not None:
             torch.save(self.dp_run.projection.basis, path)
+        recorded = os.path.join(os.environ.get(REPLAY) or "", "projection_rank0.pt")
+        if os.environ.get(REPLAY) and self.dp_run.projection is not None and os.path.exists(recorded):
+            basis = torch.load(recorded).to(self.dp_run.projection.basis)
+            self.dp_run.projection = dataclasses.replace(self.dp_run.projection, basis=basis)
 
     def _replayed(self, step: int) -> dict:
         folder = os.environ[REPLAY]

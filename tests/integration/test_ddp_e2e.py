@@ -198,7 +198,9 @@ def test_killed_rank_resumes_with_crashed_step_counted_and_budget_stop(root, run
     assert bases[0].shape[1] == 4 and torch.equal(bases[0], bases[1])
     check_shards(rec, training_keys, steps=(1, 2))
     one = replay(root, "B", CFG_B, "-pretrained_weights", str(public))
-    torch.testing.assert_close(load(one, "projection_rank0.pt"), bases[0], rtol=1e-5, atol=1e-6)
+    # one process computes the same subspace (cosines of the principal angles; the replay then uses rank 0's basis)
+    cosines = torch.linalg.svdvals(load(one, "projection_rank0.pt").double().T @ bases[0].double())
+    assert cosines.min() > 0.99, cosines
     check_steps_against_one_process(rec, steps=(1, 2))
 
     resumed, rec = ddp_train(root, "B_resumed", CFG_B, "--c", NNUNET_DP_TEST_SKIP_VALIDATION="1")
