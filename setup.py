@@ -26,6 +26,8 @@ setup(
         "nnunet_dp.postprocessing": "postprocessing",
         "nnunet_dp.trainers": "trainers",
     },
+    # the advisor's calibration of the utility-vs-N law (benchmarks/n_law.py fit; nnunet_dp/law.py)
+    package_data={"nnunet_dp": ["law_calibration.json"]},
     install_requires=[
         # ranges, never pins: a cluster's CUDA-matched torch stays as it is (tested here with torch 2.14.1,
         # torchvision 0.29.1; nnunetv2 2.8 itself asks for torch>=2.1.2)

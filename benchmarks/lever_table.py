@@ -72,7 +72,7 @@ def table(out: str) -> str:
         dice = number(r["dice_mean"])
         lines.append(
             f"| {eps:g} | {lever if lever != 'defaults' else 'all'} | {d or '–'} | {f'{s:.3g}' if s else '–'} | "
-            f"{dice:.3f} ± {r.get('dice_mean_sd') or '–'} ({r.get('n') or 1}) | "
+            f"{dice:.3f} ± {_sd(r)} ({r.get('n') or 1}) | "
             f"{_mean_sd(morph)} | {_ratio(dice, reference)} | {_ratio(dice, number(subset['dice_mean']) if subset else None)} | "
             f"{'–' if public is None else f'{dice - public:+.3f}'} | {number(r['run_minutes']):.1f} |")
     head = (f"non-private adaptation (every parameter): {reference:.3f}; public model alone: "
@@ -85,7 +85,12 @@ def table(out: str) -> str:
 def _mean_sd(row: dict | None) -> str:
     if row is None:
         return "–"
-    return f"{number(row['dice_mean']):.3f} ± {row.get('dice_mean_sd') or '–'}"
+    return f"{number(row['dice_mean']):.3f} ± {_sd(row)}"
+
+
+def _sd(row: dict) -> str:
+    sd = number(row.get("dice_mean_sd"))
+    return "–" if sd is None else f"{sd:.3f}"
 
 
 def _ratio(value: float | None, reference: float | None) -> str:

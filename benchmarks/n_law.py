@@ -209,6 +209,18 @@ def plot(rows: list[dict], path: str) -> None:
         group = sorted(group, key=lambda r: r["s"])
         ax.plot([r["s"] for r in group], [r["ratio"] for r in group], "o-" if rule == "flat" else "s--",
                 label=f"{data} {rule} ε={eps:g}")
+    from nnunet_dp import law
+
+    laws = law.load()
+    for ax, start in zip(axes, ("scratch", "public")):
+        fitted = laws.get(start)
+        xs = sorted(r["s"] for r in rows if r["start"] == start and r["s"])
+        if fitted is None or not xs:
+            continue
+        grid = [xs[0] * (xs[-1] / xs[0]) ** (i / 99) for i in range(100)]
+        ax.plot(grid, [fitted.mean(x) for x in grid], "k-", lw=1, label="fitted law")
+        ax.fill_between(grid, [fitted.interval(x)[0] for x in grid], [fitted.interval(x)[1] for x in grid],
+                        color="k", alpha=0.1, label=f"interval ±{fitted.half_width:.2f}")
     for ax, title in zip(axes, ("from scratch", "from a public model")):
         ax.set_xscale("log")
         ax.set_xlabel("s = N·ε / √(d·log(1/δ))")

@@ -22,6 +22,17 @@ def test_every_package_folder_is_in_setup_py():
     assert on_disk == setup_packages()
 
 
+def test_every_data_file_the_package_reads_is_in_package_data():
+    """Non-Python files inside nnunet_dp/ (the advisor's law calibration) are listed in package_data, and exist."""
+    call = next(n for n in ast.walk(ast.parse((ROOT / "setup.py").read_text())) if isinstance(n, ast.Call)
+                and getattr(n.func, "id", None) == "setup")
+    data = ast.literal_eval(next(k.value for k in call.keywords if k.arg == "package_data"))
+    on_disk = sorted(str(p.relative_to(ROOT / "nnunet_dp")) for p in (ROOT / "nnunet_dp").rglob("*")
+                     if p.is_file() and p.suffix not in (".py", ".pyc") and "__pycache__" not in p.parts)
+    assert "law_calibration.json" in on_disk
+    assert on_disk == sorted(data["nnunet_dp"])
+
+
 # The programs users type; their names never change (docs/layout.md, "User-facing names").
 PROGRAMS = ("demo", "env", "privacy", "determine_postprocessing", "alignment", "benchmark", "experiment", "advise",
             "audit", "plan", "export", "federated")

@@ -65,12 +65,15 @@ def refine_all(ctx: Context, validation: str, model: str, test_none: str, test_f
     return choices, scores, privacy
 
 
-def evaluate(pred: str, labels: str, model: str, num_processes: int) -> dict[str, Any]:
-    """nnU-Net's compute_metrics_on_folder on the test cases: per-class Dice (and the rest of its summary)."""
+def evaluate(pred: str, labels: str, model: str, num_processes: int,
+             dataset_json_file: str | None = None) -> dict[str, Any]:
+    """nnU-Net's compute_metrics_on_folder on the test cases: per-class Dice (and the rest of its summary), for the
+    labels of the model's dataset.json or of `dataset_json_file` (a public model of other labels scored on the
+    private labels: a class it never predicts scores 0 on every case that has it)."""
     from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    with open(join(model, "dataset.json")) as f:
+    with open(dataset_json_file or join(model, "dataset.json")) as f:
         dataset_json = json.load(f)
     plans = PlansManager(join(model, "plans.json"))
     label_manager = plans.get_label_manager(dataset_json)

@@ -9,6 +9,11 @@ validation cases' labels, like every run's choice: with the private selection (t
 ε = ε_select alone (no training on the private cases), with --dpmorph-selection nonprivate they read "selection not
 private". Predictions use nnU-Net's nnUNetv2_predict_from_modelfolder (default TTA, checkpoint_final), as
 nnUNetv2_predict does for the runs.
+
+When the public model's labels differ from the private dataset's (label shift, e.g. whole hippocampus -> anterior and
+posterior), its predictions are scored with the private labels as they are: that is what a user without private
+training has (a class it never predicts scores 0); no DP-Morph is chosen for it (a class-wise choice needs the
+private classes), and its result says so in `labels`.
 """
 from __future__ import annotations
 
@@ -68,11 +73,17 @@ def execute(ctx: Context, step: PublicAlone) -> dict[str, Any]:
     link_test_cases(join(data.raw, data.private), list(step.val_cases), step.file_ending, images,
                     join(out_dir, "validation_labels"))
     validation = predict(ctx, model, images, join(out_dir, "validation"), log)
-    evaluate(validation, ctx.gt_segmentations, model, ctx.num_processes)  # validation/summary.json, as a run's
+    ours, theirs = label_names(join(model, "dataset.json")), label_names(join(ctx.preprocessed, ctx.dataset,
+                                                                               "dataset.json"))
+    scoring = None if ours == theirs else join(ctx.preprocessed, ctx.dataset, "dataset.json")
+    evaluate(validation, ctx.gt_segmentations, model, ctx.num_processes, scoring)  # validation/summary.json
     test_none = predict(ctx, model, ctx.test_images, join(out_dir, "test", "none"), log)
-    scores = {"none": evaluate(test_none, ctx.test_labels, model, ctx.num_processes)}
-    choices, refined, selection = refine_all(ctx, validation, model, test_none, join(out_dir, "test"), None, "none")
-    scores.update(refined)
+    scores = {"none": evaluate(test_none, ctx.test_labels, model, ctx.num_processes, scoring)}
+    choices, selection = {}, {}
+    if scoring is None:
+        choices, refined, selection = refine_all(ctx, validation, model, test_none, join(out_dir, "test"), None,
+                                                 "none")
+        scores.update(refined)
     val_dice = validation_dice(validation, join(out_dir, "test"), tuple(scores))
     result = {"run": PUBLIC_RUN, "rule": PUBLIC_RULE, "target_epsilon": None, "trainer": PUBLIC_TRAINER,
               "cell": PUBLIC_RUN, "repeat": None, "levers": "n/a", "plans": "nnUNetPlans", "pretrained": None,
@@ -80,10 +91,19 @@ def execute(ctx: Context, step: PublicAlone) -> dict[str, Any]:
               "initial_lr": None, "lr_used": None, "scores": scores, "dpmorph_choice": choices,
               "dpmorph_selection": ctx.selection.record(), "selection": selection,
               "validation_dice_mean": val_dice["none"], "validation_dice": val_dice, "train_seconds": 0.0,
-              "seconds": time.time() - t0, "model_folder": model, "checkpoint": step.pretraining.checkpoint}
+              "seconds": time.time() - t0, "model_folder": model, "checkpoint": step.pretraining.checkpoint,
+              "labels": "same as the private dataset" if scoring is None else
+              (f"public {ours}, private {theirs}: scored on the private labels as predicted (a class it never "
+               "predicts scores 0), no DP-Morph")}
     with open(join(out_dir, RESULT_JSON), "w") as f:
         json.dump(result, f, indent=2)
     return result
+
+
+def label_names(dataset_json_file: str) -> dict[str, Any]:
+    """The `labels` of a dataset.json."""
+    with open(dataset_json_file) as f:
+        return json.load(f)["labels"]
 
 
 def failed_result(reason: str, seconds: float, log: str) -> dict[str, Any]:

@@ -546,6 +546,41 @@ def test_the_public_model_alone_gets_dp_morph_chosen_on_validation(public_run, t
     assert result["scores"]["global"]["dice"] == pytest.approx(dice)
 
 
+def test_a_public_model_of_other_labels_is_scored_on_the_private_labels_without_dp_morph(public_run, tmp_path):
+    """Label shift: the private dataset.json has other labels than the public model (here anterior only). The public
+    model alone is scored on the private labels as it predicts (Dice against numpy), no DP-Morph is chosen for it
+    (a class-wise choice needs the private classes; before, the choice failed on labels it did not know and the
+    row was lost), and the report still writes its line."""
+    out = public_run["out"]
+    _, split, classes, gt = _public_setup(public_run)
+    data = derived_datasets(str(out), f"Dataset{DATASET_ID}_LevTest")
+    env = dict(public_run["env"])
+    env["nnUNet_extTrainer"] += os.pathsep + str(Path(nnunet_dp.experiment.__file__).parent / "trainers")
+    private = tmp_path / "pre" / data.private
+    private.mkdir(parents=True)
+    (private / "gt_segmentations").symlink_to(gt)
+    dataset_json = json.loads((gt.parent / "dataset.json").read_text())
+    dataset_json["labels"] = {"background": 0, "anterior": 1}
+    (private / "dataset.json").write_text(json.dumps(dataset_json))
+    ctx = Context(data.private, "2d", str(tmp_path), str(tmp_path / "pre"), str(out / "test_data" / "imagesTs"),
+                  str(out / "test_data" / "labelsTs"), "cpu", 1, data.env(env), ("none", "global"),
+                  "nnUNetPlans_public")
+    step = public_alone.PublicAlone(PublicPretraining(data, "2d", "cpu", {}, env), tuple(split["val"]), ".nii.gz")
+    done = out / "runs" / public_alone.PUBLIC_RUN
+    for sub in ("validation", "test/none"):
+        shutil.copytree(done / sub, tmp_path / "runs" / public_alone.PUBLIC_RUN / sub)
+    result = public_alone.execute(ctx, step)
+    assert set(result["scores"]) == {"none"} and result["dpmorph_choice"] == {} and "no DP-Morph" in result["labels"]
+    folder = tmp_path / "runs" / public_alone.PUBLIC_RUN
+    assert not (folder / "test" / "dpmorph_global").exists()
+    dice = _numpy_dice(folder / "test" / "none", out / "test_data" / "labelsTs", split["test"], {"anterior": 1})
+    assert result["scores"]["none"]["dice"] == pytest.approx(dice)
+    grid = json.loads((done / "result.json").read_text())
+    assert grid["labels"] == "same as the private dataset" and set(grid["scores"]["none"]["dice"]) == set(classes)
+    write_report(str(tmp_path), _header(1, start=PUBLIC_START), [result])
+    assert "Public model alone" in (tmp_path / "results.md").read_text()
+
+
 def test_second_invocation_skips_the_pretraining_and_every_run(public_run):
     out = public_run["out"]
     ckpts = sorted(out.glob("**/checkpoint_final.pth"))
