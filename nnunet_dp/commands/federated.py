@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--expected-batch-size", type=float, default=4.0, help="expected batch per site. Default 4")
         s.add_argument("--mode", choices=("local", "distributed"), default="local", help="(app) noise mode")
         s.add_argument("--pretrained", default=None, help="public nnU-Net checkpoint to start from")
+        s.add_argument("--nonprivate-lr", type=float, default=0.1, metavar="LR",
+                       help="(simulate) lr of the non-private arms (nonprivate_pooled, the public model). Default 0.1")
         s.add_argument("--repeats", type=int, default=1, help="(simulate) repeats of every arm. Default 1")
         s.add_argument("--arms", nargs="+", default=None, help="(simulate) subset of: site federated_local "
                        "federated_distributed central nonprivate public. Default: all")

@@ -76,7 +76,8 @@ def experiment_of(args: argparse.Namespace, source: str, site_map: SiteMap) -> E
     return Experiment(source=source, configuration=args.c, plans_name=args.p, site_map=site_map, output=args.o,
                       rounds=args.rounds, local_steps=args.local_steps, epsilon=args.epsilon, delta=args.delta,
                       expected_batch_size=args.expected_batch_size, repeats=args.repeats, arms=arms,
-                      pretrained=args.pretrained, device=args.device)
+                      pretrained=args.pretrained, device=args.device,
+                      nonprivate_lr=args.nonprivate_lr)
 
 
 def build_app(args: argparse.Namespace, source: str) -> None:

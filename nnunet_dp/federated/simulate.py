@@ -43,7 +43,7 @@ class Experiment:
     repeats: int = 1
     arms: tuple[str, ...] = ARMS
     pretrained: str | None = None
-    nonprivate_lr: float = 0.01
+    nonprivate_lr: float = 0.1  # the harness's `tiny` non-private lr (200-400 steps; 0.01 left it untrained)
     device: str = "cpu"
     settings: dict[str, Any] = field(default_factory=dict)
 

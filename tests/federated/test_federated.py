@@ -256,3 +256,18 @@ def test_report_command_writes_the_sites_epsilons(tiny, tmp_path):
     report = json.loads((tmp_path / "federated_privacy.json").read_text())
     assert report["sites"][0]["epsilon_local_trust"] == pytest.approx(
         json.loads(Path(fold, "privacy.json").read_text())["epsilon"])
+
+
+def test_the_non_private_arms_train_with_the_given_lr(tmp_path):
+    """--nonprivate-lr reaches the non-private pooled arm (and the public pretraining): the default 0.1 is the
+    harness's `tiny` non-private lr; the DP arms keep the DP lr rule (no initial_lr of theirs)."""
+    from nnunet_dp.commands.federated import build_parser
+    from nnunet_dp.federated.command import experiment_of
+    from nnunet_dp.federated.simulate import _jobs
+
+    site_map = split_sites([f"c{i:02d}" for i in range(20)], num_sites=2, test_fraction=0.2, seed=0)
+    for extra, lr in (([], 0.1), (["--nonprivate-lr", "0.03"], 0.03)):
+        args = build_parser().parse_args(["simulate", "-d", "1", "-o", str(tmp_path), *extra])
+        jobs = dict(_jobs(experiment_of(args, str(tmp_path), site_map)))
+        assert jobs["nonprivate_pooled"][2]["initial_lr"] == lr
+        assert "initial_lr" not in jobs["central_dp_pooled"][2] and jobs["alone_site_0"][2] == {}
