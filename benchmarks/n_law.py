@@ -8,7 +8,9 @@ the DP learning-rate rules), from scratch and from a public model.
 
 `run` calls nnUNetv2_dp_experiment once per (start, N) with --train-cases N (a nested, seeded subsample of fold 0's
 training cases; validation, test and public cases fixed), each in OUT/<start>_n<N>; the public model is trained once
-(in the first public folder) and copied to the others, so that every N starts from the same public model. Finished
+per pretraining batch (the `tiny` batch min(N/4, 32), which the public pretraining shares) and copied to the other
+folders of that batch: every N >= 128 starts from the same public model, smaller N from one trained on the same
+public cases with their batch. Finished
 runs are skipped, so the command resumes. `table` reads every results.csv and writes the law: per (start, rule, ε, N)
 the mean test Dice ± sd (n repeats), the non-private Dice at that N, their ratio, and the signal-to-noise variable
 s = N·ε / sqrt(d·log(1/δ)) (d: the noise's dimensions), as markdown, CSV and a plot.
@@ -82,17 +84,36 @@ def run(args: argparse.Namespace) -> None:
     env.setdefault("nnUNet_n_proc_DA", "0")
     env.setdefault("OMP_NUM_THREADS", "1")
     for start in args.start:
-        first = next((join(args.o, d) for d in sorted(os.listdir(args.o)) if d.startswith(f"{start}_n")
-                      and isdir(join(args.o, d, "public", "nnUNet_results"))), None) if isdir(args.o) else None
         for n in args.n:
             out = join(args.o, f"{start}_n{n}" + (f"_{args.tag}" if args.tag else ""))
-            if start == "public" and first is not None:
-                share_public_model(first, out)
+            source = trained_public_model(args.o, start, tiny_batch(n)) if start == "public" else None
+            if source is not None and source != out:
+                share_public_model(source, out)
             print(f"\n=== {start}, N = {n}: {out}", flush=True)
             proc = subprocess.run(experiment_command(args, dataset, n, start, out), env=env, check=False)
             if proc.returncode != 0:
                 print(f"(N = {n}, {start}: the harness reported failures; see {out}/results.md)", flush=True)
-            first = first or out
+
+
+def tiny_batch(n: int) -> int:
+    """The `tiny` budget's batch for N training cases, which its public pretraining uses too: min(floor(N/4), 32)."""
+    from nnunet_dp.experiment.plan import MAX_SAMPLING_RATE
+
+    return min(int(MAX_SAMPLING_RATE * n), 32)
+
+
+def trained_public_model(work: str, start: str, batch: int) -> str | None:
+    """A folder of `work` whose public model is trained with this batch (the harness refuses to reuse one trained
+    with another: its settings differ), so that every N with the same batch starts from the same public model."""
+    if not isdir(work):
+        return None
+    for d in sorted(os.listdir(work)):
+        settings = join(work, d, "public", "settings.json")
+        if d.startswith(f"{start}_n") and isdir(join(work, d, "public", "nnUNet_results")) and isfile(settings):
+            with open(settings) as f:
+                if json.load(f).get("batch_size") == batch:
+                    return join(work, d)
+    return None
 
 
 # ---- the table ------------------------------------------------------------------------------------------------

@@ -73,3 +73,18 @@ def test_fit_writes_the_calibration_the_advisor_reads(work, capsys):
     out = capsys.readouterr().out
     inside = int(out.split("fitted: ")[-1].split(" of ")[0])
     assert inside >= 4  # the band holds 80 % of the fitted cells (5 of 6 here, up to ties)
+
+
+def test_a_public_model_is_shared_only_between_folders_of_its_pretraining_batch(tmp_path):
+    """The harness refuses a public model trained with another batch (its settings differ): N = 40 (batch 10) trains
+    its own, N = 200 and 800 (batch 32) share one."""
+    assert [nl.tiny_batch(n) for n in (40, 100, 128, 200, 800)] == [10, 25, 32, 32, 32]
+    for name, batch in (("public_n40", 10), ("public_n200", 32), ("scratch_n800", 32)):
+        (tmp_path / name / "public" / "nnUNet_results").mkdir(parents=True)
+        (tmp_path / name / "public" / "settings.json").write_text(json.dumps({"batch_size": batch}))
+    (tmp_path / "public_n100" / "public").mkdir(parents=True)  # not trained yet: no nnUNet_results
+    (tmp_path / "public_n100" / "public" / "settings.json").write_text(json.dumps({"batch_size": 25}))
+    assert nl.trained_public_model(str(tmp_path), "public", 32) == str(tmp_path / "public_n200")
+    assert nl.trained_public_model(str(tmp_path), "public", 10) == str(tmp_path / "public_n40")
+    assert nl.trained_public_model(str(tmp_path), "public", 25) is None
+    assert nl.trained_public_model(str(tmp_path / "absent"), "public", 32) is None
