@@ -63,14 +63,18 @@ def experiment_command(args: argparse.Namespace, dataset: str, n: int, start: st
 
 
 def share_public_model(first: str, target: str) -> None:
-    """Copy the first public folder's public model (and its derived datasets) so that `target` starts from it."""
+    """Copy the first folder's public model and its public dataset (raw and preprocessed) so that `target` starts
+    from it. The private derived dataset is not copied: it holds only the first folder's N training cases (the
+    harness preprocesses the subsample), so each N makes its own."""
     if isdir(join(target, "public")) or not isdir(join(first, "public")):
         return
     os.makedirs(target, exist_ok=True)
-    for sub in ("public", "nnUNet_raw", "nnUNet_preprocessed"):
-        if isdir(join(first, sub)):
-            shutil.copytree(join(first, sub), join(target, sub), symlinks=True,
-                            ignore=shutil.ignore_patterns("splits_final.json"))
+    shutil.copytree(join(first, "public"), join(target, "public"), symlinks=True)
+    for sub in ("nnUNet_raw", "nnUNet_preprocessed"):
+        for name in (os.listdir(join(first, sub)) if isdir(join(first, sub)) else []):
+            if name.endswith("Public"):
+                shutil.copytree(join(first, sub, name), join(target, sub, name), symlinks=True,
+                                ignore=shutil.ignore_patterns("splits_final.json"))
 
 
 def run(args: argparse.Namespace) -> None:

@@ -88,3 +88,16 @@ def test_a_public_model_is_shared_only_between_folders_of_its_pretraining_batch(
     assert nl.trained_public_model(str(tmp_path), "public", 10) == str(tmp_path / "public_n40")
     assert nl.trained_public_model(str(tmp_path), "public", 25) is None
     assert nl.trained_public_model(str(tmp_path / "absent"), "public", 32) is None
+
+
+def test_sharing_copies_the_public_model_and_public_dataset_but_never_the_private_subsample(tmp_path):
+    """The private derived dataset holds only the first folder's N cases: another N must preprocess its own."""
+    first, target = tmp_path / "public_n200", tmp_path / "public_n800"
+    for sub in ("public/nnUNet_results", "nnUNet_raw/Dataset999_XPublic", "nnUNet_raw/Dataset998_XPrivate",
+                "nnUNet_preprocessed/Dataset999_XPublic", "nnUNet_preprocessed/Dataset998_XPrivate"):
+        (first / sub).mkdir(parents=True)
+        (first / sub / "f.txt").write_text(sub)
+    nl.share_public_model(str(first), str(target))
+    assert sorted(p.name for p in (target / "nnUNet_raw").iterdir()) == ["Dataset999_XPublic"]
+    assert sorted(p.name for p in (target / "nnUNet_preprocessed").iterdir()) == ["Dataset999_XPublic"]
+    assert (target / "public" / "nnUNet_results" / "f.txt").read_text() == "public/nnUNet_results"
