@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -264,7 +265,8 @@ def fit_laws(args: argparse.Namespace) -> None:
 
     rows = [r for r in law_rows(read_cells(args.o)) if r["ratio"] is not None and r["s"]]
     laws = []
-    for start in ("scratch", "public"):
+    held = [r for r in law_rows(read_cells(args.check or [])) if r["ratio"] is not None and r["s"]]
+    for start in args.starts:
         points = [(r["s"], r["ratio"]) for r in rows if r["start"] == start]
         if len(points) < 3:
             print(f"{start}: {len(points)} cells, not fitted")
@@ -273,9 +275,17 @@ def fit_laws(args: argparse.Namespace) -> None:
         source = (f"fitted on {len(points)} {start} cells of {', '.join(os.path.basename(o) for o in args.o)} "
                   "(benchmarks/n_law.py fit)")
         fitted = law.fit(points, start=start, source=source, floor=floor)
+        checked = [r for r in held if r["start"] == start]
+        if checked:
+            inside = sum(fitted.interval(r["s"])[0] <= r["ratio"] <= fitted.interval(r["s"])[1] for r in checked)
+            above = sum(r["ratio"] < fitted.interval(r["s"])[0] for r in checked)
+            fitted = dataclasses.replace(fitted, held_out=(
+                f"{inside} of {len(checked)} cells of {', '.join(sorted({os.path.basename(r['folder']) for r in checked}))}"
+                f" inside the interval, {above} below it (the law over-predicts there)"))
         laws.append(fitted)
-        print(f"{start}: slope {fitted.slope:.3f}, midpoint ln s = {fitted.midpoint:.3f} (s = "
-              f"{math.exp(fitted.midpoint):.3g}), floor {fitted.floor:.3f}, interval +-{fitted.half_width:.3f}")
+        mid = f"s = {math.exp(fitted.midpoint):.3g}" if fitted.midpoint < 700 else "beyond any measured s: flat"
+        print(f"{start}: slope {fitted.slope:.3f}, midpoint ln s = {fitted.midpoint:.3f} ({mid}), floor "
+              f"{fitted.floor:.3f}, interval +-{fitted.half_width:.3f}")
     law.save(laws, args.calibration)
     print(f"written: {args.calibration}")
     for name, folders in (("fitted", args.o), ("held out", args.check or [])):
@@ -318,6 +328,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     t.add_argument("--png", default=None, help="write the plot here")
     f = sub.add_parser("fit", help="fit the law's calibration on the folders' cells (and check held-out folders)")
     f.add_argument("-o", nargs="+", required=True, help="work folders of `run` to fit on")
+    f.add_argument("--starts", nargs="+", default=["scratch", "public"], choices=("scratch", "public"),
+                   help="the starts to fit and write (default: both)")
     f.add_argument("--check", nargs="+", default=None, help="folders held out from the fit, to check the prediction")
     f.add_argument("--calibration", default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                                           "nnunet_dp", "law_calibration.json"),

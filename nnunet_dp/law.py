@@ -36,6 +36,7 @@ class Law:
     half_width: float
     num_cells: int
     source: str
+    held_out: str = ""  # what the check on data it was not fitted on found (benchmarks/n_law.py fit --check)
 
     def mean(self, s: float) -> float:
         z = -self.slope * (math.log(max(s, 1e-300)) - self.midpoint)

@@ -59,7 +59,8 @@ def predict(*, levers: list[dict[str, Any]], cfg: DPConfig, num_cases: int, epsi
     start = "public" if pretrained else "scratch"
     fitted = laws.get(start)
     d = _current_dimensions(levers, cfg)
-    out: dict[str, Any] = {"start": start, "law": None if fitted is None else fitted.source, "noise_dimensions": d,
+    out: dict[str, Any] = {"start": start, "law": None if fitted is None else fitted.source,
+                           "law_held_out": None if fitted is None else fitted.held_out or None, "noise_dimensions": d,
                            "epsilon": epsilon, "num_training_cases": num_cases}
     s = law.signal_to_noise(num_cases=num_cases, epsilon=epsilon, dimensions=d, delta=cfg.delta)
     out["s"] = s
@@ -84,12 +85,18 @@ def render_prediction(p: dict[str, Any]) -> list[str]:
     head = f"Prediction at N = {p['num_training_cases']}, epsilon {p['epsilon']:g} ({p['start']}, d = " \
            f"{p['noise_dimensions']:,}, s = N*eps/sqrt(d*ln(1/delta)) = {p['s']:.3g}):"
     if p["predicted_ratio_low"] is None:
+        if p["start"] == "public":
+            return [head, ("  no calibrated law from a public model: there the ratio is set by how good the public "
+                           "model already is on your labels, not by s (measured: a flat 0.90 with an in-distribution "
+                           "public split, 0.04-0.55 under label shift; docs/results.md). Score the public model alone "
+                           "on your validation cases first; the noise table applies")]
         return [head, "  no calibrated law for this start (run benchmarks/n_law.py fit); only the noise table applies"]
     n5, n8 = p["cases_for_ratio_0.5"], p["cases_for_ratio_0.8"]
     lines = [head,
              (f"  test Dice / non-private Dice expected in [{p['predicted_ratio_low']:.2f}, "
              f"{p['predicted_ratio_high']:.2f}] (the measured law, {p['law']}; 80 % of its cells fell inside; "
              "a prediction from past runs, not a guarantee)"),
+             *([f"  on data it was not fitted on: {p['law_held_out']}"] if p.get("law_held_out") else []),
              (f"  N for a ratio of 0.5: {n5 if n5 is not None else 'not reached'}; of 0.8: "
              f"{n8 if n8 is not None else 'not reached'} (same epsilon, same trained parameters)"),
              ("  per lever (its d; the law does not know what a lever can learn at all: a tiny d, e.g. the heads "

@@ -258,6 +258,14 @@ def test_prediction_per_lever_from_the_law_in_closed_form():
     assert p["s"] == pytest.approx(s) and (p["predicted_ratio_low"], p["predicted_ratio_high"]) == curve.interval(s)
     assert p["cases_for_ratio_0.5"] == math.ceil(3.0 * math.sqrt(100_000 * math.log(1e5)) / 8)
     assert p["best_lever"] == "projection k=16" and len(p["levers"]) == 3
-    assert "no calibrated law" in " ".join(render_prediction(predict(levers=levers, cfg=DPConfig(), num_cases=150,
-                                                                     epsilon=8.0, pretrained=True, laws={})))
+    public = " ".join(render_prediction(predict(levers=levers, cfg=DPConfig(), num_cases=150, epsilon=8.0,
+                                                pretrained=True, laws={})))
+    assert "no calibrated law from a public model" in public and "Score the public model alone" in public
+    assert "no calibrated law for this start" in " ".join(render_prediction(predict(
+        levers=levers, cfg=DPConfig(), num_cases=150, epsilon=8.0, pretrained=False, laws={})))
     assert any("the lever that moves it most: projection k=16" in line for line in render_prediction(p))
+    assert p["law_held_out"] is None and not any("not fitted on" in line for line in render_prediction(p))
+    checked = law.Law(**{**curve.__dict__, "held_out": "0 of 8 cells of x inside the interval, 8 below it"})
+    shown = render_prediction(predict(levers=levers, cfg=DPConfig(), num_cases=150, epsilon=8.0, pretrained=False,
+                                      laws={"scratch": checked}))
+    assert "  on data it was not fitted on: 0 of 8 cells of x inside the interval, 8 below it" in shown

@@ -101,3 +101,21 @@ def test_sharing_copies_the_public_model_and_public_dataset_but_never_the_privat
     assert sorted(p.name for p in (target / "nnUNet_raw").iterdir()) == ["Dataset999_XPublic"]
     assert sorted(p.name for p in (target / "nnUNet_preprocessed").iterdir()) == ["Dataset999_XPublic"]
     assert (target / "public" / "nnUNet_results" / "f.txt").read_text() == "public/nnUNet_results"
+
+
+def test_fit_records_the_held_out_check_and_fits_only_the_starts_asked(work, capsys):
+    """--check folders: the fitted law carries how many of their cells fell inside (and below) its interval, computed
+    again here from the law itself; --starts scratch writes no public law."""
+    root, _ = work
+    held = root / "held"
+    _grid(held, "scratch", 300, {8.0: [0.05, 0.07]}, [0.8])
+    calibration = root / "cal.json"
+    nl.main(["fit", "-o", *[str(p) for p in root.glob("scratch_n*")], "--check", str(held), "--starts", "scratch",
+             "--calibration", str(calibration)])
+    laws = law.load(str(calibration))
+    assert set(laws) == {"scratch"}
+    s = 300 * 8 / math.sqrt(10_000 * math.log(1e5))
+    low, _ = laws["scratch"].interval(s)
+    below = int(0.06 / 0.8 < low)
+    assert laws["scratch"].held_out == (f"{1 - below} of 1 cells of held inside the interval, {below} below it "
+                                        "(the law over-predicts there)")
