@@ -97,16 +97,54 @@ def _ratio(value: float | None, reference: float | None) -> str:
     return "–" if value is None or not reference else f"{value / reference:.2f}"
 
 
+def plot(outs: Sequence[str], path: str) -> None:
+    """Test Dice per lever (mean ± sd over the repeats, no refinement), one group of bars per grid (ε), with the
+    public model alone and the non-private adaptation as lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 4.2))
+    width = 0.8 / max(len(outs), 1)
+    levers: list[str] = []
+    for k, out in enumerate(outs):
+        rows = cells(out)
+        by = {(r["run"], r["refinement"]): r for r in rows}
+        dp = [r for r in rows if r["refinement"] == "none" and r["rule"] not in ("nonprivate", "public")]
+        names = [r.get("levers") if r.get("levers") not in (None, "", "defaults") else "all" for r in dp]
+        levers = levers or names
+        xs = [levers.index(n) + (k - (len(outs) - 1) / 2) * width for n in names]
+        eps = number(dp[0]["target_epsilon"]) if dp else None
+        ax.bar(xs, [number(r["dice_mean"]) for r in dp], width, yerr=[number(r.get("dice_mean_sd")) or 0 for r in dp],
+               capsize=3, label=f"DP ε = {eps:g}" if eps else os.path.basename(out))
+        for key, style, label in ((("nonprivate", "none"), "--", "non-private"), (("public_alone", "none"), ":",
+                                                                                   "public model alone")):
+            value = number(by.get(key, {}).get("dice_mean"))
+            if value is not None:
+                ax.axhline(value, ls=style, color=f"C{k}", lw=1, label=f"{label} ({os.path.basename(out)})")
+    ax.set_xticks(range(len(levers)), levers)
+    ax.set_ylabel("test Dice (mean ± sd)")
+    ax.legend(fontsize=7)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("out", help="the harness's output folder")
     ap.add_argument("--md", default=None, help="write the table to this file too")
+    ap.add_argument("--png", default=None, help="plot Dice per lever here")
+    ap.add_argument("--also", nargs="+", default=[], help="more grids (e.g. other ε) drawn beside it in --png")
     args = ap.parse_args(argv)
     text = table(os.path.abspath(args.out))
     print(text)
     if args.md:
         with open(args.md, "w") as f:
             f.write(text + "\n")
+    if args.png:
+        plot([os.path.abspath(o) for o in [args.out, *args.also]], args.png)
 
 
 if __name__ == "__main__":
