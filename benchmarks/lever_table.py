@@ -12,10 +12,12 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import os
 from collections.abc import Sequence
 from os.path import isfile, join
+
+from nnunet_dp import law
+from nnunet_dp.config import DPConfig
 
 SUBSET = {"norm_bias": "nonprivate_norm_bias", "lora": "nonprivate_lora", "heads": "nonprivate_heads"}
 
@@ -65,7 +67,8 @@ def table(out: str) -> str:
             continue
         eps = number(r["target_epsilon"])
         d = dimensions(out, r["run"])
-        s = n_cases * eps / math.sqrt(d * math.log(1e5)) if d and eps else None
+        s = law.signal_to_noise(num_cases=n_cases, epsilon=eps, dimensions=d, delta=DPConfig().delta) if d and eps \
+            else None
         morph = by.get((r["run"], "adaptive"))
         lever = r.get("levers") or "defaults"
         subset = by.get((SUBSET.get(lever.split(" ")[0], ""), "none"))

@@ -32,11 +32,16 @@ import sys
 from collections import defaultdict
 from collections.abc import Sequence
 from os.path import isdir, isfile, join
+from typing import Any
+
+from nnunet_dp import law
+from nnunet_dp.config import DPConfig
 
 SYNTHETIC_ID, SYNTHETIC_NAME = 970, "NLawShapes"
 SYNTHETIC_CASES = 2000  # 1600 private training cases at most, plus validation, test and public
 SPLIT = {"test_fraction": 0.06, "val_fraction": 0.07}  # synthetic: 120 test, 131 validation cases
 PUBLIC_FRACTION = 0.1
+DELTA = DPConfig().delta  # the harness's δ: every cell's s uses it
 
 
 def synthetic_raw(work: str) -> str:
@@ -122,11 +127,6 @@ def trained_public_model(work: str, start: str, batch: int) -> str | None:
 
 
 # ---- the table ------------------------------------------------------------------------------------------------
-def signal_to_noise(n: int, epsilon: float, d: int, delta: float = 1e-5) -> float:
-    """s = N·ε / sqrt(d·log(1/δ)): the run's signal to noise up to a constant (docs/results.md)."""
-    return n * epsilon / math.sqrt(d * math.log(1 / delta))
-
-
 def harness_folders(folders: Sequence[str]) -> list[tuple[str, str, str]]:
     """(folder, start, harness output) for each given folder: a `run` work folder (its <start>_n<N> subfolders) or a
     harness output folder itself (its start from budget.json: scratch, or public for any public model)."""
@@ -192,7 +192,8 @@ def law_rows(cells: list[dict]) -> list[dict]:
         ref = reference.get((c["folder"], c["start"], c["n"]))
         eps = float(c["epsilon"])
         out.append({**c, "epsilon": eps, "nonprivate": ref, "ratio": None if not ref else c["dice"] / ref,
-                    "s": signal_to_noise(c["n"], eps, int(c["d"])) if c["d"] else None})
+                    "s": law.signal_to_noise(num_cases=c["n"], epsilon=eps, dimensions=int(c["d"]),
+                                                 delta=DELTA) if c["d"] else None})
     return sorted(out, key=lambda r: (r["folder"], r["start"], r["rule"], r["epsilon"], r["n"]))
 
 
@@ -235,8 +236,6 @@ def plot(rows: list[dict], path: str) -> None:
         group = sorted(group, key=lambda r: r["s"])
         ax.plot([r["s"] for r in group], [r["ratio"] for r in group], "o-" if rule == "flat" else "s--",
                 label=f"{data} {rule} ε={eps:g}")
-    from nnunet_dp import law
-
     laws = law.load()
     for ax, start in zip(axes, ("scratch", "public")):
         fitted = laws.get(start)
@@ -261,11 +260,9 @@ def plot(rows: list[dict], path: str) -> None:
 def fit_laws(args: argparse.Namespace) -> None:
     """Fit the law per start on the cells of the given folders and write nnunet_dp/law_calibration.json; print the
     fit, every cell's residual and how many cells each interval holds; with --check, the same for held-out folders."""
-    from nnunet_dp import law
-
-    rows = [r for r in law_rows(read_cells(args.o)) if r["ratio"] is not None and r["s"]]
+    fitted_rows, held_rows = law_rows(read_cells(args.o)), law_rows(read_cells(args.check or []))
+    rows = [r for r in fitted_rows if r["ratio"] is not None and r["s"]]
     laws = []
-    held = [r for r in law_rows(read_cells(args.check or [])) if r["ratio"] is not None and r["s"]]
     for start in args.starts:
         points = [(r["s"], r["ratio"]) for r in rows if r["start"] == start]
         if len(points) < 3:
@@ -275,34 +272,43 @@ def fit_laws(args: argparse.Namespace) -> None:
         source = (f"fitted on {len(points)} {start} cells of {', '.join(os.path.basename(o) for o in args.o)} "
                   "(benchmarks/n_law.py fit)")
         fitted = law.fit(points, start=start, source=source, floor=floor)
-        checked = [r for r in held if r["start"] == start]
+        checked = [(r, verdict(fitted, r)) for r in held_rows if r["start"] == start and verdict(fitted, r)]
         if checked:
-            inside = sum(fitted.interval(r["s"])[0] <= r["ratio"] <= fitted.interval(r["s"])[1] for r in checked)
-            above = sum(r["ratio"] < fitted.interval(r["s"])[0] for r in checked)
+            names = ", ".join(sorted({os.path.basename(r["folder"]) for r, _ in checked}))
             fitted = dataclasses.replace(fitted, held_out=(
-                f"{inside} of {len(checked)} cells of {', '.join(sorted({os.path.basename(r['folder']) for r in checked}))}"
-                f" inside the interval, {above} below it (the law over-predicts there)"))
+                f"{sum(v == 'in' for _, v in checked)} of {len(checked)} cells of {names} inside the interval, "
+                f"{sum(v == 'below' for _, v in checked)} below it (the law over-predicts there)"))
         laws.append(fitted)
         mid = f"s = {math.exp(fitted.midpoint):.3g}" if fitted.midpoint < 700 else "beyond any measured s: flat"
         print(f"{start}: slope {fitted.slope:.3f}, midpoint ln s = {fitted.midpoint:.3f} ({mid}), floor "
               f"{fitted.floor:.3f}, interval +-{fitted.half_width:.3f}")
     law.save(laws, args.calibration)
     print(f"written: {args.calibration}")
-    for name, folders in (("fitted", args.o), ("held out", args.check or [])):
-        report_coverage(name, law_rows(read_cells(folders)), {x.start: x for x in laws})
+    for name, cells in (("fitted", fitted_rows), ("held out", held_rows)):
+        report_coverage(name, cells, {x.start: x for x in laws})
+
+
+def verdict(fitted: Any, row: dict) -> str | None:
+    """'in', 'below' or 'above' the law's interval for a cell's ratio (clipped to 1, as the fit clips it); None for a
+    cell without ratio or s."""
+    if row["ratio"] is None or not row["s"]:
+        return None
+    lo, hi = fitted.interval(row["s"])
+    ratio = min(row["ratio"], 1.0)
+    return "below" if ratio < lo else "above" if ratio > hi else "in"
 
 
 def report_coverage(name: str, rows: list[dict], laws: dict) -> None:
     inside, total = 0, 0
     for r in rows:
         fitted = laws.get(r["start"])
-        if fitted is None or r["ratio"] is None or not r["s"]:
+        ok = None if fitted is None else verdict(fitted, r)
+        if ok is None:
             continue
         lo, hi = fitted.interval(r["s"])
-        ok = lo <= min(r["ratio"], 1.0) <= hi
-        inside, total = inside + ok, total + 1
+        inside, total = inside + (ok == "in"), total + 1
         print(f"  {name}: {os.path.basename(r['folder'])} {r['start']} {r['rule']} eps {r['epsilon']:g} N {r['n']}: "
-              f"ratio {r['ratio']:.3f}, predicted [{lo:.2f}, {hi:.2f}] {'in' if ok else 'OUT'}")
+              f"ratio {r['ratio']:.3f}, predicted [{lo:.2f}, {hi:.2f}] {'in' if ok == 'in' else 'OUT'}")
     print(f"{name}: {inside} of {total} cells inside the predicted interval")
 
 

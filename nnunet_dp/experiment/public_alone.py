@@ -73,9 +73,9 @@ def execute(ctx: Context, step: PublicAlone) -> dict[str, Any]:
     link_test_cases(join(data.raw, data.private), list(step.val_cases), step.file_ending, images,
                     join(out_dir, "validation_labels"))
     validation = predict(ctx, model, images, join(out_dir, "validation"), log)
-    ours, theirs = label_names(join(model, "dataset.json")), label_names(join(ctx.preprocessed, ctx.dataset,
-                                                                               "dataset.json"))
-    scoring = None if ours == theirs else join(ctx.preprocessed, ctx.dataset, "dataset.json")
+    private_json = join(ctx.preprocessed, ctx.dataset, "dataset.json")
+    ours, theirs = label_names(join(model, "dataset.json")), label_names(private_json)
+    scoring = None if ours == theirs else private_json
     evaluate(validation, ctx.gt_segmentations, model, ctx.num_processes, scoring)  # validation/summary.json
     test_none = predict(ctx, model, ctx.test_images, join(out_dir, "test", "none"), log)
     scores = {"none": evaluate(test_none, ctx.test_labels, model, ctx.num_processes, scoring)}

@@ -209,7 +209,7 @@ def count_parameters(trainer: type, plans: dict, dataset_json: dict, configurati
 
     from nnunet_dp.nnunet.finetune import not_from_public, trained_rms
     from nnunet_dp.nnunet.plans import apply_dp_to_configuration
-    from nnunet_dp.nnunet.selection import select_trainable
+    from nnunet_dp.nnunet.selection import add_lora_, select_trainable
 
     manager = PlansManager(copy.deepcopy(plans))
     conf = manager.get_configuration(configuration)
@@ -222,19 +222,17 @@ def count_parameters(trainer: type, plans: dict, dataset_json: dict, configurati
     else:  # nnU-Net's old signature
         build_args = (conf.network_arch_class_name, conf.network_arch_init_kwargs,
                       conf.network_arch_init_kwargs_req_import, channels, heads, True)
-    try:
-        with torch.device("cpu" if pretrained else "meta"):
-            network = trainer.build_network_architecture(*build_args)
-    except (RuntimeError, NotImplementedError):  # an architecture that cannot be built on the meta device
-        network = trainer.build_network_architecture(*build_args)
-    start = None if pretrained is None else public_start(network, pretrained, dataset_json, cfg)
-    def build() -> Any:
-        with torch.device("meta"):
+
+    def build(device: str = "meta") -> Any:
+        try:
+            with torch.device(device):
+                return trainer.build_network_architecture(*build_args)
+        except (RuntimeError, NotImplementedError):  # an architecture that cannot be built on the meta device
             return trainer.build_network_architecture(*build_args)
 
+    network = build("cpu" if pretrained else "meta")
+    start = None if pretrained is None else public_start(network, pretrained, dataset_json, cfg)
     if cfg.trainable == "lora":
-        from nnunet_dp.nnunet.selection import add_lora_
-
         add_lora_(network, cfg)
     try:
         selection = select_trainable(network, cfg.trainable)  # the trainer's own selection

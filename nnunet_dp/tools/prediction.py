@@ -26,7 +26,6 @@ def lever_dimensions(build: Callable[[], nn.Module], cfg: DPConfig, *, heads_pro
     """The noise's dimensions d of each lever on the network `build` makes (a fresh one per lever): trainable all,
     decoder, norm_bias, heads, lora at LORA_RANKS (and the settings' rank), projection at PROJECTION_DIMS (and the
     settings' k): k, plus the heads when the public model's labels differ (they are not projected)."""
-    from nnunet_dp.config import DPConfig as Config
     from nnunet_dp.nnunet.selection import add_lora_, select_trainable
 
     rows = []
@@ -34,7 +33,7 @@ def lever_dimensions(build: Callable[[], nn.Module], cfg: DPConfig, *, heads_pro
         rows.append({"lever": mode, "settings": {"trainable": mode}, "d": select_trainable(build(), mode).num_trained})
     for rank in sorted({*LORA_RANKS, cfg.lora_rank}):
         net = build()
-        add_lora_(net, Config(trainable="lora", lora_rank=rank))
+        add_lora_(net, DPConfig(trainable="lora", lora_rank=rank))
         rows.append({"lever": f"lora r={rank}", "settings": {"trainable": "lora", "lora_rank": rank},
                      "d": select_trainable(net, "lora").num_trained})
     heads = select_trainable(build(), "heads").num_trained
